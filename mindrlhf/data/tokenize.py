@@ -1,0 +1,58 @@
+"""Turn text datasets into token datasets (Arrow) and token datasets into padded batches."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .tokenizer import Tokenizer
+
+IDS = pa.list_(pa.int32())
+MASK = pa.list_(pa.int8())
+
+
+def _prompt_tokens(tok: Tokenizer, prompts: list[str], max_prompt_len: int) -> list[list[int]]:
+    # keep the end of an over-long prompt: it is what the response continues
+    return [ids[-max_prompt_len:] for ids in tok.encode_batch(prompts)]
+
+
+def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
+    """prompt/response text -> input_ids, loss_mask (1 on response tokens and eos), prompt_len."""
+    prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+    responses = tok.encode_batch(table.column("response").to_pylist())
+    ids_col, mask_col, plen_col = [], [], []
+    for p, r in zip(prompts, responses):
+        room = max_len - len(p)
+        r = (r + [tok.eos_id])[:room]
+        ids_col.append(p + r)
+        mask_col.append([0] * len(p) + [1] * len(r))
+        plen_col.append(len(p))
+    return pa.table({"input_ids": pa.array(ids_col, IDS), "loss_mask": pa.array(mask_col, MASK),
+                     "prompt_len": pa.array(plen_col, pa.int32())})
+
+
+def tokenize_prompts(table: pa.Table, tok: Tokenizer, max_prompt_len: int) -> pa.Table:
+    prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+    cols = {"prompt_ids": pa.array(prompts, IDS)}
+    for extra in ("prompt", "answer"):
+        if extra in table.column_names:
+            cols[extra] = table.column(extra)
+    return pa.table(cols)
+
+
+def right_pad(rows: list[list[int]], pad: int, length: int | None = None, dtype=np.int32) -> np.ndarray:
+    length = length or max(len(r) for r in rows)
+    out = np.full((len(rows), length), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r[:length]
+    return out
+
+
+def sft_batch(table: pa.Table, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    sub = table.take(pa.array(idx))
+    ids = sub.column("input_ids").to_pylist()
+    lm = sub.column("loss_mask").to_pylist()
+    return {
+        "input_ids": right_pad(ids, pad_id),
+        "attention_mask": right_pad([[1] * len(r) for r in ids], 0),
+        "loss_mask": right_pad(lm, 0, dtype=np.float32),
+    }

@@ -1,0 +1,256 @@
+"""Decoder-only transformers in plain MindSpore.
+
+Two families chosen by ``ModelConfig.family``:
+
+* ``gpt2``: learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere.
+* ``llama``: RoPE (Hugging Face "rotate half" layout), RMSNorm, SwiGLU MLP, grouped-query
+  attention, optional q/k/v bias (Qwen2). Baichuan2's fused W_pack is split on import.
+
+Weights use the Hugging Face (out_features, in_features) layout so import/export is a rename.
+Every forward takes an attention mask, so left-padded batches work, and an optional KV cache
+(a list of per-layer (k, v) tensors) for incremental decoding.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ..config import ModelConfig
+
+NEG_INF = -1e9
+
+
+def _init(rng: np.random.Generator, shape, std: float) -> Parameter:
+    return Parameter(Tensor(rng.normal(0.0, std, shape).astype(np.float32)))
+
+
+def _const(shape, value: float) -> Parameter:
+    return Parameter(Tensor(np.full(shape, value, dtype=np.float32)))
+
+
+class Linear(nn.Cell):
+    def __init__(self, d_in: int, d_out: int, bias: bool, rng: np.random.Generator, std: float):
+        super().__init__()
+        self.weight = _init(rng, (d_out, d_in), std)
+        self.bias = _const((d_out,), 0.0) if bias else None
+        self.mm = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        y = self.mm(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, -1)
+
+
+class LayerNorm(nn.Cell):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = _const((d,), 1.0)
+        self.bias = _const((d,), 0.0)
+        self.eps = eps
+
+    def construct(self, x):
+        mean = x.mean(-1, keep_dims=True)
+        var = ((x - mean) ** 2).mean(-1, keep_dims=True)
+        return (x - mean) * ops.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = _const((d,), 1.0)
+        self.eps = eps
+
+    def construct(self, x):
+        return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + self.eps) * self.weight
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        bias, std = cfg.use_qkv_bias, cfg.init_std
+        self.q_proj = Linear(cfg.d_model, self.n_heads * self.hd, bias, rng, std)
+        self.k_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias, rng, std)
+        self.v_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias, rng, std)
+        # GPT-2 scales residual projections by 1/sqrt(2 * n_layers) at init
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.d_model, cfg.family == "gpt2", rng,
+                             std / math.sqrt(2 * cfg.n_layers))
+        self.scale = 1.0 / math.sqrt(self.hd)
+        self.rope = cfg.family == "llama"
+
+    def _repeat_kv(self, x):
+        rep = self.n_heads // self.n_kv
+        if rep == 1:
+            return x
+        b, h, s, d = x.shape
+        return ops.broadcast_to(x[:, :, None], (b, h, rep, s, d)).reshape(b, h * rep, s, d)
+
+    def construct(self, x, bias, cos, sin, past=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.hd).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, t, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, t, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        if self.rope:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = ops.cat((past[0], k), 2)
+            v = ops.cat((past[1], v), 2)
+        present = (k, v)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        scores = ops.matmul(q, k.swapaxes(-1, -2)) * self.scale + bias
+        probs = ops.softmax(scores, -1)
+        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.hd)
+        return self.o_proj(out), present
+
+
+class MLP(nn.Cell):
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        super().__init__()
+        d, f, std = cfg.d_model, cfg.ffn_dim, cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        self.gpt2 = cfg.family == "gpt2"
+        if self.gpt2:
+            self.up_proj = Linear(d, f, True, rng, std)
+            self.down_proj = Linear(f, d, True, rng, out_std)
+            self.gate_proj = None
+        else:
+            self.gate_proj = Linear(d, f, False, rng, std)
+            self.up_proj = Linear(d, f, False, rng, std)
+            self.down_proj = Linear(f, d, False, rng, out_std)
+
+    def construct(self, x):
+        if self.gpt2:
+            return self.down_proj(ops.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Cell):
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        super().__init__()
+        norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
+        self.attn_norm = norm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rng)
+        self.mlp_norm = norm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rng)
+
+    def construct(self, x, bias, cos, sin, past=None):
+        a, present = self.attn(self.attn_norm(x), bias, cos, sin, past)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, present
+
+
+class Transformer(nn.Cell):
+    """Embeddings + blocks + final norm: hidden states (B, T, d) and the updated KV cache."""
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = _init(rng, (cfg.vocab_size, cfg.d_model), cfg.init_std)
+        self.embed_positions = (_init(rng, (cfg.max_seq_len, cfg.d_model), 0.01)
+                                if cfg.family == "gpt2" else None)
+        self.layers = nn.CellList([Block(cfg, rng) for _ in range(cfg.n_layers)])
+        self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps)
+        hd = cfg.head_dim
+        self.inv_freq = Tensor((1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)).astype(np.float32))
+
+    def construct(self, input_ids, attention_mask, past=None):
+        b, t = input_ids.shape
+        s = attention_mask.shape[1]  # keys: cached + current
+        p = s - t
+        mask = attention_mask.astype(ms.int32)
+        positions = ops.clamp(ops.cumsum(mask, 1) - 1, min=0)[:, p:]
+        causal = ops.arange(s)[None, :] <= (ops.arange(t) + p)[:, None]
+        allowed = ops.logical_and(causal[None], mask[:, None, :] > 0)
+        bias = ops.where(allowed, 0.0, NEG_INF).astype(self.embed_tokens.dtype)[:, None]
+        x = ops.gather(self.embed_tokens, input_ids, 0)
+        cos = sin = None
+        if self.embed_positions is not None:
+            x = x + ops.gather(self.embed_positions, positions, 0)
+        else:
+            freqs = positions.astype(self.inv_freq.dtype)[..., None] * self.inv_freq
+            emb = ops.cat((freqs, freqs), -1)[:, None]
+            cos, sin = ops.cos(emb), ops.sin(emb)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, bias, cos, sin, None if past is None else past[i])
+            presents.append(present)
+        return self.norm(x), presents
+
+
+class CausalLM(nn.Cell):
+    """The policy / reference model: logits over the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.cfg = cfg
+        self.model = Transformer(cfg, rng)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, False, rng, cfg.init_std)
+        self.mm = ops.MatMul(transpose_b=True)
+
+    def logits_from_hidden(self, h):
+        w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
+        lead = h.shape[:-1]
+        return self.mm(h.reshape(-1, h.shape[-1]), w).reshape(*lead, -1)
+
+    def construct(self, input_ids, attention_mask, past=None, last_only: bool = False):
+        h, presents = self.model(input_ids, attention_mask, past)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits_from_hidden(h), presents
+
+
+class ScalarHeadModel(nn.Cell):
+    """A transformer with a scalar head per position: the critic (values) or reward model."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.cfg = cfg
+        self.model = Transformer(cfg, rng)
+        self.score = Linear(cfg.d_model, 1, True, rng, 1.0 / math.sqrt(cfg.d_model + 1))
+
+    def construct(self, input_ids, attention_mask):
+        h, _ = self.model(input_ids, attention_mask)
+        return self.score(h)[..., 0]
+
+
+# ---- state dicts ------------------------------------------------------------------------------
+
+def state_dict(cell: nn.Cell) -> dict[str, np.ndarray]:
+    return {name: p.asnumpy() for name, p in cell.parameters_and_names()}
+
+
+def load_state_dict(cell: nn.Cell, tensors: dict[str, np.ndarray], strict: bool = True,
+                    source: str = "checkpoint") -> list[str]:
+    """Copy arrays into the cell's parameters; returns the names not found in ``tensors``."""
+    params = dict(cell.parameters_and_names())
+    missing = [n for n in params if n not in tensors]
+    unexpected = [n for n in tensors if n not in params]
+    if strict and (missing or unexpected):
+        raise KeyError(f"{source}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                       f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, p in params.items():
+        if name in tensors:
+            arr = np.asarray(tensors[name])
+            if tuple(arr.shape) != tuple(p.shape):
+                raise ValueError(f"{source}: {name} has shape {arr.shape}, model wants {tuple(p.shape)}")
+            p.set_data(Tensor(arr.astype(np.float32)))
+    return missing
+
+
+def backbone_state(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The shared transformer weights of a CausalLM/ScalarHeadModel checkpoint (prefix ``model.``)."""
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}

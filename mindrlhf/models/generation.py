@@ -1,0 +1,105 @@
+"""Autoregressive generation with an incremental KV cache.
+
+Prompts are left-padded so every row's last prompt token sits in the same column; the mask
+carries the padding, and positions come from the mask's cumulative sum. With ``use_cache`` the
+prompt is run once and each new token is fed alone with the cached keys and values; without it
+the whole sequence is recomputed every step (the reference the cache must equal).
+
+Sampling happens in NumPy on float64 logits from a seeded generator, one uniform draw per row
+per step, so the cached and recomputed paths draw the same tokens from the same logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Tensor
+
+from ..config import GenerationConfig
+
+
+@dataclass
+class Generation:
+    sequences: np.ndarray  # (B, P + N) prompt (left-padded) + response (right-padded)
+    attention_mask: np.ndarray  # (B, P + N)
+    response_mask: np.ndarray  # (B, N): 1 for generated tokens up to and including eos
+    prompt_len: int
+
+    @property
+    def responses(self) -> np.ndarray:
+        return self.sequences[:, self.prompt_len:]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    length = length or max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), length), dtype=np.int32)
+    for i, r in enumerate(rows):
+        r = r[-length:]
+        if r:
+            ids[i, length - len(r):] = r
+            mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+def sample_next(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Pick one token per row from (B, V) logits: greedy, or temperature / top-k / top-p sampling."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if not gen.do_sample:
+        return logits.argmax(-1).astype(np.int32)
+    u = rng.random(logits.shape[0])  # drawn before any filtering so both paths consume the same
+    x = logits / gen.temperature
+    if gen.top_k and gen.top_k < x.shape[-1]:
+        kth = np.partition(x, -gen.top_k, axis=-1)[:, -gen.top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    x = x - x.max(-1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(-1, keepdims=True)
+    if gen.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, -1)
+        before = np.cumsum(sorted_p, -1) - sorted_p  # mass strictly before each token
+        keep_sorted = before < gen.top_p  # the first token is always kept
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    cdf = np.cumsum(probs, -1)
+    idx = (cdf < u[:, None] * cdf[:, -1:]).sum(-1)
+    return np.minimum(idx, logits.shape[-1] - 1).astype(np.int32)
+
+
+def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: GenerationConfig,
+             eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True) -> Generation:
+    """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``."""
+    model.set_train(False)
+    rng = np.random.default_rng(seed)
+    b, p = prompt_ids.shape
+    n = gen.max_new_tokens
+    limit = model.cfg.max_seq_len
+    if p + n > limit:
+        raise ValueError(f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len ({limit})")
+    seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
+    mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
+    done = np.zeros(b, dtype=bool)
+    past = None
+    steps = 0
+    for t in range(n):
+        cur = p + t  # number of tokens known so far
+        if use_cache:
+            if past is None:
+                logits, past = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
+            else:
+                logits, past = model(Tensor(seq[:, cur - 1:cur]), Tensor(mask[:, :cur]), past, True)
+        else:
+            logits, _ = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
+        tok = sample_next(logits.asnumpy()[:, -1], gen, rng)
+        tok = np.where(done, pad_id, tok)
+        seq[:, cur] = tok
+        mask[:, cur] = (~done).astype(np.int32)
+        done |= tok == eos_id
+        steps += 1
+        if done.all():
+            break
+    seq, mask = seq[:, :p + steps], mask[:, :p + steps]
+    return Generation(seq, mask, mask[:, p:].copy(), p)

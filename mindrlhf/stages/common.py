@@ -1,0 +1,206 @@
+"""What every stage process shares: the spec it is given, logging, working checkpoints for resume,
+and a trainer that owns the optimizer, gradient clipping, data-parallel reduction and NaN checks.
+
+A stage is launched as ``python -m mindrlhf.stages.<name> --spec spec.json --out result.json``
+(or the same file under ``msrun``). The spec holds the full config, the input artifact ids, the
+store root and the run directory where working checkpoints live between retries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config, OptimConfig, from_dict
+from ..data.store import ArtifactStore, atomic_write_bytes, fsync_dir
+from ..runtime import Dist, init_runtime
+
+
+class NumericalError(RuntimeError):
+    """Loss, gradient or reward became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class StageContext:
+    name: str
+    cfg: Config
+    inputs: dict
+    store: ArtifactStore
+    run_dir: Path
+    dist: Dist
+    out: Path
+    spec: dict = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(f"[{self.name}] {msg}", flush=True)
+
+    def metric(self, **kv) -> None:
+        """One JSON line per logging step; the Prefect task parses these into run metrics."""
+        if self.dist.is_main:
+            kv = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in kv.items()}
+            print("METRIC " + json.dumps({"stage": self.name, **kv}), flush=True)
+
+    def finish(self, outputs: dict, metrics: dict, **extra) -> None:
+        if not self.dist.is_main:
+            return
+        result = {"stage": self.name, "outputs": outputs, "metrics": metrics,
+                  "seconds": round(time.time() - self.t0, 2), **extra}
+        atomic_write_bytes(self.out, json.dumps(result, indent=1, default=float).encode())
+        self.log(f"done in {result['seconds']}s -> {outputs}")
+
+
+def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True) -> StageContext:
+    ap = argparse.ArgumentParser(prog=f"mindrlhf.stages.{name}")
+    ap.add_argument("--spec", required=True, help="JSON with config, inputs, store_root, run_dir")
+    ap.add_argument("--out", required=True, help="where to write the result JSON")
+    args = ap.parse_args(argv)
+    spec = json.loads(Path(args.spec).read_text())
+    cfg = from_dict(spec["config"], spec.get("config_source", args.spec))
+    dist = init_runtime(cfg.device_target, cfg.seed) if mindspore else Dist()
+    run_dir = Path(spec["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(name, cfg, spec.get("inputs", {}), ArtifactStore(spec["store_root"]), run_dir, dist,
+                       Path(args.out), spec)
+    ctx.log(f"rank {dist.rank}/{dist.size} pid {os.getpid()} run_dir {run_dir}")
+    return ctx
+
+
+def stage_main(name: str, run, mindspore: bool = True) -> None:
+    """Run ``run(ctx)``; a known failure exits non-zero with one clear line on stderr."""
+    ctx = start_stage(name, mindspore=mindspore)
+    try:
+        run(ctx)
+    except NumericalError as e:
+        print(f"[{name}] numerical error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+# ---- working checkpoints --------------------------------------------------------------------
+
+class RunCheckpoints:
+    """``run_dir/ckpt-<step>/`` directories, each complete or absent (staged and renamed)."""
+
+    def __init__(self, run_dir: Path, keep: int = 2):
+        self.dir = Path(run_dir)
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        out = []
+        for p in self.dir.glob("ckpt-*"):
+            if (p / "state.json").exists():
+                try:
+                    out.append(int(p.name.split("-", 1)[1]))
+                except ValueError:
+                    pass
+        return sorted(out)
+
+    def save(self, step: int, files: dict[str, dict[str, np.ndarray]], state: dict) -> Path:
+        from safetensors.numpy import save_file
+
+        tmp = self.dir / f".tmp-ckpt-{step}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        for stem, tensors in files.items():
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
+            with open(tmp / f"{stem}.safetensors", "rb+") as fh:
+                os.fsync(fh.fileno())
+        atomic_write_bytes(tmp / "state.json", json.dumps({"step": step, **state}, default=float).encode())
+        dest = self.dir / f"ckpt-{step}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+        fsync_dir(self.dir)
+        for old in self.steps()[:-self.keep]:
+            shutil.rmtree(self.dir / f"ckpt-{old}", ignore_errors=True)
+        return dest
+
+    def latest(self) -> tuple[int, Path] | None:
+        s = self.steps()
+        return (s[-1], self.dir / f"ckpt-{s[-1]}") if s else None
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+        from safetensors.numpy import load_file
+
+        files = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+        return files, json.loads((path / "state.json").read_text())
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+class Trainer:
+    """One optimizer over ``params``; ``step(*args)`` runs ``loss_fn(*args) -> (loss, aux)``."""
+
+    def __init__(self, params, loss_fn, opt_cfg: OptimConfig, dist: Dist, total_steps: int):
+        import mindspore as ms
+        from mindspore import nn
+
+        self.params = list(params)
+        self.cfg = opt_cfg
+        self.total_steps = total_steps
+        self.opt = nn.AdamWeightDecay(self.params, learning_rate=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+        self.grad_fn = ms.value_and_grad(loss_fn, None, self.opt.parameters, has_aux=True)
+        self.reducer = nn.DistributedGradReducer(self.opt.parameters, mean=True, degree=dist.size) \
+            if dist.size > 1 else None
+        self.step_num = 0
+
+    def lr_at(self, step: int) -> float:
+        w = self.cfg.warmup_steps
+        if w and step < w:
+            return self.cfg.lr * (step + 1) / w
+        return self.cfg.lr
+
+    def step(self, *args) -> tuple[float, float, tuple]:
+        """Returns (loss, grad_norm before clipping, aux)."""
+        from mindspore import Tensor, ops
+
+        self.opt.learning_rate.set_data(Tensor(np.float32(self.lr_at(self.step_num))))
+        (loss, aux), grads = self.grad_fn(*args)
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        loss_v = float(loss.asnumpy())
+        gnorm = float(np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads)))
+        if not (math.isfinite(loss_v) and math.isfinite(gnorm)):
+            raise NumericalError(f"step {self.step_num}: loss={loss_v} grad_norm={gnorm}; "
+                                 "stopping with the last good checkpoint kept")
+        if self.cfg.grad_clip > 0:
+            grads = ops.clip_by_global_norm(grads, self.cfg.grad_clip)
+        self.opt(grads)
+        self.step_num += 1
+        return loss_v, gnorm, aux
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {n: p.asnumpy() for n, p in self.opt.parameters_and_names()
+                if n.startswith(("adam_m.", "adam_v.")) or n == "global_step"}
+
+    def load_optimizer_state(self, tensors: dict[str, np.ndarray]) -> None:
+        from mindspore import Tensor
+
+        for n, p in self.opt.parameters_and_names():
+            if n in tensors:
+                p.set_data(Tensor(tensors[n]))
+
+
+def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
+    """The example indices of global step ``step``: a fresh permutation per epoch, a pure
+    function of (seed, step), so a resumed run sees exactly the batches it would have."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch:(k + 1) * batch]
+
+
+def shard(idx: np.ndarray, dist: Dist) -> np.ndarray:
+    """This rank's slice of a global batch."""
+    per = len(idx) // dist.size
+    return idx[dist.rank * per:(dist.rank + 1) * per]

@@ -1,0 +1,113 @@
+"""SFT stage: ``python -m mindrlhf.stages.sft --spec spec.json --out result.json``.
+
+Inputs (artifact ids): ``train`` and ``heldout`` token datasets (input_ids, loss_mask,
+prompt_len) and optionally ``init``, a checkpoint to start from (else a seeded random init).
+Output: a ``checkpoint`` artifact whose parents are the datasets (and init), with the
+held-out loss before/after and sample generations in its manifest.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..algos.sft import sft_loss
+from ..data.schema import validate_table
+from ..data.tokenize import sft_batch
+from ..data.tokenizer import load_tokenizer
+from ..models.decoder import CausalLM, load_state_dict, state_dict
+from ..models.generation import generate, left_pad
+from .common import RunCheckpoints, StageContext, Trainer, epoch_order, shard, stage_main
+
+
+def heldout_loss(model, table, pad_id: int, batch: int, n_batches: int) -> float:
+    from mindspore import Tensor
+
+    losses = []
+    for b in range(min(n_batches, max(1, table.num_rows // batch))):
+        bt = sft_batch(table, np.arange(b * batch, min((b + 1) * batch, table.num_rows)), pad_id)
+        logits, _ = model(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]))
+        losses.append(float(sft_loss(logits, Tensor(bt["input_ids"]), Tensor(bt["loss_mask"])).asnumpy()))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def sample_generations(ctx: StageContext, model, table, n: int = 3) -> list[dict]:
+    tok = load_tokenizer(ctx.cfg.tokenizer.kind)
+    rows = table.slice(0, n)
+    prompts = [ids[:pl] for ids, pl in zip(rows.column("input_ids").to_pylist(), rows.column("prompt_len").to_pylist())]
+    ids, mask = left_pad(prompts, tok.pad_id)
+    out = generate(model, ids, mask, ctx.cfg.generation, tok.eos_id, tok.pad_id, seed=ctx.cfg.seed)
+    return [{"prompt": tok.decode(p), "response": tok.decode(r[m > 0])}
+            for p, r, m in zip(prompts, out.responses, out.response_mask)]
+
+
+def run(ctx: StageContext) -> None:
+    from mindspore import Tensor
+
+    cfg, sc = ctx.cfg, ctx.cfg.sft
+    train = ctx.store.read_dataset(ctx.inputs["train"])
+    heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
+    validate_table(train, "sft_tokens", f"dataset {ctx.inputs['train'][:12]}")
+    tok = load_tokenizer(cfg.tokenizer.kind)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
+
+    model = CausalLM(cfg.model, seed=cfg.seed)
+    parents = [ctx.inputs["train"], ctx.inputs["heldout"]]
+    if ctx.inputs.get("init"):
+        load_state_dict(model, ctx.store.read_checkpoint(ctx.inputs["init"]), source=ctx.inputs["init"][:12])
+        parents.append(ctx.inputs["init"])
+
+    def loss_fn(input_ids, attention_mask, loss_mask):
+        logits, _ = model(input_ids, attention_mask)
+        loss = sft_loss(logits, input_ids, loss_mask)
+        return loss, loss
+
+    trainer = Trainer(model.trainable_params(), loss_fn, sc, ctx.dist, sc.steps)
+    ckpts = RunCheckpoints(ctx.run_dir)
+    start, history = 0, []
+    latest = ckpts.latest()
+    if latest:
+        files, state = ckpts.load(latest[1])
+        load_state_dict(model, files["model"], source=str(latest[1]))
+        trainer.load_optimizer_state(files["optim"])
+        start, history = state["step"], state["history"]
+        trainer.step_num = start
+        ctx.log(f"resuming from step {start} ({latest[1]})")
+    loss0 = history[0]["heldout_loss"] if history else heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)
+    if not history:
+        history.append({"step": 0, "heldout_loss": loss0})
+        ctx.metric(step=0, heldout_loss=loss0)
+
+    model.set_train(True)
+    window = []
+    for step in range(start, sc.steps):
+        idx = shard(epoch_order(train.num_rows, step, sc.batch_size, cfg.seed), ctx.dist)
+        bt = sft_batch(train, idx, tok.pad_id)
+        loss, gnorm, _ = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]))
+        window.append(loss)
+        done = step + 1
+        if done % sc.log_every == 0 or done == sc.steps:
+            ctx.metric(step=done, loss=float(np.mean(window)), grad_norm=gnorm, lr=trainer.lr_at(step))
+            history.append({"step": done, "loss": float(np.mean(window))})
+            window = []
+        if done % sc.ckpt_every == 0 and done < sc.steps and ctx.dist.is_main:
+            ckpts.save(done, {"model": state_dict(model), "optim": trainer.optimizer_state()}, {"history": history})
+            ctx.log(f"checkpoint at step {done}")
+
+    loss1 = heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)
+    ctx.metric(step=sc.steps, heldout_loss=loss1)
+    samples = sample_generations(ctx, model, heldout) if ctx.dist.is_main else []
+    for s in samples:
+        ctx.log(f"sample: {s['prompt']!r} -> {s['response']!r}")
+    if not ctx.dist.is_main:
+        return
+    metrics = {"heldout_loss_before": loss0, "heldout_loss_after": loss1, "steps": sc.steps,
+               "train_loss_last": history[-1].get("loss")}
+    art = ctx.store.write_checkpoint(
+        state_dict(model), name=f"{cfg.name}-sft", parents=parents,
+        meta={"stage": "sft", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history,
+              "samples": samples, "tokenizer": cfg.tokenizer.kind})
+    ctx.finish({"checkpoint": art.id}, metrics, samples=samples)
+
+
+if __name__ == "__main__":
+    stage_main("sft", run)
