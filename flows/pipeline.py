@@ -9,16 +9,27 @@ from mindrlhf.config import load_config
 from tasks.stages import prepare_task, sft_task
 
 
+def call(task, *args) -> tuple[dict, str]:
+    """Run a task; return its result and its final state's name (Completed / Cached)."""
+    state = task(*args, return_state=True)
+    return state.result(), state.name
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     cfg = load_config(config, overrides)
     c = cfg.to_dict()
     logger = get_run_logger()
-    data = prepare_task("prepare", c)
-    sft = sft_task("sft", c, {"train": data["outputs"]["sft_train"], "heldout": data["outputs"]["sft_heldout"]})
+    states = {}
+    data, states["prepare"] = call(prepare_task, "prepare", c)
+    d = data["outputs"]
+    sft, states["sft"] = call(sft_task, "sft", c, {"train": d["sft_train"], "heldout": d["sft_heldout"]})
     summary = {
-        "datasets": data["outputs"],
-        "sft": {"checkpoint": sft["outputs"]["checkpoint"], **sft["metrics"], "samples": sft.get("samples", [])},
+        "states": states,
+        "store_root": cfg.store.root,
+        "datasets": d,
+        "sft": {"checkpoint": sft["outputs"]["checkpoint"], **sft["metrics"], "samples": sft.get("samples", []),
+                "loss_curve": sft.get("loss_curve", [])},
     }
     logger.info("pipeline summary:\n" + json.dumps(summary, indent=1))
     return summary
@@ -27,4 +38,6 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
 if __name__ == "__main__":
     import sys
 
-    rlhf_pipeline(sys.argv[1] if len(sys.argv) > 1 else "demo")
+    from mindrlhf.report import format_summary
+
+    print(format_summary(rlhf_pipeline(sys.argv[1] if len(sys.argv) > 1 else "demo")))

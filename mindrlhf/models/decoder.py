@@ -16,7 +16,7 @@ import math
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, mint, nn, ops
 
 from ..config import ModelConfig
 
@@ -51,12 +51,11 @@ class LayerNorm(nn.Cell):
         super().__init__()
         self.weight = _const((d,), 1.0)
         self.bias = _const((d,), 0.0)
-        self.eps = eps
+        # the fused primitive is ~8x faster on CPU than composing mean/var/rsqrt
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x):
-        mean = x.mean(-1, keep_dims=True)
-        var = ((x - mean) ** 2).mean(-1, keep_dims=True)
-        return (x - mean) * ops.rsqrt(var + self.eps) * self.weight + self.bias
+        return self.norm(x, self.weight, self.bias)[0]
 
 
 class RMSNorm(nn.Cell):
@@ -66,7 +65,7 @@ class RMSNorm(nn.Cell):
         self.eps = eps
 
     def construct(self, x):
-        return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + self.eps) * self.weight
+        return x * ops.rsqrt(mint.mean(x * x, -1, True) + self.eps) * self.weight
 
 
 def rotate_half(x):
@@ -163,17 +162,19 @@ class Transformer(nn.Cell):
         self.layers = nn.CellList([Block(cfg, rng) for _ in range(cfg.n_layers)])
         self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps)
         hd = cfg.head_dim
+        # allowed[i, j] = key j is not after query i; sliced per call instead of rebuilt
+        self.causal = Tensor(np.tril(np.ones((cfg.max_seq_len, cfg.max_seq_len), dtype=np.float32)))
         self.inv_freq = Tensor((1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)).astype(np.float32))
 
     def construct(self, input_ids, attention_mask, past=None):
         b, t = input_ids.shape
         s = attention_mask.shape[1]  # keys: cached + current
         p = s - t
-        mask = attention_mask.astype(ms.int32)
-        positions = ops.clamp(ops.cumsum(mask, 1) - 1, min=0)[:, p:]
-        causal = ops.arange(s)[None, :] <= (ops.arange(t) + p)[:, None]
-        allowed = ops.logical_and(causal[None], mask[:, None, :] > 0)
-        bias = ops.where(allowed, 0.0, NEG_INF).astype(self.embed_tokens.dtype)[:, None]
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {s} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        positions = ops.clamp(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1, min=0)[:, p:]
+        allowed = self.causal[p:s, :s][None] * attention_mask.astype(ms.float32)[:, None, :]
+        bias = ((1.0 - allowed) * NEG_INF)[:, None]
         x = ops.gather(self.embed_tokens, input_ids, 0)
         cos = sin = None
         if self.embed_positions is not None:
@@ -199,17 +200,37 @@ class CausalLM(nn.Cell):
         self.model = Transformer(cfg, rng)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, False, rng, cfg.init_std)
         self.mm = ops.MatMul(transpose_b=True)
+        self.head_t = None  # (d, V) copy of the output weights while generating; see frozen_head
 
     def logits_from_hidden(self, h):
-        w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
         lead = h.shape[:-1]
-        return self.mm(h.reshape(-1, h.shape[-1]), w).reshape(*lead, -1)
+        h2 = h.reshape(-1, h.shape[-1])
+        if self.head_t is not None:
+            return ops.matmul(h2, self.head_t).reshape(*lead, -1)
+        w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
+        return self.mm(h2, w).reshape(*lead, -1)
 
     def construct(self, input_ids, attention_mask, past=None, last_only: bool = False):
         h, presents = self.model(input_ids, attention_mask, past)
         if last_only:
             h = h[:, -1:]
         return self.logits_from_hidden(h), presents
+
+
+class frozen_head:
+    """While generating (no gradients), keep a transposed copy of the output projection:
+    MatMul with transpose_b re-transposes the (V, d) weight on every CPU call, ~3x slower."""
+
+    def __init__(self, model: "CausalLM"):
+        self.model = model
+
+    def __enter__(self):
+        w = self.model.model.embed_tokens if self.model.lm_head is None else self.model.lm_head.weight
+        self.model.head_t = Tensor(np.ascontiguousarray(w.asnumpy().T))
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.head_t = None
 
 
 class ScalarHeadModel(nn.Cell):

@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import Tensor
 
 from ..config import GenerationConfig
+from .decoder import frozen_head
 
 
 @dataclass
@@ -81,7 +82,15 @@ def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: Genera
         raise ValueError(f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len ({limit})")
     seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
     mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
-    done = np.zeros(b, dtype=bool)
+    with frozen_head(model):
+        steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache)
+    seq, mask = seq[:, :p + steps], mask[:, :p + steps]
+    return Generation(seq, mask, mask[:, p:].copy(), p)
+
+
+def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
+    """Fill ``seq``/``mask`` columns p.. in place; returns the number of steps taken."""
+    done = np.zeros(seq.shape[0], dtype=bool)
     past = None
     steps = 0
     for t in range(n):
@@ -101,5 +110,4 @@ def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: Genera
         steps += 1
         if done.all():
             break
-    seq, mask = seq[:, :p + steps], mask[:, :p + steps]
-    return Generation(seq, mask, mask[:, p:].copy(), p)
+    return steps

@@ -106,7 +106,8 @@ def run(ctx: StageContext) -> None:
         state_dict(model), name=f"{cfg.name}-sft", parents=parents,
         meta={"stage": "sft", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history,
               "samples": samples, "tokenizer": cfg.tokenizer.kind})
-    ctx.finish({"checkpoint": art.id}, metrics, samples=samples)
+    curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ctx.finish({"checkpoint": art.id}, metrics, samples=samples, loss_curve=curve)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MINDRLHF_CACHE", str(REPO / ".cache"))
+os.environ.setdefault("GLOG_v", "3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mindspore_cpu():
+    from mindrlhf.runtime import init_runtime
+
+    init_runtime("CPU", seed=0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from mindrlhf.data.store import ArtifactStore
+
+    return ArtifactStore(tmp_path / "store")
+
+
+def tiny_model_cfg(family="gpt2", **kw):
+    from mindrlhf.config import ModelConfig
+
+    base = dict(family=family, vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    if family == "llama":
+        base.update(n_kv_heads=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def tiny_overrides(root, **sft):
+    """A config small enough that a stage process finishes in seconds."""
+    return {
+        "name": "tiny",
+        "store": {"root": str(root)},
+        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+        "data": {"limit": 64, "max_prompt_len": 12, "max_len": 32},
+        "sft": {"steps": 6, "batch_size": 4, "ckpt_every": 2, "log_every": 2, "eval_batches": 1,
+                "warmup_steps": 0, "lr": 0.01, **sft},
+        "generation": {"max_new_tokens": 6},
+    }

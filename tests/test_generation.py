@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from mindrlhf.config import GenerationConfig
+from mindrlhf.models.decoder import CausalLM
+from mindrlhf.models.generation import generate, left_pad, sample_next
+from conftest import tiny_model_cfg
+
+EOS, PAD = 3, 0
+
+
+def prompts(rng):
+    rows = [list(rng.integers(4, 97, n)) for n in (5, 9, 2, 7)]
+    return left_pad(rows, PAD)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("gen", [
+    GenerationConfig(max_new_tokens=20, do_sample=False),
+    GenerationConfig(max_new_tokens=20, do_sample=True, temperature=0.9),
+    GenerationConfig(max_new_tokens=20, do_sample=True, temperature=1.3, top_k=10, top_p=0.9),
+], ids=["greedy", "temperature", "topk-topp"])
+def test_kv_cache_generation_equals_full_recompute(family, gen, rng):
+    m = CausalLM(tiny_model_cfg(family), seed=7)
+    ids, mask = prompts(rng)
+    a = generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=True)
+    b = generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=False)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    np.testing.assert_array_equal(a.response_mask, b.response_mask)
+    assert a.sequences.shape[1] > ids.shape[1]
+
+
+def test_eos_stops_rows_and_pads_after():
+    m = CausalLM(tiny_model_cfg(), seed=0)
+    ids, mask = left_pad([[5, 6, 7], [8, 9], [40, 41, 42, 43]], PAD)
+    gen = GenerationConfig(max_new_tokens=12, do_sample=False)
+    free = generate(m, ids, mask, gen, eos_id=-1, pad_id=PAD)
+    eos = int(free.responses[0, 2])  # row 0 will now stop at its third token
+    out = generate(m, ids, mask, gen, eos_id=eos, pad_id=PAD)
+    stopped = 0
+    for row, rm in zip(out.responses, out.response_mask):
+        toks = row.tolist()
+        if eos in toks:
+            k = toks.index(eos)
+            assert rm[:k + 1].all() and not rm[k + 1:].any()
+            assert (row[k + 1:] == PAD).all()
+            stopped += 1
+        else:
+            assert rm.all()
+    assert out.response_mask[0].sum() <= 3 and stopped >= 1
+    # rows that did not stop are unchanged by another row's eos
+    for i in range(3):
+        if eos not in out.responses[i].tolist():
+            np.testing.assert_array_equal(out.responses[i], free.responses[i, :out.responses.shape[1]])
+
+
+def test_sample_next_semantics():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    greedy = sample_next(logits, GenerationConfig(do_sample=False), rng)
+    assert (greedy == 0).all()
+    top2 = sample_next(logits, GenerationConfig(do_sample=True, top_k=2), rng)
+    assert set(top2.tolist()) == {0, 1}
+    assert abs((top2 == 0).mean() - 0.5 / 0.8) < 0.03
+    topp = sample_next(logits, GenerationConfig(do_sample=True, top_p=0.7), rng)
+    assert set(topp.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5+0.3 >= 0.7: token 2 is cut
+    free = sample_next(logits, GenerationConfig(do_sample=True), rng)
+    np.testing.assert_allclose(np.bincount(free, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_prompt_too_long_for_model():
+    m = CausalLM(tiny_model_cfg(max_seq_len=16), seed=0)
+    ids, mask = left_pad([[5] * 10], PAD)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(m, ids, mask, GenerationConfig(max_new_tokens=10), EOS, PAD)
