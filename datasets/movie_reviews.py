@@ -4,19 +4,28 @@ Source: the VADER paper's ground truth (Hutto & Gilbert, ICWSM 2014), 10,605 sen
 the vaderSentiment 3.3.2 sdist (MIT) as additional_resources/hutto_ICWSM_2014.tar.gz.
 
 Tables built here (text only; tokenization is the pipeline's job):
-  reviews     id, text, rating, split           every sentence, split by a hash of its id
-  sft_<split> prompt, response                  "Review: <first 4 words>" -> " <rest of sentence>"
+  reviews         id, text, rating, split        every sentence, split by a hash of its id
+  sft_<split>     prompt, response               "Review: <first 4 words>" -> " <rest of sentence>"
+  pairs_<split>   prompt, chosen, rejected, margin   "Review:" + two whole sentences whose human
+                                                 ratings differ by >= data.pair_margin; the
+                                                 higher-rated one is chosen
+  prompts_<split> prompt, rating                 "Review: <first 4 words>" openings for PPO
+
+Every sentence appears in the split its id hashes to, so held-out pairs and prompts contain only
+sentences that no training table contains.
 """
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 
 from mindrlhf.data import registry
 from mindrlhf.data.schema import DataError
 
 PIN = "vader-sdist"
+SOURCES = [PIN]
 OUTER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 INNER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 PROMPT_WORDS = 4
@@ -62,18 +71,35 @@ def to_sft(text: str) -> tuple[str, str] | None:
     return "Review: " + " ".join(words[:PROMPT_WORDS]), " " + " ".join(words[PROMPT_WORDS:])
 
 
+def make_pairs(rows: list[dict], n_pairs: int, margin: float, seed: int) -> list[dict]:
+    """Random pairs of sentences whose ratings differ by at least ``margin``."""
+    rng = np.random.default_rng(seed)
+    ratings = np.array([r["rating"] for r in rows])
+    out, tries = [], 0
+    while len(out) < n_pairs and tries < 50 * n_pairs:
+        tries += 1
+        i, j = rng.integers(0, len(rows), 2)
+        if abs(ratings[i] - ratings[j]) < margin:
+            continue
+        hi, lo = (i, j) if ratings[i] > ratings[j] else (j, i)
+        out.append({"prompt": "Review:", "chosen": " " + rows[hi]["text"], "rejected": " " + rows[lo]["text"],
+                    "margin": float(ratings[hi] - ratings[lo])})
+    return out
+
+
 def build(data_cfg) -> dict[str, pa.Table]:
     raw = registry.read_nested_tar_member(PIN, OUTER, INNER)
     rows = parse(raw, f"{registry.PINS[PIN].spec}:{OUTER}:{INNER}")
     for r in rows:
         r["split"] = split_of(r["id"], data_cfg.heldout_fraction)
     tables = {"reviews": pa.Table.from_pylist(rows)}
-    for split in ("train", "heldout"):
-        pairs = [p for r in rows if r["split"] == split and (p := to_sft(r["text"]))]
+    for k, split in enumerate(("train", "heldout")):
+        part = [r for r in rows if r["split"] == split]
+        sft = [(p, r["rating"]) for r in part if (p := to_sft(r["text"]))]
         if split == "train" and data_cfg.limit:
-            pairs = pairs[:data_cfg.limit]
-        tables[f"sft_{split}"] = pa.table({"prompt": [p for p, _ in pairs], "response": [s for _, s in pairs]})
+            sft = sft[:data_cfg.limit]
+        tables[f"sft_{split}"] = pa.table({"prompt": [p for (p, _), _ in sft], "response": [s for (_, s), _ in sft]})
+        tables[f"prompts_{split}"] = pa.table({"prompt": [p for (p, _), _ in sft], "rating": [r for _, r in sft]})
+        n_pairs = data_cfg.pairs if split == "train" else max(64, int(data_cfg.pairs * data_cfg.heldout_fraction * 2))
+        tables[f"pairs_{split}"] = pa.Table.from_pylist(make_pairs(part, n_pairs, data_cfg.pair_margin, 7 + k))
     return tables
-
-
-SOURCES = [PIN]

@@ -1,4 +1,13 @@
-"""The RLHF pipeline as a Prefect flow: prepare -> sft (-> rm -> ppo|grpo -> dpo as they land)."""
+"""The RLHF pipeline as a Prefect flow:
+
+    prepare -> sft -> rm -> ppo
+                  |     `-> online DPO rounds (policy_0 = SFT -> pairs_1 -> policy_1 -> ...)
+                  |-> grpo (verifiable rewards)
+                  `-> reference log-probs -> dpo
+
+Each box is a cached Prefect task running one stage process; ``pipeline.stages`` in the config
+chooses which run.
+"""
 from __future__ import annotations
 
 import json
@@ -6,7 +15,8 @@ import json
 from prefect import flow, get_run_logger
 
 from mindrlhf.config import load_config
-from tasks.stages import prepare_task, sft_task
+from tasks.stages import (dpo_task, grpo_task, online_dpo_task, ppo_task, prepare_task, reflogp_task, rm_task,
+                          sft_task)
 
 
 def call(task, *args) -> tuple[dict, str]:
@@ -15,23 +25,70 @@ def call(task, *args) -> tuple[dict, str]:
     return state.result(), state.name
 
 
+def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, states: dict) -> dict:
+    ref, states["reflogp"] = call(reflogp_task, "reflogp", c,
+                                  {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft_ckpt})
+    dpo, states["dpo"] = call(dpo_task, "dpo", c, {
+        "train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft_ckpt,
+        "ref_train": ref["outputs"]["train"], "ref_heldout": ref["outputs"]["heldout"]})
+    return {"checkpoint": dpo["outputs"]["checkpoint"], **dpo["metrics"]}
+
+
+def run_online_dpo(c: dict, cfg, d: dict, sft_ckpt: str, rm_ckpt: str, states: dict) -> dict:
+    oc = cfg.online_dpo
+    policy, scores, pairs = sft_ckpt, [], []
+    for r in range(oc.rounds):
+        res, states[f"online_dpo_{r}"] = call(online_dpo_task, "online_dpo", c, {
+            "policy": policy, "reference": sft_ckpt, "rm": rm_ckpt, "round": r,
+            "prompts": d[f"prompts_{oc.prompts}_train"], "heldout": d[f"prompts_{oc.prompts}_heldout"]})
+        if r == 0:
+            scores.append(res["metrics"]["heldout_score_before"])
+        scores.append(res["metrics"]["heldout_score_after"])
+        policy = res["outputs"]["checkpoint"]
+        pairs.append(res["outputs"]["pairs"])
+    return {"checkpoint": policy, "heldout_score_by_round": [round(s, 4) for s in scores], "pair_datasets": pairs}
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     cfg = load_config(config, overrides)
     c = cfg.to_dict()
+    stages = cfg.pipeline.stages
     logger = get_run_logger()
-    states = {}
+    states: dict[str, str] = {}
+    summary: dict = {"states": states, "store_root": cfg.store.root}
     data, states["prepare"] = call(prepare_task, "prepare", c)
-    d = data["outputs"]
+    d = summary["datasets"] = data["outputs"]
+    if "sft" not in stages:
+        return summary
     sft, states["sft"] = call(sft_task, "sft", c, {"train": d["sft_train"], "heldout": d["sft_heldout"]})
-    summary = {
-        "states": states,
-        "store_root": cfg.store.root,
-        "datasets": d,
-        "sft": {"checkpoint": sft["outputs"]["checkpoint"], **sft["metrics"], "samples": sft.get("samples", []),
-                "loss_curve": sft.get("loss_curve", [])},
-    }
-    logger.info("pipeline summary:\n" + json.dumps(summary, indent=1))
+    sft_ckpt = sft["outputs"]["checkpoint"]
+    summary["sft"] = {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", []),
+                      "loss_curve": sft.get("loss_curve", [])}
+    rm_ckpt = None
+    if "rm" in stages:
+        rm, states["rm"] = call(rm_task, "rm", c, {"train": d["pairs_train"], "heldout": d["pairs_heldout"],
+                                                   "sft": sft_ckpt})
+        rm_ckpt = rm["outputs"]["checkpoint"]
+        summary["rm"] = {"checkpoint": rm_ckpt, **rm["metrics"]}
+    if "ppo" in stages:
+        p = cfg.ppo.prompts
+        ppo, states["ppo"] = call(ppo_task, "ppo", c, {"prompts": d[f"prompts_{p}_train"],
+                                                       "heldout": d[f"prompts_{p}_heldout"],
+                                                       "sft": sft_ckpt, "rm": rm_ckpt})
+        summary["ppo"] = {"checkpoint": ppo["outputs"]["checkpoint"], **ppo["metrics"]}
+    if "grpo" in stages:
+        g = cfg.grpo.prompts
+        inputs = {"prompts": d[f"prompts_{g}_train"], "heldout": d[f"prompts_{g}_heldout"], "sft": sft_ckpt}
+        if cfg.grpo.reward == "rm":
+            inputs["rm"] = rm_ckpt
+        grpo, states["grpo"] = call(grpo_task, "grpo", c, inputs)
+        summary["grpo"] = {"checkpoint": grpo["outputs"]["checkpoint"], **grpo["metrics"]}
+    if "dpo" in stages:
+        summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, states)
+    if "online_dpo" in stages:
+        summary["online_dpo"] = run_online_dpo(c, cfg, d, sft_ckpt, rm_ckpt, states)
+    logger.info("pipeline summary:\n" + json.dumps({k: v for k, v in summary.items() if k != "datasets"}, indent=1))
     return summary
 
 

@@ -90,14 +90,28 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    recipe: Literal["movie_reviews"] = "movie_reviews"
+    recipes: list[str] = field(default_factory=lambda: ["movie_reviews", "arithmetic"])
     max_prompt_len: int = 24
     max_len: int = 64  # prompt + response tokens
     heldout_fraction: float = 0.05
-    limit: int = 0  # 0: all rows; otherwise the first N rows after shuffling (demo speed)
+    limit: int = 0  # 0: all movie-review SFT rows; otherwise the first N (tests)
+    pairs: int = 4000  # movie-review preference pairs for RM / DPO training
+    pair_margin: float = 1.5  # minimum human-rating difference between chosen and rejected
+    arithmetic_size: int = 3000  # problems drawn from reasoning-gym's generator
+    arithmetic_seed: int = 42
+    arithmetic_digits: int = 1
 
     def validate(self):
+        if not self.recipes:
+            raise ValueError("recipes must name at least one dataset recipe")
+        for r in self.recipes:
+            if r not in ("movie_reviews", "arithmetic"):
+                raise ValueError(f"recipes: unknown recipe {r!r} (known: movie_reviews, arithmetic)")
         _positive(self.max_prompt_len, "max_prompt_len")
+        _positive(self.pairs, "pairs")
+        _non_negative(self.pair_margin, "pair_margin")
+        _positive(self.arithmetic_size, "arithmetic_size")
+        _positive(self.arithmetic_digits, "arithmetic_digits")
         if self.max_len <= self.max_prompt_len:
             raise ValueError(f"max_len ({self.max_len}) must exceed max_prompt_len ({self.max_prompt_len})")
         if not 0.0 < self.heldout_fraction < 1.0:
@@ -132,6 +146,124 @@ class SFTConfig(OptimConfig):
         for k in ("batch_size", "steps", "ckpt_every", "log_every"):
             _positive(getattr(self, k), k)
         _non_negative(self.eval_batches, "eval_batches")
+
+
+@dataclass
+class RMConfig(OptimConfig):
+    lr: float = 5e-4
+    batch_size: int = 16  # pairs per step
+    steps: int = 150
+    ckpt_every: int = 50
+    log_every: int = 10
+    normalize: bool = True  # store mean/std of rewards on held-out responses; consumers standardise
+
+    def validate(self):
+        super().validate()
+        for k in ("batch_size", "steps", "ckpt_every", "log_every"):
+            _positive(getattr(self, k), k)
+
+
+@dataclass
+class PPOConfig(OptimConfig):
+    lr: float = 2e-4  # actor
+    critic_lr: float = 5e-4
+    prompts: str = "movie_reviews"  # which recipe's prompt table
+    iterations: int = 20  # rollout + update rounds
+    rollout_batch: int = 32  # prompts per rollout
+    mini_batch: int = 8
+    ppo_epochs: int = 2
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    kl_target: float = 3.0
+    kl_horizon: int = 2000
+    score_clip: float = 5.0
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    ckpt_every: int = 5
+    eval_prompts: int = 64
+
+    def validate(self):
+        super().validate()
+        _positive(self.critic_lr, "critic_lr")
+        for k in ("iterations", "rollout_batch", "mini_batch", "ppo_epochs", "ckpt_every", "eval_prompts",
+                  "kl_horizon"):
+            _positive(getattr(self, k), k)
+        if self.rollout_batch % self.mini_batch:
+            raise ValueError(f"rollout_batch ({self.rollout_batch}) must be divisible by mini_batch ({self.mini_batch})")
+        _unit(self.gamma, "gamma")
+        _unit(self.lam, "lam")
+        _positive(self.clip_range, "clip_range")
+        _positive(self.clip_range_value, "clip_range_value")
+        _non_negative(self.kl_coef, "kl_coef")
+        _positive(self.kl_target, "kl_target")
+        _positive(self.score_clip, "score_clip")
+
+
+@dataclass
+class GRPOConfig(OptimConfig):
+    lr: float = 2e-4
+    prompts: str = "arithmetic"
+    reward: str = "arithmetic"  # a recipe's reward function, or "rm" for the reward model
+    iterations: int = 20
+    prompts_per_iter: int = 8
+    group_size: int = 8
+    mini_batch: int = 16
+    epochs: int = 1
+    clip_range: float = 0.2
+    beta: float = 0.04
+    max_new_tokens: int = 6
+    ckpt_every: int = 5
+    eval_prompts: int = 64
+
+    def validate(self):
+        super().validate()
+        for k in ("iterations", "prompts_per_iter", "group_size", "mini_batch", "epochs", "max_new_tokens",
+                  "ckpt_every", "eval_prompts"):
+            _positive(getattr(self, k), k)
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
+        if (self.prompts_per_iter * self.group_size) % self.mini_batch:
+            raise ValueError("prompts_per_iter * group_size must be divisible by mini_batch")
+        _positive(self.clip_range, "clip_range")
+        _non_negative(self.beta, "beta")
+
+
+@dataclass
+class DPOConfig(OptimConfig):
+    lr: float = 5e-4
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    batch_size: int = 16
+    steps: int = 150
+    ckpt_every: int = 50
+    log_every: int = 10
+
+    def validate(self):
+        super().validate()
+        _positive(self.beta, "beta")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for k in ("batch_size", "steps", "ckpt_every", "log_every"):
+            _positive(getattr(self, k), k)
+
+
+@dataclass
+class OnlineDPOConfig:
+    rounds: int = 3
+    prompts: str = "movie_reviews"
+    reward: str = "rm"  # "rm" or a recipe's reward function
+    prompts_per_round: int = 64
+    steps_per_round: int = 20  # DPO steps (dpo.batch_size pairs each) on the round's pairs
+    eval_prompts: int = 64
+
+    def validate(self):
+        for k in ("rounds", "prompts_per_round", "steps_per_round", "eval_prompts"):
+            _positive(getattr(self, k), k)
 
 
 @dataclass
@@ -170,6 +302,22 @@ class ParallelConfig:
         _non_negative(self.node_rank, "node_rank")
 
 
+STAGES = ("prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo")
+NEEDS = {"sft": "prepare", "rm": "sft", "ppo": "rm", "grpo": "sft", "dpo": "sft", "online_dpo": "rm"}
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+
+    def validate(self):
+        for s in self.stages:
+            if s not in STAGES:
+                raise ValueError(f"stages: unknown stage {s!r} (known: {', '.join(STAGES)})")
+            if s in NEEDS and NEEDS[s] not in self.stages:
+                raise ValueError(f"stages: {s} needs {NEEDS[s]}")
+
+
 @dataclass
 class StoreConfig:
     root: str = "artifacts"
@@ -181,18 +329,28 @@ class Config:
     seed: int = 1234
     device_target: Literal["CPU", "Ascend", "GPU"] = "CPU"
     store: StoreConfig = field(default_factory=StoreConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self):
-        if self.sft.batch_size % self.parallel.worker_num:
-            raise ValueError(
-                f"sft.batch_size ({self.sft.batch_size}) must be divisible by "
-                f"parallel.worker_num ({self.parallel.worker_num})")
+        w = self.parallel.worker_num
+        for key, batch in (("sft.batch_size", self.sft.batch_size), ("rm.batch_size", self.rm.batch_size),
+                           ("ppo.mini_batch", self.ppo.mini_batch), ("grpo.mini_batch", self.grpo.mini_batch),
+                           ("dpo.batch_size", self.dpo.batch_size)):
+            if batch % w:
+                raise ValueError(f"{key} ({batch}) must be divisible by parallel.worker_num ({w})")
+        if self.ppo.prompts not in self.data.recipes or self.grpo.prompts not in self.data.recipes:
+            raise ValueError(f"ppo.prompts / grpo.prompts must be one of data.recipes {self.data.recipes}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

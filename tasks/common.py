@@ -6,13 +6,14 @@ stage finds the checkpoints its previous attempt left and resumes from them.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mindrlhf.config import Config, from_dict
 from mindrlhf.data.store import ArtifactStore
@@ -21,9 +22,16 @@ from mindrlhf.launch import run_stage
 REPO = Path(__file__).resolve().parents[1]
 
 # config sections (top-level keys) each stage's output depends on
+_TRAIN = ("name", "seed", "device_target", "model", "tokenizer", "parallel")
 STAGE_SECTIONS = {
-    "prepare": ("data", "tokenizer"),
-    "sft": ("name", "seed", "device_target", "model", "tokenizer", "sft", "generation", "parallel"),
+    "prepare": ("name", "data", "tokenizer"),
+    "sft": _TRAIN + ("sft", "generation"),
+    "rm": _TRAIN + ("rm",),
+    "ppo": _TRAIN + ("ppo", "generation"),
+    "grpo": _TRAIN + ("grpo", "generation"),
+    "reflogp": _TRAIN,  # not the dpo section: changing beta must not rerun the reference model
+    "dpo": _TRAIN + ("dpo",),
+    "online_dpo": _TRAIN + ("dpo", "online_dpo", "generation"),
 }
 
 
@@ -61,11 +69,24 @@ def execute(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> dict:
     logger = get_run_logger()
     cfg = from_dict(cfg_dict, "<flow config>")
     key = stage_key(stage, cfg_dict, inputs, extra)
-    ArtifactStore(cfg.store.root)
     result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir_for(cfg, key, stage), log=logger.info)
-    rows = "\n".join(f"| {k} | {v} |" for k, v in result.get("metrics", {}).items())
-    outs = "\n".join(f"| {k} | `{v[:16]}` |" for k, v in result.get("outputs", {}).items())
-    create_markdown_artifact(
-        key=f"{stage}-summary", description=f"{stage} stage figures",
-        markdown=f"## {stage}\n\n| metric | value |\n|---|---|\n{rows}\n\n| output | artifact id |\n|---|---|\n{outs}\n")
+    publish_prefect_artifacts(stage, cfg, result)
     return result
+
+
+def publish_prefect_artifacts(stage: str, cfg: Config, result: dict) -> None:
+    """A markdown table of the stage's figures (with the reward/KL plot embedded for RL stages)
+    and, for stages that log per-step history, that history as a table artifact."""
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in result.get("metrics", {}).items())
+    outs = "\n".join(f"| {k} | `{v[:16]}` |" for k, v in result.get("outputs", {}).items())
+    md = f"## {stage}\n\n| metric | value |\n|---|---|\n{rows}\n\n| output | artifact id |\n|---|---|\n{outs}\n"
+    metrics_id = result.get("outputs", {}).get("metrics")
+    if metrics_id:
+        art = ArtifactStore(cfg.store.root).get(metrics_id)
+        png = base64.b64encode(art.file("plot.png").read_bytes()).decode()
+        md += f"\n![{stage} metrics](data:image/png;base64,{png})\n"
+    create_markdown_artifact(key=f"{stage}-summary", description=f"{stage} stage figures", markdown=md)
+    if result.get("history"):
+        create_table_artifact(key=f"{stage}-history", table=result["history"],
+                              description=f"{stage} per-step metrics")

@@ -7,15 +7,21 @@ from prefect import task
 
 from .common import cache_key_fn, execute
 
-COMMON = dict(cache_key_fn=cache_key_fn, persist_result=True, result_serializer="json",
-              retries=2, retry_delay_seconds=2)
+
+def stage_task(name: str):
+    @task(name=name, cache_key_fn=cache_key_fn, persist_result=True, result_serializer="json",
+          retries=2, retry_delay_seconds=2)
+    def run(stage: str, cfg_dict: dict, inputs: dict | None = None) -> dict:
+        return execute(stage, cfg_dict, inputs or {})
+
+    return run
 
 
-@task(name="prepare", **COMMON)
-def prepare_task(stage: str, cfg_dict: dict, inputs: dict | None = None) -> dict:
-    return execute(stage, cfg_dict, inputs or {})
-
-
-@task(name="sft", **COMMON)
-def sft_task(stage: str, cfg_dict: dict, inputs: dict) -> dict:
-    return execute(stage, cfg_dict, inputs)
+prepare_task = stage_task("prepare")
+sft_task = stage_task("sft")
+rm_task = stage_task("rm")
+ppo_task = stage_task("ppo")
+grpo_task = stage_task("grpo")
+dpo_task = stage_task("dpo")
+reflogp_task = stage_task("reflogp")
+online_dpo_task = stage_task("online_dpo")

@@ -44,8 +44,9 @@ def tiny_overrides(root, **sft):
         "name": "tiny",
         "store": {"root": str(root)},
         "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
-        "data": {"limit": 64, "max_prompt_len": 12, "max_len": 32},
+        "data": {"limit": 64, "max_prompt_len": 12, "max_len": 32, "pairs": 64, "arithmetic_size": 40},
         "sft": {"steps": 6, "batch_size": 4, "ckpt_every": 2, "log_every": 2, "eval_batches": 1,
                 "warmup_steps": 0, "lr": 0.01, **sft},
         "generation": {"max_new_tokens": 6},
+        "pipeline": {"stages": ["prepare", "sft"]},
     }

@@ -26,9 +26,11 @@ def test_prepare_builds_real_reviews(prepared):
     root, inputs = prepared
     store = ArtifactStore(root)
     train = store.read_dataset(inputs["train"])
-    assert train.num_rows == 64 and set(train.column_names) == {"input_ids", "loss_mask", "prompt_len"}
-    text = store.read_dataset(store.get(inputs["train"]).parents[0])
-    assert text.column("prompt")[0].as_py().startswith("Review: ")
+    assert set(train.column_names) == {"input_ids", "loss_mask", "prompt_len"}
+    reviews_text, arith_text = (store.read_dataset(p) for p in store.get(inputs["train"]).parents)
+    assert reviews_text.num_rows == 64 and reviews_text.column("prompt")[0].as_py().startswith("Review: ")
+    assert arith_text.column("prompt")[0].as_py().startswith("Calculate ")
+    assert train.num_rows == reviews_text.num_rows + arith_text.num_rows
     reviews = store.read_dataset(store.resolve("movie_reviews-reviews"))
     assert reviews.num_rows == 10605  # every sentence of the VADER movie-review ground truth
 

@@ -35,6 +35,8 @@ PINS: dict[str, Pin] = {p.key: p for p in [
         "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c", "MIT"),
     Pin("vader-sdist", "pypi-sdist", "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
         "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", "MIT"),
+    Pin("reasoning-gym", "pypi-wheel", "reasoning-gym==0.1.25", "reasoning_gym-0.1.25-py3-none-any.whl",
+        "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435", "Apache-2.0"),
 ]}
 
 
@@ -100,6 +102,21 @@ def read_nested_tar_member(key: str, outer: str, inner: str) -> bytes:
         if f is None:
             raise FetchError(f"{key}: {inner} not found in {outer}")
         return f.read()
+
+
+def extract_wheel(key: str) -> Path:
+    """Unpack a pinned wheel into the cache once (for code that must be imported from files)."""
+    root = cache_dir() / f"{key}-unpacked"
+    done = root / ".complete"
+    if not done.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{key}-"))
+        with zipfile.ZipFile(fetch(key)) as z:
+            z.extractall(tmp)
+        (tmp / ".complete").write_text(PINS[key].sha256)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    return root
 
 
 def extract_to_cache(key: str, member: str) -> Path:

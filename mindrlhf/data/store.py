@@ -265,12 +265,15 @@ class ArtifactStore:
 
     # ---- datasets --------------------------------------------------------------------------
     def write_dataset(self, table: pa.Table, *, name: str, parents: list[str] = (),
-                      meta: dict | None = None) -> Artifact:
+                      meta: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Artifact:
+        """``extra_files``: small companions stored in the same artifact (e.g. plot.png)."""
         st = self.stage()
         try:
             with pa.OSFile(str(st / DATA_FILE), "wb") as sink:
                 with ipc.new_file(sink, table.schema) as writer:
                     writer.write_table(table)
+            for fname, data in (extra_files or {}).items():
+                (st / fname).write_bytes(data)
             return self.commit(st, kind="dataset", name=name, parents=parents, meta=meta,
                                schema=str(table.schema), num_rows=table.num_rows)
         except BaseException:

@@ -30,12 +30,41 @@ def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: 
                      "prompt_len": pa.array(plen_col, pa.int32())})
 
 
+def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
+    """prompt/chosen/rejected text -> chosen_ids, rejected_ids (prompt + response + eos, cut at
+    max_len) and prompt_len; the response part is what RM scores and DPO compares."""
+    prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+    cols = {"chosen_ids": [], "rejected_ids": [], "prompt_len": []}
+    chosen = tok.encode_batch(table.column("chosen").to_pylist())
+    rejected = tok.encode_batch(table.column("rejected").to_pylist())
+    for p, c, r in zip(prompts, chosen, rejected):
+        cols["chosen_ids"].append((p + c + [tok.eos_id])[:max_len])
+        cols["rejected_ids"].append((p + r + [tok.eos_id])[:max_len])
+        cols["prompt_len"].append(len(p))
+    out = {"chosen_ids": pa.array(cols["chosen_ids"], IDS), "rejected_ids": pa.array(cols["rejected_ids"], IDS),
+           "prompt_len": pa.array(cols["prompt_len"], pa.int32())}
+    if "margin" in table.column_names:
+        out["margin"] = table.column("margin")
+    return pa.table(out)
+
+
+def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Chosen rows then rejected rows, right-padded to one length: (2B, T)."""
+    sub = table.take(pa.array(idx))
+    rows = sub.column("chosen_ids").to_pylist() + sub.column("rejected_ids").to_pylist()
+    plen = sub.column("prompt_len").to_numpy()
+    resp = np.zeros((len(rows), max(len(r) for r in rows)), np.float32)
+    for i, r in enumerate(rows):
+        resp[i, plen[i % len(plen)]:len(r)] = 1.0
+    return {"input_ids": right_pad(rows, pad_id), "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
+            "response_mask": resp}
+
+
 def tokenize_prompts(table: pa.Table, tok: Tokenizer, max_prompt_len: int) -> pa.Table:
     prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
     cols = {"prompt_ids": pa.array(prompts, IDS)}
-    for extra in ("prompt", "answer"):
-        if extra in table.column_names:
-            cols[extra] = table.column(extra)
+    for extra in table.column_names:  # keep text and labels (answer, rating) next to the ids
+        cols[extra] = table.column(extra)
     return pa.table(cols)
 
 

@@ -136,10 +136,39 @@ class RunCheckpoints:
         return files, json.loads((path / "state.json").read_text())
 
 
+def save_training_state(ckpts: RunCheckpoints, step: int, models: dict, trainers: dict, state: dict) -> Path:
+    """Weights of every model and moments of every optimizer, plus JSON state, as one checkpoint."""
+    from ..models.decoder import state_dict
+
+    files = {name: state_dict(m) for name, m in models.items()}
+    files.update({f"{name}_optim": t.optimizer_state() for name, t in trainers.items()})
+    steps = {name: t.step_num for name, t in trainers.items()}
+    return ckpts.save(step, files, {**state, "trainer_steps": steps})
+
+
+def resume_training_state(ctx: "StageContext", ckpts: RunCheckpoints, models: dict, trainers: dict
+                          ) -> tuple[int, dict]:
+    """Load the newest working checkpoint, if any; returns (step, saved JSON state)."""
+    from ..models.decoder import load_state_dict
+
+    latest = ckpts.latest()
+    if latest is None:
+        return 0, {}
+    files, state = ckpts.load(latest[1])
+    for name, m in models.items():
+        load_state_dict(m, files[name], source=str(latest[1]))
+    for name, t in trainers.items():
+        t.load_optimizer_state(files[f"{name}_optim"])
+        t.step_num = state["trainer_steps"][name]
+    ctx.log(f"resuming from step {state['step']} ({latest[1]})")
+    return state["step"], state
+
+
 # ---- training ---------------------------------------------------------------------------------
 
 class Trainer:
-    """One optimizer over ``params``; ``step(*args)`` runs ``loss_fn(*args) -> (loss, aux)``."""
+    """One optimizer over ``params``; ``step(*args)`` runs ``loss_fn(*args) -> (loss, *aux)``,
+    aux being tensors to report (a single one is returned bare, several as a tuple)."""
 
     def __init__(self, params, loss_fn, opt_cfg: OptimConfig, dist: Dist, total_steps: int):
         import mindspore as ms
@@ -165,7 +194,9 @@ class Trainer:
         from mindspore import Tensor, ops
 
         self.opt.learning_rate.set_data(Tensor(np.float32(self.lr_at(self.step_num))))
-        (loss, aux), grads = self.grad_fn(*args)
+        outs, grads = self.grad_fn(*args)
+        loss, aux = outs[0], tuple(outs[1:])
+        aux = aux[0] if len(aux) == 1 else aux
         if self.reducer is not None:
             grads = self.reducer(grads)
         loss_v = float(loss.asnumpy())

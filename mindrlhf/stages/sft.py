@@ -15,7 +15,8 @@ from ..data.tokenize import sft_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, load_state_dict, state_dict
 from ..models.generation import generate, left_pad
-from .common import RunCheckpoints, StageContext, Trainer, epoch_order, shard, stage_main
+from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
+                     save_training_state, shard, stage_main)
 
 
 def heldout_loss(model, table, pad_id: int, batch: int, n_batches: int) -> float:
@@ -63,15 +64,9 @@ def run(ctx: StageContext) -> None:
 
     trainer = Trainer(model.trainable_params(), loss_fn, sc, ctx.dist, sc.steps)
     ckpts = RunCheckpoints(ctx.run_dir)
-    start, history = 0, []
-    latest = ckpts.latest()
-    if latest:
-        files, state = ckpts.load(latest[1])
-        load_state_dict(model, files["model"], source=str(latest[1]))
-        trainer.load_optimizer_state(files["optim"])
-        start, history = state["step"], state["history"]
-        trainer.step_num = start
-        ctx.log(f"resuming from step {start} ({latest[1]})")
+    models, trainers = {"model": model}, {"model": trainer}
+    start, state = resume_training_state(ctx, ckpts, models, trainers)
+    history = state.get("history", [])
     loss0 = history[0]["heldout_loss"] if history else heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)
     if not history:
         history.append({"step": 0, "heldout_loss": loss0})
@@ -90,7 +85,7 @@ def run(ctx: StageContext) -> None:
             history.append({"step": done, "loss": float(np.mean(window))})
             window = []
         if done % sc.ckpt_every == 0 and done < sc.steps and ctx.dist.is_main:
-            ckpts.save(done, {"model": state_dict(model), "optim": trainer.optimizer_state()}, {"history": history})
+            save_training_state(ckpts, done, models, trainers, {"history": history})
             ctx.log(f"checkpoint at step {done}")
 
     loss1 = heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)

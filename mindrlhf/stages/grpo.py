@@ -1,0 +1,173 @@
+"""GRPO stage: ``python -m mindrlhf.stages.grpo --spec S --out O``.
+
+Inputs: ``prompts`` / ``heldout`` prompt datasets (with the columns the reward needs, e.g.
+``answer``), ``sft`` (policy and frozen reference), optionally ``rm``. Each iteration samples
+``group_size`` responses for each of ``prompts_per_iter`` prompts with the KV cache, scores them
+with a recipe's verifiable reward function (``grpo.reward: arithmetic``) or the reward model
+(``grpo.reward: rm``), normalises rewards within each group, writes the rollout as an Arrow
+dataset, and runs clipped policy updates with a k3 KL penalty to the reference. No critic.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..algos.grpo import grpo_loss, group_advantages
+from ..data.recipes import load_recipe
+from ..data.store import atomic_write_bytes
+from ..data.tokenizer import load_tokenizer
+from ..models.decoder import state_dict
+from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
+                     save_training_state, shard, stage_main)
+from .metrics import publish_metrics
+from .ppo import load_policy
+from .rm import load_reward_model, score_sequences
+from .rollout import (decode_responses, experience_table, response_logprobs, rollout_config, sample, score_mask,
+                      table_arrays)
+from ..config import GenerationConfig
+
+
+def make_reward_fn(ctx: StageContext, tok):
+    """(generation, prompt-table rows) -> per-sample rewards, from a recipe function or the RM."""
+    name = ctx.cfg.grpo.reward
+    if name == "rm":
+        if not ctx.inputs.get("rm"):
+            raise ValueError("grpo.reward is 'rm' but no reward-model checkpoint was given")
+        model, norm = load_reward_model(ctx.store, ctx.inputs["rm"], ctx.cfg.model)
+        return lambda g, rows: score_sequences(model, g.sequences, score_mask(g, tok.eos_id), norm)
+    recipe = load_recipe(name)
+    if not hasattr(recipe, "reward"):
+        raise ValueError(f"recipe {name!r} has no reward function")
+    return lambda g, rows: np.array(recipe.reward(rows["prompt"], decode_responses(g, tok), rows), dtype=np.float64)
+
+
+def rows_of(table, idx) -> dict[str, list]:
+    sub = table.take(idx)
+    return {c: sub.column(c).to_pylist() for c in sub.column_names}
+
+
+def accuracy(ctx, policy, table, reward_fn, tok, n: int, greedy: bool, seed: int) -> tuple[float, float]:
+    """(mean reward, fraction with reward 1.0) over the first ``n`` rows of ``table``."""
+    gc = ctx.cfg.grpo
+    gen = (GenerationConfig(max_new_tokens=gc.max_new_tokens, do_sample=False) if greedy
+           else rollout_config(ctx.cfg.generation, max_new_tokens=gc.max_new_tokens))
+    rewards = []
+    for s in range(0, min(n, table.num_rows), 32):
+        idx = list(range(s, min(s + 32, n, table.num_rows)))
+        rows = rows_of(table, idx)
+        g = sample(policy, rows["prompt_ids"], gen, tok, seed=seed + s)
+        rewards.append(reward_fn(g, rows))
+    r = np.concatenate(rewards)
+    return float(r.mean()), float((r >= 1.0).mean())
+
+
+def run(ctx: StageContext) -> None:
+    from mindspore import Tensor
+
+    cfg, gc = ctx.cfg, ctx.cfg.grpo
+    tok = load_tokenizer(cfg.tokenizer.kind)
+    prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
+    heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
+    policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True)
+    ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
+    reward_fn = make_reward_fn(ctx, tok)
+    gen = rollout_config(cfg.generation, max_new_tokens=gc.max_new_tokens)
+
+    def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
+        lp = response_logprobs(policy, seq, am, p)
+        return grpo_loss(lp, old_lp, ref_lp, adv, mask, gc.clip_range, gc.beta)
+
+    batch = gc.prompts_per_iter * gc.group_size
+    trainer = Trainer(policy.trainable_params(), loss_fn, gc, ctx.dist,
+                      gc.iterations * gc.epochs * (batch // gc.mini_batch))
+    ckpts = RunCheckpoints(ctx.run_dir)
+    models, trainers = {"policy": policy}, {"policy": trainer}
+    start, state = resume_training_state(ctx, ckpts, models, trainers)
+    history, experience_ids = state.get("history", []), state.get("experience", [])
+    exp_index = ctx.run_dir / f"experience-rank{ctx.dist.rank}.json"
+    recorded = json.loads(exp_index.read_text()) if exp_index.exists() else {}
+
+    n_eval = gc.eval_prompts
+    before = {"train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
+              "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
+              "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8)}
+    ctx.log(f"SFT policy: reward/accuracy {before}")
+
+    for it in range(start, gc.iterations):
+        if str(it) in recorded:
+            exp_id = recorded[str(it)]
+            ex = table_arrays(ctx.store.read_dataset(exp_id))
+            ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
+        else:
+            pidx = shard(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), ctx.dist)
+            idx = np.repeat(pidx, gc.group_size)  # each prompt's group is consecutive
+            rows = rows_of(prompts, idx)
+            policy.set_train(False)
+            g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
+            seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+            rmask = g.response_mask.astype(np.float32)
+            old_lp = response_logprobs(policy, seq, am, p).asnumpy() * rmask
+            ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
+            rewards = reward_fn(g, rows)
+            adv = group_advantages(rewards, gc.group_size)
+            table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
+                                         "advantage": adv})
+            art = ctx.store.write_dataset(table, name=f"{cfg.name}-grpo-rollout-{it}",
+                                          parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
+                                          meta={"stage": "grpo", "iteration": it, "rank": ctx.dist.rank})
+            exp_id = art.id
+            recorded[str(it)] = exp_id
+            atomic_write_bytes(exp_index, json.dumps(recorded).encode())
+            ex = table_arrays(table)
+        experience_ids.append(exp_id)
+
+        policy.set_train(True)
+        seqs, am, p = ex["sequence"], ex["attention_mask"], int(ex["prompt_len"][0])
+        rmask = ex["response_mask"].astype(np.float32)
+        losses, kls, cfs = [], [], []
+        n, mb = len(seqs), gc.mini_batch // ctx.dist.size
+        for epoch in range(gc.epochs):
+            order = np.random.default_rng([cfg.seed, it, epoch]).permutation(n)
+            for s in range(0, n - mb + 1, mb):
+                b = order[s:s + mb]
+                loss, _, (kl, cf) = trainer.step(Tensor(seqs[b]), Tensor(am[b]), Tensor(ex["logprobs"][b]),
+                                                 Tensor(ex["ref_logprobs"][b]), Tensor(ex["advantage"][b]),
+                                                 Tensor(rmask[b]), p)
+                losses.append(loss)
+                kls.append(float(kl.asnumpy()))
+                cfs.append(float(cf.asnumpy()))
+        row = {"step": it + 1, "reward_mean": float(ex["reward"].mean()),
+               "accuracy": float((ex["reward"] >= 1.0).mean()), "loss": float(np.mean(losses)),
+               "kl": float(np.mean(kls)), "clipfrac": float(np.mean(cfs)),
+               "response_length": float(rmask.sum(1).mean())}
+        if not all(np.isfinite(v) for v in row.values()):
+            raise NumericalError(f"iteration {it}: non-finite metrics {row}")
+        history.append(row)
+        ctx.metric(**row)
+        done = it + 1
+        if done % gc.ckpt_every == 0 and done < gc.iterations and ctx.dist.is_main:
+            save_training_state(ckpts, done, models, trainers, {"history": history, "experience": experience_ids})
+            ctx.log(f"checkpoint at iteration {done}")
+
+    if not ctx.dist.is_main:
+        return
+    policy.set_train(False)
+    after = {"train": accuracy(ctx, policy, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
+             "heldout_greedy": accuracy(ctx, policy, heldout, reward_fn, tok, n_eval, True, 0),
+             "heldout": accuracy(ctx, policy, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8)}
+    ctx.log(f"GRPO policy: reward/accuracy {after}")
+    metrics = {"accuracy_sft": before["heldout"][1], "accuracy_grpo": after["heldout"][1],
+               "accuracy_greedy_sft": before["heldout_greedy"][1], "accuracy_greedy_grpo": after["heldout_greedy"][1],
+               "train_prompts_accuracy_sft": before["train"][1], "train_prompts_accuracy_grpo": after["train"][1],
+               "reward_sft": before["heldout"][0], "reward_grpo": after["heldout"][0], "iterations": gc.iterations}
+    mart = publish_metrics(ctx, history, ["reward_mean", "accuracy", "kl", "loss"], parents=sorted(set(experience_ids)))
+    parents = [ctx.inputs["prompts"], ctx.inputs["heldout"], ctx.inputs["sft"], mart.id]
+    art = ctx.store.write_checkpoint(state_dict(policy), name=f"{cfg.name}-grpo", parents=parents,
+                                     meta={"stage": "grpo", "model": cfg.to_dict()["model"], "metrics": metrics,
+                                           "reward": gc.reward, "experience": experience_ids})
+    ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history)
+
+
+if __name__ == "__main__":
+    stage_main("grpo", run)

@@ -1,0 +1,203 @@
+"""PPO stage (InstructGPT / MindRLHF loop): ``python -m mindrlhf.stages.ppo --spec S --out O``.
+
+Inputs: ``prompts`` / ``heldout`` prompt datasets, ``sft`` (actor and frozen reference) and ``rm``
+(frozen reward model, and the critic's initialisation). Each iteration:
+
+1. make_experience: sample responses from the actor with the KV cache; log-probs of actor and
+   reference; critic values; reward-model score (standardised, clipped); per-token KL penalty;
+   GAE advantages (whitened) and returns. The rollout is written as an Arrow dataset in the store
+   before any update, and its id recorded in the run directory, so a crashed update resumes
+   from the same rollout without sampling again.
+2. ``ppo_epochs`` passes of clipped policy and clipped value updates over mini-batches.
+3. The KL controller (adaptive or fixed) moves the penalty coefficient.
+
+At the end the held-out prompts are sampled from the SFT policy and from the PPO policy with the
+same seed and scored by the reward model: the figures the pipeline reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from ..algos.common import entropy_from_logits, masked_mean, token_logprobs
+from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, policy_loss,
+                         value_loss, whiten)
+from ..data.store import atomic_write_bytes
+from ..data.tokenizer import load_tokenizer
+from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
+from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
+                     save_training_state, shard, stage_main)
+from .metrics import publish_metrics
+from .rm import load_reward_model, score_sequences
+from .rollout import (decode_responses, experience_table, response_logprobs, response_values, rollout_config,
+                      sample, score_mask, table_arrays)
+
+
+def load_policy(store, ckpt_id: str, model_cfg, train: bool) -> CausalLM:
+    m = CausalLM(model_cfg, seed=0)
+    load_state_dict(m, store.read_checkpoint(ckpt_id), source=f"policy {ckpt_id[:12]}")
+    m.set_train(train)
+    return m
+
+
+def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, seed: int) -> dict:
+    """Mean RM score of each policy's samples on the same held-out prompts and seed, and the
+    KL (sum over response tokens of log pi - log pi_ref) of each policy from the first one."""
+    from mindspore import Tensor
+
+    rows = prompts.column("prompt_ids").to_pylist()[:n]
+    ref = next(iter(policies.values()))
+    out = {}
+    for name, pol in policies.items():
+        scores, kls, lens, texts = [], [], [], []
+        for s in range(0, len(rows), 32):
+            g = sample(pol, rows[s:s + 32], rollout_config(ctx.cfg.generation), tok, seed=seed + s)
+            scores.append(score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm))
+            seq, am = Tensor(g.sequences), Tensor(g.attention_mask)
+            lp = response_logprobs(pol, seq, am, g.prompt_len).asnumpy()
+            lr = response_logprobs(ref, seq, am, g.prompt_len).asnumpy()
+            kls.append(((lp - lr) * g.response_mask).sum(1))
+            lens.append(g.response_mask.sum(1))
+            texts += decode_responses(g, tok)[:2] if s == 0 else []
+        out[name] = {"score": float(np.concatenate(scores).mean()), "kl": float(np.concatenate(kls).mean()),
+                     "length": float(np.concatenate(lens).mean()), "samples": texts}
+    return out
+
+
+def run(ctx: StageContext) -> None:
+    from mindspore import Tensor
+
+    cfg, pc = ctx.cfg, ctx.cfg.ppo
+    tok = load_tokenizer(cfg.tokenizer.kind)
+    prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
+    heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
+    prompt_rows = prompts.column("prompt_ids").to_pylist()
+    actor = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True)
+    ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
+    reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
+    critic = ScalarHeadModel(cfg.model, seed=0)
+    load_state_dict(critic, ctx.store.read_checkpoint(ctx.inputs["rm"]), source="critic init")
+
+    def actor_loss(seq, am, old_lp, adv, mask, p):
+        logits, _ = actor(seq, am)
+        logits = logits[:, p - 1:-1]
+        lp = token_logprobs(logits, seq[:, p:])
+        loss, clipfrac, approx_kl = policy_loss(lp, old_lp, adv, mask, pc.clip_range)
+        ent = masked_mean(entropy_from_logits(logits), mask)
+        if pc.entropy_coef:
+            loss = loss - pc.entropy_coef * ent
+        return loss, clipfrac, approx_kl, ent
+
+    def critic_loss(seq, am, old_v, ret, mask, p):
+        v = response_values(critic, seq, am, p)
+        return value_loss(v, old_v, ret, mask, pc.clip_range_value)
+
+    updates = pc.iterations * pc.ppo_epochs * (pc.rollout_batch // pc.mini_batch)
+    t_actor = Trainer(actor.trainable_params(), actor_loss, pc, ctx.dist, updates)
+    critic_opt = dataclasses.replace(pc, lr=pc.critic_lr)
+    t_critic = Trainer(critic.trainable_params(), critic_loss, critic_opt, ctx.dist, updates)
+    kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
+              else FixedKLController(pc.kl_coef))
+    ckpts = RunCheckpoints(ctx.run_dir)
+    models, trainers = {"actor": actor, "critic": critic}, {"actor": t_actor, "critic": t_critic}
+    start, state = resume_training_state(ctx, ckpts, models, trainers)
+    history, experience_ids = state.get("history", []), state.get("experience", [])
+    kl_ctl.value = state.get("kl_coef", kl_ctl.value)
+    rollout_cfg = rollout_config(cfg.generation)
+    exp_index = ctx.run_dir / f"experience-rank{ctx.dist.rank}.json"
+    recorded = json.loads(exp_index.read_text()) if exp_index.exists() else {}
+
+    for it in range(start, pc.iterations):
+        # ---- make_experience (or reuse the rollout a crashed attempt already wrote) --------------
+        if str(it) in recorded:
+            exp_id = recorded[str(it)]
+            ex = table_arrays(ctx.store.read_dataset(exp_id))
+            ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
+        else:
+            idx = shard(epoch_order(len(prompt_rows), it, pc.rollout_batch, cfg.seed + 3), ctx.dist)
+            actor.set_train(False)
+            g = sample(actor, [prompt_rows[i] for i in idx], rollout_cfg, tok,
+                       seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
+            seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+            rmask = g.response_mask.astype(np.float32)
+            old_lp = response_logprobs(actor, seq, am, p).asnumpy() * rmask
+            ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
+            values = response_values(critic, seq, am, p).asnumpy() * rmask
+            raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
+            score = np.clip(raw, -pc.score_clip, pc.score_clip)
+            rewards, kl = kl_penalized_rewards(score, old_lp, ref_lp, rmask, kl_ctl.value)
+            adv, ret = gae(rewards, values, rmask, pc.gamma, pc.lam)
+            if pc.whiten_advantages:
+                adv = whiten(adv, rmask)
+            table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "values": values,
+                                         "rewards": rewards, "advantages": adv, "returns": ret, "kl": kl,
+                                         "score": score})
+            art = ctx.store.write_dataset(
+                table, name=f"{cfg.name}-ppo-rollout-{it}",
+                parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
+                meta={"stage": "ppo", "iteration": it, "rank": ctx.dist.rank, "kl_coef": kl_ctl.value})
+            exp_id = art.id
+            recorded[str(it)] = exp_id
+            atomic_write_bytes(exp_index, json.dumps(recorded).encode())
+            ex = table_arrays(table)
+        experience_ids.append(exp_id)
+
+        # ---- PPO epochs --------------------------------------------------------------------------
+        actor.set_train(True)
+        seqs, am, p = ex["sequence"], ex["attention_mask"], int(ex["prompt_len"][0])
+        rmask = ex["response_mask"].astype(np.float32)
+        stats = {"pg_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "vf_loss": [], "vf_clipfrac": []}
+        n = len(seqs)
+        mb = pc.mini_batch // ctx.dist.size
+        for epoch in range(pc.ppo_epochs):
+            order = np.random.default_rng([cfg.seed, it, epoch]).permutation(n)
+            for s in range(0, n - mb + 1, mb):
+                b = order[s:s + mb]
+                args = (Tensor(seqs[b]), Tensor(am[b]))
+                pl, _, (cf, ak, ent) = t_actor.step(*args, Tensor(ex["logprobs"][b]), Tensor(ex["advantages"][b]),
+                                                    Tensor(rmask[b]), p)
+                vl, _, vcf = t_critic.step(*args, Tensor(ex["values"][b]), Tensor(ex["returns"][b]),
+                                           Tensor(rmask[b]), p)
+                for k, v in (("pg_loss", pl), ("clipfrac", cf), ("approx_kl", ak), ("entropy", ent),
+                             ("vf_loss", vl), ("vf_clipfrac", vcf)):
+                    stats[k].append(float(v if isinstance(v, float) else v.asnumpy()))
+        seq_kl = float(ex["kl"].sum(1).mean())
+        kl_ctl.update(seq_kl, n * ctx.dist.size)
+        row = {"step": it + 1, "reward_mean": float(ex["score"].mean()), "kl": seq_kl,
+               "kl_coef": kl_ctl.value, "response_length": float(rmask.sum(1).mean()),
+               **{k: float(np.mean(v)) for k, v in stats.items()}}
+        if not all(np.isfinite(v) for v in row.values()):
+            raise NumericalError(f"iteration {it}: non-finite metrics {row}")
+        history.append(row)
+        ctx.metric(**row)
+        done = it + 1
+        if done % pc.ckpt_every == 0 and done < pc.iterations and ctx.dist.is_main:
+            save_training_state(ckpts, done, models, trainers,
+                                {"history": history, "experience": experience_ids, "kl_coef": kl_ctl.value})
+            ctx.log(f"checkpoint at iteration {done}")
+
+    if not ctx.dist.is_main:
+        return
+    actor.set_train(False)
+    ev = evaluate_policies(ctx, {"sft": ref, "ppo": actor}, reward, norm, heldout, tok, pc.eval_prompts,
+                           seed=cfg.seed + 99)
+    for name, e in ev.items():
+        ctx.log(f"held-out {name}: rm score {e['score']:.3f}  kl {e['kl']:.3f}  length {e['length']:.1f}  "
+                f"e.g. {e['samples'][:1]}")
+    metrics = {"heldout_score_sft": ev["sft"]["score"], "heldout_score_ppo": ev["ppo"]["score"],
+               "heldout_kl_ppo": ev["ppo"]["kl"], "iterations": pc.iterations,
+               "final_kl_coef": kl_ctl.value}
+    mart = publish_metrics(ctx, history, ["reward_mean", "kl", "entropy", "vf_loss"],
+                           parents=sorted(set(experience_ids)))
+    art = ctx.store.write_checkpoint(
+        state_dict(actor), name=f"{cfg.name}-ppo",
+        parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"], mart.id],
+        meta={"stage": "ppo", "model": cfg.to_dict()["model"], "metrics": metrics, "eval": ev,
+              "experience": experience_ids})
+    ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)
+
+
+if __name__ == "__main__":
+    stage_main("ppo", run)

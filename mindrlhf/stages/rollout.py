@@ -1,0 +1,77 @@
+"""Rollout helpers shared by PPO, GRPO and online DPO: sample responses with the KV cache and
+score them token by token with the policy, the reference and the critic."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ..algos.common import token_logprobs
+from ..config import GenerationConfig
+from ..models.generation import Generation, generate, left_pad
+
+F32 = pa.list_(pa.float32())
+I32 = pa.list_(pa.int32())
+I8 = pa.list_(pa.int8())
+
+
+def rollout_config(gen_cfg, temperature: float = 1.0, max_new_tokens: int | None = None) -> GenerationConfig:
+    """Sampling for RL: the policy's own distribution at ``temperature``, no top-k/top-p
+    truncation, so the log-probs the losses use are those of the tokens' true sampling law."""
+    return GenerationConfig(max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens, do_sample=True,
+                            temperature=temperature, top_k=0, top_p=1.0)
+
+
+def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int) -> Generation:
+    ids, mask = left_pad(prompt_rows, tok.pad_id)
+    return generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True)
+
+
+def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0):
+    """Log-probs of the response tokens seq[:, P:] under ``model`` (Tensors in, (B, N) Tensor out)."""
+    logits, _ = model(seq, mask)
+    logits = logits[:, prompt_len - 1:-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, seq[:, prompt_len:])
+
+
+def response_values(critic, seq, mask, prompt_len: int):
+    """Critic value of the state before each response token: positions P-1 .. P+N-2."""
+    return critic(seq, mask)[:, prompt_len - 1:-1]
+
+
+def score_mask(g: Generation, eos_id: int) -> np.ndarray:
+    """Attention mask for reward scoring: eos and padding excluded, the last content token read."""
+    m = g.attention_mask.copy()
+    m[:, g.prompt_len:][g.responses == eos_id] = 0
+    return m
+
+
+def decode_responses(g: Generation, tok) -> list[str]:
+    return [tok.decode(r[m > 0]) for r, m in zip(g.responses, g.response_mask)]
+
+
+def experience_table(g: Generation, cols: dict[str, np.ndarray]) -> pa.Table:
+    """One row per sample: the full sequence and masks plus per-token (B, N) and per-sample (B,)
+    arrays, so a rollout can be inspected or replayed without sampling again."""
+    out = {"sequence": pa.array(g.sequences.tolist(), I32),
+           "attention_mask": pa.array(g.attention_mask.astype(np.int8).tolist(), I8),
+           "response_mask": pa.array(g.response_mask.astype(np.int8).tolist(), I8),
+           "prompt_len": pa.array([g.prompt_len] * len(g.sequences), pa.int32())}
+    for k, v in cols.items():
+        v = np.asarray(v)
+        out[k] = pa.array(v.astype(np.float32).tolist(), F32) if v.ndim == 2 else pa.array(v.astype(np.float32))
+    return pa.table(out)
+
+
+def table_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """Inverse of :func:`experience_table` (rows of one rollout share their lengths)."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_list(col.type):
+            out[name] = np.array(col.to_pylist(), dtype=np.int32 if name == "sequence" else
+                                 (np.int32 if col.type.value_type == pa.int8() else np.float32))
+        else:
+            out[name] = col.to_numpy()
+    return out
