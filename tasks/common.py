@@ -16,7 +16,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mindrlhf.config import Config, from_dict
-from mindrlhf.data.store import ArtifactStore
+from mindrlhf.data.store import ArtifactStore, atomic_write_bytes
 from mindrlhf.launch import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +55,34 @@ def stage_key(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _index_path(root: str, base: str) -> Path:
+    return Path(root) / "cache" / f"{base}.json"
+
+
+def cache_generation(root: str, base: str) -> int:
+    """Which generation of this stage's outputs the cache may serve. A task's cached result is
+    only worth serving while the artifacts it names are present and intact; when one is missing
+    or fails its sha256 check the generation moves on, the cache misses and the stage rebuilds."""
+    idx = _index_path(root, base)
+    if not idx.exists():
+        return 0
+    rec = json.loads(idx.read_text())
+    store = ArtifactStore(root)
+    ok = all(store.is_valid(i) for i in rec["outputs"].values() if isinstance(i, str))
+    return rec["gen"] if ok else rec["gen"] + 1
+
+
+def full_key(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> tuple[str, str, int]:
+    root = str(Path(cfg_dict["store"]["root"]).resolve())
+    base = stage_key(stage, cfg_dict, inputs, extra)
+    gen = cache_generation(root, base)
+    key = hashlib.sha256(f"{base}|{root}|{gen}".encode()).hexdigest()
+    return base, key, gen
+
+
 def cache_key_fn(context, parameters) -> str:
-    return stage_key(parameters["stage"], parameters["cfg_dict"], parameters.get("inputs") or {},
-                     parameters.get("extra", ""))
+    return full_key(parameters["stage"], parameters["cfg_dict"], parameters.get("inputs") or {},
+                    parameters.get("extra", ""))[1]
 
 
 def run_dir_for(cfg: Config, key: str, stage: str) -> Path:
@@ -68,8 +93,10 @@ def execute(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> dict:
     """Body of every stage task: launch the stage process, stream its lines into Prefect's log."""
     logger = get_run_logger()
     cfg = from_dict(cfg_dict, "<flow config>")
-    key = stage_key(stage, cfg_dict, inputs, extra)
-    result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir_for(cfg, key, stage), log=logger.info)
+    base, _, gen = full_key(stage, cfg_dict, inputs, extra)
+    result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir_for(cfg, base, stage), log=logger.info)
+    atomic_write_bytes(_index_path(str(Path(cfg.store.root).resolve()), base),
+                       json.dumps({"gen": gen, "outputs": result.get("outputs", {})}).encode())
     publish_prefect_artifacts(stage, cfg, result)
     return result
 
@@ -86,7 +113,7 @@ def publish_prefect_artifacts(stage: str, cfg: Config, result: dict) -> None:
         art = ArtifactStore(cfg.store.root).get(metrics_id)
         png = base64.b64encode(art.file("plot.png").read_bytes()).decode()
         md += f"\n![{stage} metrics](data:image/png;base64,{png})\n"
-    create_markdown_artifact(key=f"{stage}-summary", description=f"{stage} stage figures", markdown=md)
+    create_markdown_artifact(key=f"{stage.replace('_', '-')}-summary", description=f"{stage} stage figures", markdown=md)
     if result.get("history"):
-        create_table_artifact(key=f"{stage}-history", table=result["history"],
+        create_table_artifact(key=f"{stage.replace('_', '-')}-history", table=result["history"],
                               description=f"{stage} per-step metrics")

@@ -50,3 +50,19 @@ def tiny_overrides(root, **sft):
         "generation": {"max_new_tokens": 6},
         "pipeline": {"stages": ["prepare", "sft"]},
     }
+
+
+def tiny_full_overrides(root):
+    """Every stage, each a few steps: the whole chain in a couple of minutes."""
+    o = tiny_overrides(root)
+    o.update({
+        "pipeline": {"stages": ["prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo"]},
+        "rm": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2},
+        "ppo": {"iterations": 2, "rollout_batch": 8, "mini_batch": 4, "ppo_epochs": 1, "ckpt_every": 1,
+                "eval_prompts": 8},
+        "grpo": {"iterations": 2, "prompts_per_iter": 2, "group_size": 4, "mini_batch": 4, "ckpt_every": 1,
+                 "eval_prompts": 8, "max_new_tokens": 4},
+        "dpo": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2},
+        "online_dpo": {"rounds": 2, "prompts_per_round": 8, "steps_per_round": 2, "eval_prompts": 8},
+    })
+    return o

@@ -159,6 +159,8 @@ class ArtifactStore:
         atomic_write_bytes(staging.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         fsync_dir(staging.path)
         dest = self.objects / art_id
+        if dest.exists() and not self.is_valid(art_id):
+            self.remove(art_id)  # a corrupt copy of this very content: replace it
         if dest.exists():  # same content already stored: keep the existing one
             self.discard(staging)
         else:
