@@ -2,7 +2,8 @@
 
 One worker: ``python -m mindrlhf.stages.<stage> --spec S --out O``. More workers: MindSpore's own
 launcher, ``msrun --worker_num=N --local_worker_num=M ... mindrlhf/stages/<stage>.py --spec S --out O``;
-msrun writes each worker's output to ``<log_dir>/worker_<i>.log``, and rank 0's log is streamed.
+msrun writes each worker's output to ``<log_dir>/worker_<i>.log`` and echoes rank 0's on stdout,
+which is streamed.
 """
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 from .config import Config, ParallelConfig
 from .data.store import atomic_write_bytes
 
-STAGES_DIR = Path(__file__).parent / "stages"
+ENTRY = Path(__file__).parent / "stage_entry.py"
 
 
 class StageFailed(RuntimeError):
@@ -46,30 +45,7 @@ def stage_command(stage: str, spec: Path, out: Path, parallel: ParallelConfig, r
     return [msrun_bin(), f"--worker_num={parallel.worker_num}", f"--local_worker_num={parallel.local_worker_num}",
             f"--master_addr={parallel.master_addr}", f"--master_port={parallel.master_port}",
             f"--node_rank={parallel.node_rank}", f"--log_dir={log_dir}", "--join=True",
-            f"--cluster_time_out={parallel.cluster_time_out}", str(STAGES_DIR / f"{stage}.py"), *args]
-
-
-def _follow(path: Path, emit: Callable[[str], None], stop: threading.Event) -> None:
-    """Emit lines appended to ``path`` until ``stop`` is set and the file is drained."""
-    while not path.exists() and not stop.is_set():
-        time.sleep(0.2)
-    if not path.exists():
-        return
-    with open(path, "r", errors="replace") as f:
-        buf = ""
-        while True:
-            chunk = f.read()
-            if chunk:
-                buf += chunk
-                *lines, buf = buf.split("\n")
-                for ln in lines:
-                    emit(ln)
-            elif stop.is_set():
-                if buf:
-                    emit(buf)
-                return
-            else:
-                time.sleep(0.2)
+            f"--cluster_time_out={parallel.cluster_time_out}", str(ENTRY), stage, *args]
 
 
 def run_stage(stage: str, cfg: Config, inputs: dict, store_root: str | Path, run_dir: str | Path,
@@ -87,6 +63,8 @@ def run_stage(stage: str, cfg: Config, inputs: dict, store_root: str | Path, run
     cmd = stage_command(stage, spec_path, out_path, cfg.parallel, run_dir)
     log("launch: " + " ".join(cmd))
     penv = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOG_v": os.environ.get("GLOG_v", "3"), **(env or {})}
+    # msrun starts workers with the `python` on PATH: make it this interpreter
+    penv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), penv.get("PATH", "")])
     tail: list[str] = []
 
     def emit(line: str) -> None:
@@ -98,15 +76,7 @@ def run_stage(stage: str, cfg: Config, inputs: dict, store_root: str | Path, run
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=penv,
                             errors="replace")
-    follower = None
-    if cfg.parallel.worker_num > 1:
-        stop = threading.Event()
-        worker0 = msrun_log_dir(cfg.parallel, run_dir) / "worker_0.log"
-        if worker0.exists():
-            worker0.unlink()  # a retry must not replay the previous attempt's log
-        follower = threading.Thread(target=_follow, args=(worker0, emit, stop), daemon=True)
-        follower.start()
-    try:
+    try:  # under msrun --join, msrun itself echoes rank 0's log on stdout
         for line in proc.stdout:
             emit(line)
         rc = proc.wait()
@@ -114,10 +84,6 @@ def run_stage(stage: str, cfg: Config, inputs: dict, store_root: str | Path, run
         proc.kill()
         proc.wait()
         raise
-    finally:
-        if follower is not None:
-            stop.set()
-            follower.join(timeout=5)
     if rc != 0 or not out_path.exists():
         raise StageFailed(stage, rc if rc != 0 else -1, tail)
     return json.loads(out_path.read_text())

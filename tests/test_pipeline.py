@@ -56,7 +56,7 @@ def test_msrun_command():
     for flag in ("--worker_num=4", "--local_worker_num=2", "--master_addr=10.0.0.1", "--master_port=9000",
                  "--node_rank=1", "--log_dir=/runs/x/msrun_log", "--join=True"):
         assert flag in cmd
-    assert cmd[-5].endswith("mindrlhf/stages/sft.py") and cmd[-4:] == ["--spec", "s.json", "--out", "o.json"]
+    assert cmd[-6].endswith("mindrlhf/stage_entry.py") and cmd[-5:] == ["sft", "--spec", "s.json", "--out", "o.json"]
     single = stage_command("sft", Path("s.json"), Path("o.json"), ParallelConfig(), Path("/r"))
     assert single[1:3] == ["-m", "mindrlhf.stages.sft"]
 

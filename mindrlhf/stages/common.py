@@ -181,6 +181,10 @@ class Trainer:
         self.grad_fn = ms.value_and_grad(loss_fn, None, self.opt.parameters, has_aux=True)
         self.reducer = nn.DistributedGradReducer(self.opt.parameters, mean=True, degree=dist.size) \
             if dist.size > 1 else None
+        if dist.size > 1:
+            from mindspore import ops
+
+            self.allreduce, self.size = ops.AllReduce(), dist.size
         self.step_num = 0
 
     def lr_at(self, step: int) -> float:
@@ -199,6 +203,7 @@ class Trainer:
         aux = aux[0] if len(aux) == 1 else aux
         if self.reducer is not None:
             grads = self.reducer(grads)
+            loss = self.allreduce(loss) / self.size  # report the global mean, the same on every rank
         loss_v = float(loss.asnumpy())
         gnorm = float(np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads)))
         if not (math.isfinite(loss_v) and math.isfinite(gnorm)):

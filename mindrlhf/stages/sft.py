@@ -57,9 +57,9 @@ def run(ctx: StageContext) -> None:
         load_state_dict(model, ctx.store.read_checkpoint(ctx.inputs["init"]), source=ctx.inputs["init"][:12])
         parents.append(ctx.inputs["init"])
 
-    def loss_fn(input_ids, attention_mask, loss_mask):
+    def loss_fn(input_ids, attention_mask, loss_mask, denom):
         logits, _ = model(input_ids, attention_mask)
-        loss = sft_loss(logits, input_ids, loss_mask)
+        loss = sft_loss(logits, input_ids, loss_mask, denom)
         return loss, loss
 
     trainer = Trainer(model.trainable_params(), loss_fn, sc, ctx.dist, sc.steps)
@@ -75,9 +75,12 @@ def run(ctx: StageContext) -> None:
     model.set_train(True)
     window = []
     for step in range(start, sc.steps):
-        idx = shard(epoch_order(train.num_rows, step, sc.batch_size, cfg.seed), ctx.dist)
-        bt = sft_batch(train, idx, tok.pad_id)
-        loss, gnorm, _ = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]))
+        global_idx = epoch_order(train.num_rows, step, sc.batch_size, cfg.seed)
+        bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id)
+        tokens = sum(sum(m[1:]) for m in train.column("loss_mask").take(global_idx).to_pylist())
+        denom = Tensor(np.float32(max(tokens, 1) / ctx.dist.size))
+        loss, gnorm, _ = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]),
+                                      denom)
         window.append(loss)
         done = step + 1
         if done % sc.log_every == 0 or done == sc.steps:
