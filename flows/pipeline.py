@@ -15,14 +15,19 @@ import json
 from prefect import flow, get_run_logger
 
 from mindrlhf.config import load_config
+from tasks.assets import record_lineage
 from tasks.stages import (dpo_task, grpo_task, online_dpo_task, ppo_task, prepare_task, reflogp_task, rm_task,
                           sft_task)
 
 
-def call(task, *args) -> tuple[dict, str]:
-    """Run a task; return its result and its final state's name (Completed / Cached)."""
-    state = task(*args, return_state=True)
-    return state.result(), state.name
+def call(task, stage: str, c: dict, inputs: dict | None = None) -> tuple[dict, str]:
+    """Run a stage task, record its outputs as Prefect assets (inputs upstream); return the
+    result and the task's final state name (Completed / Cached)."""
+    state = task(stage, c, inputs, return_state=True)
+    result = state.result()
+    record_lineage(stage, c["store"]["root"], result.get("outputs", {}), inputs or {},
+                   result.get("sources", []))
+    return result, state.name
 
 
 def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, states: dict) -> dict:

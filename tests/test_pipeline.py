@@ -49,6 +49,35 @@ def test_cached_rerun_and_selective_invalidation(prefect_server, tmp_path):
     assert changed["sft"]["checkpoint"] != first["sft"]["checkpoint"]
 
 
+def key(kind, art_id):
+    return f"mindrlhf://{kind}/{art_id}"
+
+
+def asset_edges(ready, timeout=60) -> dict[str, set[str]]:
+    """asset key -> keys of its upstream assets, from the materialization events on the server."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    deadline, edges = time.time() + timeout, {}
+    while time.time() < deadline:
+        r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={
+            "filter": {"event": {"prefix": ["prefect.asset.materialization.succeeded"]}}, "limit": 50})
+        edges = {}
+        while True:
+            r.raise_for_status()
+            page = r.json()
+            for e in page["events"]:
+                ups = {x["prefect.resource.id"] for x in e["related"] if x.get("prefect.resource.role") == "asset"}
+                edges.setdefault(e["resource"]["prefect.resource.id"], set()).update(ups)
+            if not page.get("next_page"):
+                break
+            r = httpx.get(page["next_page"])
+        if ready(edges):
+            return edges
+        time.sleep(1)
+    return edges
+
+
 def test_msrun_command():
     p = ParallelConfig(worker_num=4, local_worker_num=2, master_addr="10.0.0.1", master_port=9000, node_rank=1)
     cmd = stage_command("sft", Path("s.json"), Path("o.json"), p, Path("/runs/x"))
@@ -89,6 +118,14 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert rollouts and all(store.get(r).name.startswith("tiny-ppo-rollout-") for r in rollouts)
     assert store.read_dataset(rollouts[0]).column_names[:4] == ["sequence", "attention_mask", "response_mask",
                                                                 "prompt_len"]
+    # the same lineage as Prefect assets, read back from the server's API
+    edges = asset_edges(lambda e: len(e) >= 10 and key("checkpoint", ppo) in e)
+    assert {key("checkpoint", rm), key("checkpoint", sft)} <= edges[key("checkpoint", ppo)]
+    assert key("checkpoint", sft) in edges[key("checkpoint", rm)]
+    assert key("dataset", s["datasets"]["sft_train"]) in edges[key("checkpoint", sft)]
+    assert "pypi://vaderSentiment/3.3.2" in edges[key("dataset", s["datasets"]["sft_train"])]
+    assert key("checkpoint", sft) in edges[key("checkpoint", s["dpo"]["checkpoint"])]
+
     again = rlhf_pipeline("demo", over)
     assert set(again["states"].values()) == {"Cached"}
     over["dpo"]["beta"] = 0.5  # only DPO re-runs; its reference log-probs stay cached

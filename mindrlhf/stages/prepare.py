@@ -58,7 +58,8 @@ def run(ctx: StageContext) -> None:
         for recipe_name, text_id in by_kind.get(f"prompts_{split}", []):
             tokenized("prompts", split, lambda t, tk, mp, ml: tokenize_prompts(t, tk, mp),
                       f"prompts_{recipe_name}_{split}", [(recipe_name, text_id)])
-    ctx.finish(outputs, {f"rows_{k}": v for k, v in counts.items()})
+    ctx.finish(outputs, {f"rows_{k}": v for k, v in counts.items()},
+               sources=sorted({k for n in dc.recipes for k in load_recipe(n).SOURCES} | {"gpt2-bpe"}))
 
 
 if __name__ == "__main__":
