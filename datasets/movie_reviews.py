@@ -17,6 +17,7 @@ sentences that no training table contains.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +51,7 @@ def parse(raw: bytes, source: str) -> list[dict]:
             r = float(rating)
         except ValueError:
             raise DataError(f"{source}: row {n}: field 'rating': {rating!r} is not a number") from None
-        if not -4.0 <= r <= 4.0:
+        if not math.isfinite(r) or not -4.0 <= r <= 4.0:
             raise DataError(f"{source}: row {n}: field 'rating': {r} outside -4..4")
         sentence = " ".join(sentence.replace("''", '"').split())
         if not sentence:

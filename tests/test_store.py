@@ -66,3 +66,23 @@ def test_failed_write_leaves_nothing_visible(store):
     with pytest.raises(Exception):
         store.write_dataset(BadTable(), name="bad")
     assert not list(store.objects.iterdir()) and not list(store.tmp.iterdir())
+
+
+def test_disk_full_during_checkpoint_write_leaves_store_consistent(store, monkeypatch):
+    import errno
+
+    import safetensors.numpy as stn
+
+    good = store.write_checkpoint({"w": np.ones(3, np.float32)}, name="ck")
+
+    def full_disk(tensors, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 10)  # a partial file, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stn, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.write_checkpoint({"w": np.zeros(3, np.float32)}, name="ck")
+    assert [p.name for p in store.objects.iterdir()] == [good.id]
+    assert not list(store.tmp.iterdir())
+    assert store.resolve("ck") == good.id and store.is_valid(good.id)

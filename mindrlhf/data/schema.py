@@ -20,6 +20,19 @@ SCHEMAS: dict[str, dict[str, str]] = {
 }
 
 
+def check_row(row: dict, schema: str | dict[str, str], where: str, max_chars: int = 20000) -> None:
+    """One row; ``where`` names its file and row in the error."""
+    spec = SCHEMAS[schema] if isinstance(schema, str) else schema
+    for col, kind in spec.items():
+        if col not in row:
+            raise DataError(f"{where}: field {col!r}: missing")
+        err = _check(row[col], kind, max_chars)
+        if err:
+            raise DataError(f"{where}: field {col!r}: {err}")
+    if "chosen" in spec and "rejected" in spec and row["chosen"].strip() == row["rejected"].strip():
+        raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
+
+
 def validate_table(table: pa.Table, schema: str | dict[str, str], source: str,
                    max_chars: int = 20000) -> None:
     spec = SCHEMAS[schema] if isinstance(schema, str) else schema
@@ -28,15 +41,8 @@ def validate_table(table: pa.Table, schema: str | dict[str, str], source: str,
         raise DataError(f"{source}: missing column(s) {missing}; has {table.column_names}")
     if table.num_rows == 0:
         raise DataError(f"{source}: no rows")
-    for col, kind in spec.items():
-        for i, v in enumerate(table.column(col).to_pylist()):
-            err = _check(v, kind, max_chars)
-            if err:
-                raise DataError(f"{source}: row {i}: field {col!r}: {err}")
-    if schema == "pairs_text":
-        for i, (c, r) in enumerate(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist())):
-            if c.strip() == r.strip():
-                raise DataError(f"{source}: row {i}: field 'rejected': identical to 'chosen'")
+    for i, row in enumerate(table.select(list(spec)).to_pylist()):
+        check_row(row, spec, f"{source}: row {i}", max_chars)
 
 
 def _check(v, kind: str, max_chars: int) -> str | None:
