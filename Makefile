@@ -10,7 +10,11 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_API_HOST ?= 127.0.0.1
 export GLOG_v ?= 3
 
-.PHONY: demo test fetch setup clean
+export MINDRLHF_REPO := $(CURDIR)
+PREFECT_PORT ?= 4200
+POOL := mindrlhf-local
+
+.PHONY: demo test fetch setup clean ui deploy
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +32,20 @@ demo: fetch
 
 test: fetch
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The Prefect server on 127.0.0.1 (SQLite under .prefect/) plus a worker serving the deployments.
+# Open http://127.0.0.1:$(PREFECT_PORT) ; Assets shows the lineage graph, Runs the flow runs.
+ui: fetch
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
+	  until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do sleep 1; done; \
+	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(MAKE) --no-print-directory deploy && \
+	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect worker start --pool $(POOL)
+
+# Register deployments/prefect.yaml against the server at PREFECT_API_URL (default: the local one).
+deploy: fetch
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} sh -c '\
+	  $(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process; \
+	  $(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml'
 
 clean:
 	rm -rf artifacts .prefect

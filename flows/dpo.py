@@ -1,0 +1,36 @@
+"""DPO only: prepare -> sft -> reference log-probs -> dpo, for users who want preference
+optimisation without a reward model. The same cached tasks as the full pipeline, so a DPO run
+after a pipeline run reuses its prepared data, SFT checkpoint and reference log-probs."""
+from __future__ import annotations
+
+import json
+
+from prefect import flow, get_run_logger
+
+from flows.pipeline import call, run_dpo_branch
+from mindrlhf.config import load_config
+from tasks.stages import prepare_task, sft_task
+
+
+@flow(name="dpo-only", log_prints=True)
+def dpo_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
+    cfg = load_config(config, overrides)
+    c = cfg.to_dict()
+    states: dict[str, str] = {}
+    data, states["prepare"] = call(prepare_task, "prepare", c)
+    d = data["outputs"]
+    sft, states["sft"] = call(sft_task, "sft", c, {"train": d["sft_train"], "heldout": d["sft_heldout"]})
+    sft_ckpt = sft["outputs"]["checkpoint"]
+    summary = {"states": states, "store_root": cfg.store.root,
+               "sft": {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", [])},
+               "dpo": run_dpo_branch(c, d, sft_ckpt, states)}
+    get_run_logger().info("dpo summary:\n" + json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    from mindrlhf.report import format_summary
+
+    print(format_summary(dpo_pipeline(sys.argv[1] if len(sys.argv) > 1 else "demo")))
