@@ -284,19 +284,52 @@ class GenerationConfig:
 
 @dataclass
 class ParallelConfig:
-    worker_num: int = 1  # total processes across all nodes
+    """How a stage process is launched (msrun) and how MindSpore splits the work.
+
+    ``mode: data_parallel`` (CPU and NPU): every worker holds the whole model and gradients are
+    all-reduced. ``mode: semi_auto`` (Ascend, graph mode): data_parallel x model_parallel x
+    pipeline_stages must equal worker_num; weights of the attention and MLP matmuls are sharded
+    model_parallel ways, layers split into pipeline stages, optimizer state sharded across data
+    parallel ranks (``optimizer_shard``), activations recomputed in backward (``recompute``)."""
+    worker_num: int = 1  # total processes (devices) across all nodes
     local_worker_num: int = 1  # processes on this node
     master_addr: str = "127.0.0.1"
     master_port: int = 8118
     node_rank: int = 0
     log_dir: str = "msrun_log"
     cluster_time_out: int = 600
+    mode: Literal["data_parallel", "semi_auto"] = "data_parallel"
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stages: int = 1
+    micro_batches: int = 1
+    optimizer_shard: bool = False
+    recompute: bool = False
 
     def validate(self):
         _positive(self.worker_num, "worker_num")
         _positive(self.local_worker_num, "local_worker_num")
         if self.local_worker_num > self.worker_num:
             raise ValueError("local_worker_num must be <= worker_num")
+        if self.worker_num % self.local_worker_num:
+            raise ValueError(f"worker_num ({self.worker_num}) must be a multiple of local_worker_num "
+                             f"({self.local_worker_num}): every node runs the same number of workers")
+        if self.node_rank >= self.worker_num // self.local_worker_num:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below the node count "
+                             f"({self.worker_num // self.local_worker_num})")
+        for k in ("data_parallel", "model_parallel", "pipeline_stages", "micro_batches"):
+            _positive(getattr(self, k), k)
+        if self.mode == "semi_auto":
+            prod = self.data_parallel * self.model_parallel * self.pipeline_stages
+            if prod != self.worker_num:
+                raise ValueError(
+                    f"data_parallel ({self.data_parallel}) x model_parallel ({self.model_parallel}) x "
+                    f"pipeline_stages ({self.pipeline_stages}) = {prod} must equal worker_num ({self.worker_num})")
+            if self.pipeline_stages > 1 and self.micro_batches < self.pipeline_stages:
+                raise ValueError(f"micro_batches ({self.micro_batches}) must be >= pipeline_stages "
+                                 f"({self.pipeline_stages}) to keep every stage busy")
+        elif (self.model_parallel, self.pipeline_stages) != (1, 1):
+            raise ValueError("model_parallel and pipeline_stages need mode: semi_auto")
         if not 0 < self.master_port < 65536:
             raise ValueError(f"master_port must be a TCP port, got {self.master_port}")
         _non_negative(self.node_rank, "node_rank")
@@ -343,12 +376,23 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self):
-        w = self.parallel.worker_num
+        if self.parallel.mode == "semi_auto" and self.device_target != "Ascend":
+            raise ValueError("parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "
+                             "on CPU use data_parallel")
+        if self.parallel.mode == "semi_auto":
+            if self.model.n_heads % self.parallel.model_parallel or self.model.ffn_dim % self.parallel.model_parallel:
+                raise ValueError(f"model.n_heads ({self.model.n_heads}) and the FFN width ({self.model.ffn_dim}) "
+                                 f"must be divisible by parallel.model_parallel ({self.parallel.model_parallel})")
+            if self.model.n_layers % self.parallel.pipeline_stages:
+                raise ValueError(f"model.n_layers ({self.model.n_layers}) must be divisible by "
+                                 f"parallel.pipeline_stages ({self.parallel.pipeline_stages})")
+        w = self.parallel.worker_num if self.parallel.mode == "data_parallel" else self.parallel.data_parallel
         for key, batch in (("sft.batch_size", self.sft.batch_size), ("rm.batch_size", self.rm.batch_size),
                            ("ppo.mini_batch", self.ppo.mini_batch), ("grpo.mini_batch", self.grpo.mini_batch),
                            ("dpo.batch_size", self.dpo.batch_size)):
             if batch % w:
-                raise ValueError(f"{key} ({batch}) must be divisible by parallel.worker_num ({w})")
+                raise ValueError(f"{key} ({batch}) must be divisible by the data-parallel size "
+                                 f"(parallel.worker_num or parallel.data_parallel: {w})")
         if self.ppo.prompts not in self.data.recipes or self.grpo.prompts not in self.data.recipes:
             raise ValueError(f"ppo.prompts / grpo.prompts must be one of data.recipes {self.data.recipes}")
 

@@ -67,7 +67,7 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
     args = ap.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
     cfg = from_dict(spec["config"], spec.get("config_source", args.spec))
-    dist = init_runtime(cfg.device_target, cfg.seed) if mindspore else Dist()
+    dist = init_runtime(cfg.device_target, cfg.seed, cfg.parallel) if mindspore else Dist()
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name, cfg, spec.get("inputs", {}), ArtifactStore(spec["store_root"]), run_dir, dist,

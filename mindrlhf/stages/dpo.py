@@ -130,7 +130,7 @@ def run(ctx: StageContext) -> None:
     for name, t, r in (("train", train, ref_train), ("heldout", heldout, ref_heldout)):
         if t.num_rows != r.num_rows:
             raise ValueError(f"{name}: {t.num_rows} pairs but {r.num_rows} reference log-probs")
-    policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True)
+    policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     before = evaluate(policy, heldout, ref_heldout, tok.pad_id, dc)
     ctx.metric(step=0, **{f"heldout_{k}": v for k, v in before.items()})
     history = train_dpo(ctx, policy, train, ref_train, dc.steps, cfg.seed + 11, tok)

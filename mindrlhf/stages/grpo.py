@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> None:
     tok = load_tokenizer(cfg.tokenizer.kind)
     prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
-    policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True)
+    policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
     reward_fn = make_reward_fn(ctx, tok)
     gen = rollout_config(cfg.generation, max_new_tokens=gc.max_new_tokens)

@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> None:
     rnd = int(ctx.inputs["round"])
     tok = load_tokenizer(cfg.tokenizer.kind)
     prompts, heldout = ctx.store.read_dataset(ctx.inputs["prompts"]), ctx.store.read_dataset(ctx.inputs["heldout"])
-    policy = load_policy(ctx.store, ctx.inputs["policy"], cfg.model, train=False)
+    policy = load_policy(ctx.store, ctx.inputs["policy"], cfg.model, train=False, parallel=cfg.parallel)
     reference = load_policy(ctx.store, ctx.inputs["reference"], cfg.model, train=False)
     if oc.reward != "rm":
         raise ValueError("online_dpo.reward currently supports 'rm' (reward-model ranking)")

@@ -27,6 +27,7 @@ from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penali
 from ..data.store import atomic_write_bytes
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
+from ..parallel import apply_parallel
 from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
                      save_training_state, shard, stage_main)
 from .metrics import publish_metrics
@@ -35,8 +36,10 @@ from .rollout import (decode_responses, experience_table, response_logprobs, res
                       sample, score_mask, table_arrays)
 
 
-def load_policy(store, ckpt_id: str, model_cfg, train: bool) -> CausalLM:
+def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> CausalLM:
     m = CausalLM(model_cfg, seed=0)
+    if parallel is not None:
+        apply_parallel(m, parallel)
     load_state_dict(m, store.read_checkpoint(ckpt_id), source=f"policy {ckpt_id[:12]}")
     m.set_train(train)
     return m
@@ -74,10 +77,11 @@ def run(ctx: StageContext) -> None:
     prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     prompt_rows = prompts.column("prompt_ids").to_pylist()
-    actor = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True)
+    actor = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
     critic = ScalarHeadModel(cfg.model, seed=0)
+    apply_parallel(critic, cfg.parallel)
     load_state_dict(critic, ctx.store.read_checkpoint(ctx.inputs["rm"]), source="critic init")
 
     def actor_loss(seq, am, old_lp, adv, mask, p):

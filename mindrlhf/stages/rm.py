@@ -13,6 +13,7 @@ from ..algos.rm import bradley_terry_loss, gather_last
 from ..data.tokenize import pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import ScalarHeadModel, backbone_state, load_state_dict, state_dict
+from ..parallel import apply_parallel
 from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
                      save_training_state, shard, stage_main)
 
@@ -61,6 +62,7 @@ def run(ctx: StageContext) -> None:
     train = ctx.store.read_dataset(ctx.inputs["train"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     model = ScalarHeadModel(cfg.model, seed=cfg.seed + 1)
+    apply_parallel(model, cfg.parallel)
     sft = backbone_state(ctx.store.read_checkpoint(ctx.inputs["sft"]))
     missing = load_state_dict(model, sft, strict=False, source=f"sft {ctx.inputs['sft'][:12]}")
     if any(not m.startswith("score.") for m in missing):

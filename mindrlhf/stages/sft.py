@@ -15,6 +15,7 @@ from ..data.tokenize import sft_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, load_state_dict, state_dict
 from ..models.generation import generate, left_pad
+from ..parallel import apply_parallel
 from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
                      save_training_state, shard, stage_main)
 
@@ -52,6 +53,7 @@ def run(ctx: StageContext) -> None:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
 
     model = CausalLM(cfg.model, seed=cfg.seed)
+    apply_parallel(model, cfg.parallel)
     parents = [ctx.inputs["train"], ctx.inputs["heldout"]]
     if ctx.inputs.get("init"):
         load_state_dict(model, ctx.store.read_checkpoint(ctx.inputs["init"]), source=ctx.inputs["init"][:12])
