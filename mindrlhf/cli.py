@@ -5,6 +5,7 @@
     mindrlhf artifacts [--kind dataset|checkpoint]       what the store holds
     mindrlhf lineage REF                                 an artifact and its ancestors
     mindrlhf show REF [--rows 5]                         a dataset's schema and first rows
+    mindrlhf import FILE --kind sft|pairs [--name N]     JSONL / Parquet user data -> dataset
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import yaml
 
 from .config import ConfigError, load_config
+from .data.schema import DataError
 from .data.store import ArtifactStore, IntegrityError
 
 
@@ -98,6 +100,14 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .data.user_import import import_file
+
+    art = import_file(args.file, args.kind, ArtifactStore(args.store), name=args.name)
+    print(f"{art.id}  {art.name}  {art.manifest['num_rows']} rows")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mindrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -123,10 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == "show":
             p.add_argument("--rows", type=int, default=5)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("import", help="import JSONL / Parquet user data")
+    p.add_argument("file")
+    p.add_argument("--kind", choices=["sft", "pairs"], required=True)
+    p.add_argument("--name")
+    p.add_argument("--store", default="artifacts")
+    p.set_defaults(fn=cmd_import)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, IntegrityError, KeyError, ValueError) as e:
+    except (ConfigError, DataError, IntegrityError, KeyError, ValueError) as e:
         print(f"mindrlhf: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,8 @@ held-out loss before/after and sample generations in its manifest.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..algos.sft import sft_loss
@@ -76,6 +78,7 @@ def run(ctx: StageContext) -> None:
 
     model.set_train(True)
     window = []
+    t_train = time.perf_counter()
     for step in range(start, sc.steps):
         global_idx = epoch_order(train.num_rows, step, sc.batch_size, cfg.seed)
         bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id)
@@ -93,6 +96,7 @@ def run(ctx: StageContext) -> None:
             save_training_state(ckpts, done, models, trainers, {"history": history})
             ctx.log(f"checkpoint at step {done}")
 
+    train_seconds = time.perf_counter() - t_train
     loss1 = heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)
     ctx.metric(step=sc.steps, heldout_loss=loss1)
     samples = sample_generations(ctx, model, heldout) if ctx.dist.is_main else []
@@ -101,7 +105,8 @@ def run(ctx: StageContext) -> None:
     if not ctx.dist.is_main:
         return
     metrics = {"heldout_loss_before": loss0, "heldout_loss_after": loss1, "steps": sc.steps,
-               "train_loss_last": history[-1].get("loss")}
+               "train_loss_last": history[-1].get("loss"), "workers": ctx.dist.size,
+               "train_samples_per_s": (sc.steps - start) * sc.batch_size / max(train_seconds, 1e-9)}
     art = ctx.store.write_checkpoint(
         state_dict(model), name=f"{cfg.name}-sft", parents=parents,
         meta={"stage": "sft", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history,
