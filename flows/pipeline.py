@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger
 
 from mindrlhf.config import load_config
 from tasks.assets import record_lineage
-from tasks.stages import (dpo_task, grpo_task, online_dpo_task, ppo_task, prepare_task, reflogp_task, rm_task,
-                          sft_task)
+from tasks.stages import (dpo_task, grpo_task, import_task, online_dpo_task, ppo_task, prepare_task,
+                          reflogp_task, rm_task, sft_task)
 
 
 def call(task, stage: str, c: dict, inputs: dict | None = None) -> tuple[dict, str]:
@@ -66,7 +66,12 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     d = summary["datasets"] = data["outputs"]
     if "sft" not in stages:
         return summary
-    sft, states["sft"] = call(sft_task, "sft", c, {"train": d["sft_train"], "heldout": d["sft_heldout"]})
+    sft_inputs = {"train": d["sft_train"], "heldout": d["sft_heldout"]}
+    if cfg.model.init:  # pretrained weights (e.g. SmolLM2 from GGUF) as SFT's starting point
+        imp, states["import"] = call(import_task, "import_weights", c)
+        sft_inputs["init"] = imp["outputs"]["checkpoint"]
+        summary["import"] = {"checkpoint": sft_inputs["init"], **imp["metrics"]}
+    sft, states["sft"] = call(sft_task, "sft", c, sft_inputs)
     sft_ckpt = sft["outputs"]["checkpoint"]
     summary["sft"] = {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", []),
                       "loss_curve": sft.get("loss_curve", [])}

@@ -51,8 +51,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    init: str = ""  # "" trains from a seeded random init; "gguf:smollm2" imports the pinned SmolLM2 weights
 
     def validate(self):
+        if self.init not in ("", "gguf:smollm2"):
+            raise ValueError(f"init must be '' or 'gguf:smollm2', got {self.init!r}")
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _positive(getattr(self, k), k)
         if self.d_model % self.n_heads:
@@ -85,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["gpt2_bpe"] = "gpt2_bpe"
+    kind: Literal["gpt2_bpe", "smollm2"] = "gpt2_bpe"
 
 
 @dataclass

