@@ -6,6 +6,7 @@
     mindrlhf lineage REF                                 an artifact and its ancestors
     mindrlhf show REF [--rows 5]                         a dataset's schema and first rows
     mindrlhf import FILE --kind sft|pairs [--name N]     JSONL / Parquet user data -> dataset
+    mindrlhf export REF --out DIR                        checkpoint -> HF safetensors + config.json
 """
 from __future__ import annotations
 
@@ -108,6 +109,23 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .config import ModelConfig
+    from .models.hf import export_hf
+
+    store = ArtifactStore(args.store)
+    art = store.get(args.ref)
+    if "model" not in art.meta:
+        raise ValueError(f"artifact {art.id[:12]} ({art.name}) has no model config in its manifest")
+    cfg = ModelConfig(**art.meta["model"])
+    tensors = store.read_checkpoint(art.id)
+    if "score.weight" in tensors:
+        raise ValueError(f"{art.name} is a reward/value model; export takes a policy checkpoint")
+    out = export_hf(cfg, tensors, args.out)
+    print(f"{art.id[:16]} {art.name} -> {out}/model.safetensors, {out}/config.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mindrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -139,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--store", default="artifacts")
     p.set_defaults(fn=cmd_import)
+    p = sub.add_parser("export", help="export a checkpoint as Hugging Face safetensors + config.json")
+    p.add_argument("ref")
+    p.add_argument("--out", required=True)
+    p.add_argument("--store", default="artifacts")
+    p.set_defaults(fn=cmd_export)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

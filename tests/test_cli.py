@@ -28,3 +28,20 @@ def test_bad_input_exits_2_with_reason(tmp_path, capsys):
     assert main(["import", str(bad), "--kind", "pairs", "--store", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl: row 1" in err and "rejected" in err
+
+
+def test_export_checkpoint(tmp_path, capsys):
+    from mindrlhf.data.store import ArtifactStore
+    from mindrlhf.models.decoder import CausalLM, state_dict
+    from mindrlhf.models.hf import import_hf
+    from conftest import tiny_model_cfg
+    import dataclasses
+    import numpy as np
+
+    cfg = tiny_model_cfg("llama")
+    store = ArtifactStore(tmp_path / "s")
+    w = state_dict(CausalLM(cfg, 0))
+    store.write_checkpoint(w, name="pol", meta={"model": dataclasses.asdict(cfg)})
+    assert main(["export", "pol", "--out", str(tmp_path / "hf"), "--store", str(tmp_path / "s")]) == 0
+    cfg2, w2 = import_hf(tmp_path / "hf")
+    assert cfg2.n_layers == cfg.n_layers and np.array_equal(w2["model.embed_tokens"], w["model.embed_tokens"])
