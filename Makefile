@@ -14,7 +14,7 @@ export MINDRLHF_REPO := $(CURDIR)
 PREFECT_PORT ?= 4200
 POOL := mindrlhf-local
 
-.PHONY: demo test fetch setup clean ui deploy
+.PHONY: demo test fetch setup clean ui deploy system-deps
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ fetch: $(STAMP)
 demo: fetch
 	$(BIN)/python -m flows.pipeline demo
 
-test: fetch
+# Debian's chromium renders the Prefect UI in the screenshot test (installed as root via apt).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
+
+test: fetch system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # The Prefect server on 127.0.0.1 (SQLite under .prefect/) plus a worker serving the deployments.
