@@ -14,7 +14,7 @@ export MINDRLHF_REPO := $(CURDIR)
 PREFECT_PORT ?= 4200
 POOL := mindrlhf-local
 
-.PHONY: demo test fetch setup clean ui deploy system-deps
+.PHONY: demo test fetch setup clean ui deploy system-deps bench-peers
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ deploy: fetch
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} sh -c '\
 	  $(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process; \
 	  $(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml'
+
+# A separate venv with PyTorch (CPU) and TRL, the peers bench/ measures against.
+bench-peers: .venv-bench/.installed
+.venv-bench/.installed: bench/requirements-peers.txt
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements-peers.txt
+	touch $@
 
 clean:
 	rm -rf artifacts .prefect

@@ -261,12 +261,14 @@ class OnlineDPOConfig:
     prompts: str = "movie_reviews"
     reward: str = "rm"  # "rm" or a recipe's reward function
     prompts_per_round: int = 64
-    steps_per_round: int = 20  # DPO steps (dpo.batch_size pairs each) on the round's pairs
+    steps_per_round: int = 8  # DPO steps (dpo.batch_size pairs each) on the round's pairs
+    lr: float = 1e-4  # on-policy pairs are few and correlated: a gentler step than offline DPO
     eval_prompts: int = 64
 
     def validate(self):
         for k in ("rounds", "prompts_per_round", "steps_per_round", "eval_prompts"):
             _positive(getattr(self, k), k)
+        _positive(self.lr, "lr")
 
 
 @dataclass

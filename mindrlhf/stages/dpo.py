@@ -65,11 +65,12 @@ def evaluate(policy, table, ref: pa.Table, pad_id: int, dc) -> dict:
 
 
 def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: int, seed: int, tok,
-              history: list | None = None, log_prefix: str = "") -> list[dict]:
-    """``steps`` DPO updates over ``train`` with resume from the run directory's checkpoints."""
+              history: list | None = None, log_prefix: str = "", dc=None) -> list[dict]:
+    """``steps`` DPO updates over ``train`` with resume from the run directory's checkpoints;
+    ``dc`` overrides the config's dpo section (online DPO's learning rate)."""
     from mindspore import Tensor
 
-    dc = ctx.cfg.dpo
+    dc = dc or ctx.cfg.dpo
     trainer = Trainer(policy.trainable_params(), make_dpo_loss(policy, dc), dc, ctx.dist, steps)
     ckpts = RunCheckpoints(ctx.run_dir)
     models, trainers = {"policy": policy}, {"policy": trainer}

@@ -10,6 +10,8 @@ round's pair dataset appears in the lineage between two checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 
@@ -83,7 +85,7 @@ def run(ctx: StageContext) -> None:
                                       parents=[pairs_art.id, ctx.inputs["reference"]], meta={"round": rnd})
     policy.set_train(True)
     history = train_dpo(ctx, policy, pairs, ctx.store.read_dataset(ref_art.id), oc.steps_per_round,
-                        seed + 1, tok)
+                        seed + 1, tok, dc=dataclasses.replace(dc, lr=oc.lr))
     score_after = heldout_score(policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99)
     ctx.metric(step=rnd + 1, heldout_score_before=score_before, heldout_score_after=score_after, **info)
     if not ctx.dist.is_main:

