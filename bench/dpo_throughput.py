@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ)  # before MindSpore is imported: it sets OMP_NUM_THREADS=1 for its own process
 
 
 def make_pairs(n: int, target_tokens: int) -> list[dict]:
@@ -124,9 +126,9 @@ def main() -> None:
         r = subprocess.run([str(peer_py), str(REPO / "bench" / "peer_trl_dpo.py"), "--data", str(data),
                             "--tokenizer-dir", str(tmp / "tok"), "--layers", str(args.layers), "--d", str(args.d),
                             "--heads", str(args.heads), "--seq", str(args.seq), "--batch", str(args.batch),
-                            "--steps", str(args.steps), *extra], capture_output=True, text=True)
+                            "--steps", str(args.steps), *extra], capture_output=True, text=True, env=ENV)
         if r.returncode != 0:
-            raise SystemExit(f"TRL run failed:\n{r.stderr[-3000:]}")
+            raise SystemExit(f"TRL run failed:\n{r.stderr[-6000:]}")
         result[key] = json.loads(r.stdout.strip().splitlines()[-1])
     result["ratio_vs_trl_precomputed_ref"] = round(result["ours"]["pairs_per_s"] / result["trl_precomputed_ref"]["pairs_per_s"], 3)
     result["ratio_vs_trl_default"] = round(result["ours"]["pairs_per_s"] / result["trl_default"]["pairs_per_s"], 3)

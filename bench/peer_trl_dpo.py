@@ -25,11 +25,14 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
 
     torch.manual_seed(0)
-    tok = GPT2TokenizerFast(vocab_file=f"{args.tokenizer_dir}/encoder.json", merges_file=f"{args.tokenizer_dir}/vocab.bpe")
-    tok.pad_token = tok.eos_token
+    bpe = ByteLevelBPETokenizer(f"{args.tokenizer_dir}/encoder.json", f"{args.tokenizer_dir}/vocab.bpe")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    assert len(tok) == 50257 and tok("Review: good")["input_ids"], "GPT-2 tokenizer did not load"
     cfg = GPT2Config(vocab_size=50257, n_positions=args.seq, n_embd=args.d, n_layer=args.layers, n_head=args.heads,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg)
@@ -46,17 +49,26 @@ def main() -> None:
             times.append(time.perf_counter() - self.t)
 
     conf = trl.DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=args.batch,
-                         max_steps=args.steps + 1, max_length=args.seq, max_prompt_length=args.seq // 4,
+                         max_steps=args.steps + 1, max_length=args.seq,
                          learning_rate=5e-4, beta=0.1, logging_steps=1000, save_strategy="no", report_to=[],
                          use_cpu=True, dataloader_num_workers=0, precompute_ref_log_probs=args.precompute_ref,
                          gradient_checkpointing=False, seed=0)
-    trainer = trl.DPOTrainer(model=model, args=conf, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
-    trainer.train()
+    import copy
+
+    ref = None if args.precompute_ref else copy.deepcopy(model)  # a model built in code has no hub id to reload
+    trainer = trl.DPOTrainer(model=model, ref_model=ref, args=conf, train_dataset=ds, processing_class=tok,
+                             callbacks=[Timer()])
+    t0 = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    batch = next(iter(trainer.get_train_dataloader()))
+    mean_tokens = int(batch["attention_mask"].sum())
     steady = times[1:]  # the first step pays one-off costs on both sides
     print(json.dumps({"impl": f"trl {trl.__version__} / torch {torch.__version__} / transformers {transformers.__version__}",
                       "precompute_ref": args.precompute_ref, "steps": len(steady),
                       "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
-                      "torch_threads": torch.get_num_threads()}))
+                      "torch_threads": torch.get_num_threads(), "train_wall_s": round(wall, 2),
+                      "train_runtime_s": out.metrics.get("train_runtime"), "tokens_per_step": mean_tokens}))
 
 
 if __name__ == "__main__":
