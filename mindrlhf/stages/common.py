@@ -117,12 +117,20 @@ class RunCheckpoints:
         atomic_write_bytes(tmp / "state.json", json.dumps({"step": step, **state}, default=float).encode())
         dest = self.dir / f"ckpt-{step}"
         if dest.exists():
-            shutil.rmtree(dest)
+            self._drop(dest)
         os.rename(tmp, dest)
         fsync_dir(self.dir)
         for old in self.steps()[:-self.keep]:
-            shutil.rmtree(self.dir / f"ckpt-{old}", ignore_errors=True)
+            self._drop(self.dir / f"ckpt-{old}")
         return dest
+
+    def _drop(self, path: Path) -> None:
+        """Rename out of the ckpt-* namespace first (atomic), then delete: a kill during the
+        delete leaves a hidden remnant, never a ckpt-<n> directory with files missing."""
+        trash = self.dir / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        fsync_dir(self.dir)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def latest(self) -> tuple[int, Path] | None:
         s = self.steps()

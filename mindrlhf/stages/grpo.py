@@ -9,13 +9,10 @@ dataset, and runs clipped policy updates with a k3 KL penalty to the reference. 
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ..algos.grpo import grpo_loss, group_advantages
 from ..data.recipes import load_recipe
-from ..data.store import atomic_write_bytes
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
 from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
@@ -23,8 +20,8 @@ from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoc
 from .metrics import publish_metrics
 from .ppo import load_policy
 from .rm import load_reward_model, score_sequences
-from .rollout import (decode_responses, experience_table, response_logprobs, rollout_config, sample, score_mask,
-                      table_arrays)
+from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, rollout_config, sample,
+                      score_mask)
 from ..config import GenerationConfig
 
 
@@ -85,8 +82,22 @@ def run(ctx: StageContext) -> None:
     models, trainers = {"policy": policy}, {"policy": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history, experience_ids = state.get("history", []), state.get("experience", [])
-    exp_index = ctx.run_dir / f"experience-rank{ctx.dist.rank}.json"
-    recorded = json.loads(exp_index.read_text()) if exp_index.exists() else {}
+    rollouts = RolloutLog(ctx)
+
+    def make_rollout(it: int):
+        pidx = shard(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), ctx.dist)
+        rows = rows_of(prompts, np.repeat(pidx, gc.group_size))  # each prompt's group is consecutive
+        policy.set_train(False)
+        g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
+        seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+        rmask = g.response_mask.astype(np.float32)
+        old_lp = response_logprobs(policy, seq, am, p).asnumpy() * rmask
+        ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
+        rewards = reward_fn(g, rows)
+        table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
+                                     "advantage": group_advantages(rewards, gc.group_size)})
+        return table, dict(name=f"{cfg.name}-grpo-rollout-{it}", parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
+                           meta={"stage": "grpo", "iteration": it, "rank": ctx.dist.rank})
 
     n_eval = gc.eval_prompts
     before = {"train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
@@ -95,31 +106,7 @@ def run(ctx: StageContext) -> None:
     ctx.log(f"SFT policy: reward/accuracy {before}")
 
     for it in range(start, gc.iterations):
-        if str(it) in recorded:
-            exp_id = recorded[str(it)]
-            ex = table_arrays(ctx.store.read_dataset(exp_id))
-            ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
-        else:
-            pidx = shard(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), ctx.dist)
-            idx = np.repeat(pidx, gc.group_size)  # each prompt's group is consecutive
-            rows = rows_of(prompts, idx)
-            policy.set_train(False)
-            g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
-            seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
-            rmask = g.response_mask.astype(np.float32)
-            old_lp = response_logprobs(policy, seq, am, p).asnumpy() * rmask
-            ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
-            rewards = reward_fn(g, rows)
-            adv = group_advantages(rewards, gc.group_size)
-            table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
-                                         "advantage": adv})
-            art = ctx.store.write_dataset(table, name=f"{cfg.name}-grpo-rollout-{it}",
-                                          parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
-                                          meta={"stage": "grpo", "iteration": it, "rank": ctx.dist.rank})
-            exp_id = art.id
-            recorded[str(it)] = exp_id
-            atomic_write_bytes(exp_index, json.dumps(recorded).encode())
-            ex = table_arrays(table)
+        exp_id, ex = rollouts.get_or_make(it, lambda: make_rollout(it))
         experience_ids.append(exp_id)
 
         policy.set_train(True)

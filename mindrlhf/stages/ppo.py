@@ -17,14 +17,12 @@ same seed and scored by the reward model: the figures the pipeline reports.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
 from ..algos.common import entropy_from_logits, masked_mean, token_logprobs
 from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, policy_loss,
                          value_loss, whiten)
-from ..data.store import atomic_write_bytes
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from ..parallel import apply_parallel
@@ -32,8 +30,8 @@ from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoc
                      save_training_state, shard, stage_main)
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
-from .rollout import (decode_responses, experience_table, response_logprobs, response_values, rollout_config,
-                      sample, score_mask, table_arrays)
+from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, response_values,
+                      rollout_config, sample, score_mask)
 
 
 def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> CausalLM:
@@ -110,42 +108,33 @@ def run(ctx: StageContext) -> None:
     history, experience_ids = state.get("history", []), state.get("experience", [])
     kl_ctl.value = state.get("kl_coef", kl_ctl.value)
     rollout_cfg = rollout_config(cfg.generation)
-    exp_index = ctx.run_dir / f"experience-rank{ctx.dist.rank}.json"
-    recorded = json.loads(exp_index.read_text()) if exp_index.exists() else {}
+    rollouts = RolloutLog(ctx)
+
+    def make_experience(it: int):
+        idx = shard(epoch_order(len(prompt_rows), it, pc.rollout_batch, cfg.seed + 3), ctx.dist)
+        actor.set_train(False)
+        g = sample(actor, [prompt_rows[i] for i in idx], rollout_cfg, tok,
+                   seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
+        seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+        rmask = g.response_mask.astype(np.float32)
+        old_lp = response_logprobs(actor, seq, am, p).asnumpy() * rmask
+        ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
+        values = response_values(critic, seq, am, p).asnumpy() * rmask
+        raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
+        score = np.clip(raw, -pc.score_clip, pc.score_clip)
+        rewards, kl = kl_penalized_rewards(score, old_lp, ref_lp, rmask, kl_ctl.value)
+        adv, ret = gae(rewards, values, rmask, pc.gamma, pc.lam)
+        if pc.whiten_advantages:
+            adv = whiten(adv, rmask)
+        table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "values": values,
+                                     "rewards": rewards, "advantages": adv, "returns": ret, "kl": kl,
+                                     "score": score})
+        return table, dict(name=f"{cfg.name}-ppo-rollout-{it}",
+                           parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
+                           meta={"stage": "ppo", "iteration": it, "rank": ctx.dist.rank, "kl_coef": kl_ctl.value})
 
     for it in range(start, pc.iterations):
-        # ---- make_experience (or reuse the rollout a crashed attempt already wrote) --------------
-        if str(it) in recorded:
-            exp_id = recorded[str(it)]
-            ex = table_arrays(ctx.store.read_dataset(exp_id))
-            ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
-        else:
-            idx = shard(epoch_order(len(prompt_rows), it, pc.rollout_batch, cfg.seed + 3), ctx.dist)
-            actor.set_train(False)
-            g = sample(actor, [prompt_rows[i] for i in idx], rollout_cfg, tok,
-                       seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
-            seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
-            rmask = g.response_mask.astype(np.float32)
-            old_lp = response_logprobs(actor, seq, am, p).asnumpy() * rmask
-            ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
-            values = response_values(critic, seq, am, p).asnumpy() * rmask
-            raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
-            score = np.clip(raw, -pc.score_clip, pc.score_clip)
-            rewards, kl = kl_penalized_rewards(score, old_lp, ref_lp, rmask, kl_ctl.value)
-            adv, ret = gae(rewards, values, rmask, pc.gamma, pc.lam)
-            if pc.whiten_advantages:
-                adv = whiten(adv, rmask)
-            table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "values": values,
-                                         "rewards": rewards, "advantages": adv, "returns": ret, "kl": kl,
-                                         "score": score})
-            art = ctx.store.write_dataset(
-                table, name=f"{cfg.name}-ppo-rollout-{it}",
-                parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
-                meta={"stage": "ppo", "iteration": it, "rank": ctx.dist.rank, "kl_coef": kl_ctl.value})
-            exp_id = art.id
-            recorded[str(it)] = exp_id
-            atomic_write_bytes(exp_index, json.dumps(recorded).encode())
-            ex = table_arrays(table)
+        exp_id, ex = rollouts.get_or_make(it, lambda: make_experience(it))
         experience_ids.append(exp_id)
 
         # ---- PPO epochs --------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 score them token by token with the policy, the reference and the critic."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
 from ..algos.common import token_logprobs
 from ..config import GenerationConfig
+from ..data.store import atomic_write_bytes
 from ..models.generation import Generation, generate, left_pad
 
 F32 = pa.list_(pa.float32())
@@ -75,3 +78,26 @@ def table_arrays(table: pa.Table) -> dict[str, np.ndarray]:
         else:
             out[name] = col.to_numpy()
     return out
+
+
+class RolloutLog:
+    """Which rollout dataset each iteration used, kept in the run directory (atomically) the
+    moment a rollout is written, so a crashed update resumes from the same rollout instead of
+    sampling again."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.path = ctx.run_dir / f"experience-rank{ctx.dist.rank}.json"
+        self.ids: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get_or_make(self, it: int, make) -> tuple[str, dict[str, np.ndarray]]:
+        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no rollout."""
+        if str(it) in self.ids:
+            exp_id = self.ids[str(it)]
+            self.ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
+            return exp_id, table_arrays(self.ctx.store.read_dataset(exp_id))
+        table, kwargs = make()
+        exp_id = self.ctx.store.write_dataset(table, **kwargs).id
+        self.ids[str(it)] = exp_id
+        atomic_write_bytes(self.path, json.dumps(self.ids).encode())
+        return exp_id, table_arrays(table)

@@ -105,14 +105,15 @@ def run(ctx: StageContext) -> None:
     if not ctx.dist.is_main:
         return
     metrics = {"heldout_loss_before": loss0, "heldout_loss_after": loss1, "steps": sc.steps,
-               "train_loss_last": history[-1].get("loss"), "workers": ctx.dist.size,
-               "train_samples_per_s": (sc.steps - start) * sc.batch_size / max(train_seconds, 1e-9)}
+               "train_loss_last": history[-1].get("loss"), "workers": ctx.dist.size}
     art = ctx.store.write_checkpoint(
         state_dict(model), name=f"{cfg.name}-sft", parents=parents,
         meta={"stage": "sft", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history,
               "samples": samples, "tokenizer": cfg.tokenizer.kind})
     curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    ctx.finish({"checkpoint": art.id}, metrics, samples=samples, loss_curve=curve)
+    # timing goes in the result only: the manifest (and so the artifact id) must be reproducible
+    speed = {"train_samples_per_s": (sc.steps - start) * sc.batch_size / max(train_seconds, 1e-9)}
+    ctx.finish({"checkpoint": art.id}, {**metrics, **speed}, samples=samples, loss_curve=curve)
 
 
 if __name__ == "__main__":
