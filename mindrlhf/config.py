@@ -357,6 +357,17 @@ class PipelineConfig:
 
 
 @dataclass
+class RunnerConfig:
+    """Where stage processes run. Empty ``work_pool``: in the flow's own process pool (here).
+    A work pool name: each stage task submits the ``stage-runner`` deployment (deployments/
+    prefect.yaml) to that pool and waits; a worker there (e.g. the NPU cluster's head node,
+    sharing the artifact store's filesystem) launches the stage, msrun included."""
+    work_pool: str = ""
+    deployment: str = "stage-runner/stage-runner"
+    timeout_s: int = 7 * 24 * 3600
+
+
+@dataclass
 class StoreConfig:
     root: str = "artifacts"
 
@@ -368,6 +379,7 @@ class Config:
     device_target: Literal["CPU", "Ascend", "GPU"] = "CPU"
     store: StoreConfig = field(default_factory=StoreConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

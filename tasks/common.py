@@ -95,11 +95,29 @@ def execute(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> dict:
     logger = get_run_logger()
     cfg = from_dict(cfg_dict, "<flow config>")
     base, _, gen = full_key(stage, cfg_dict, inputs, extra)
-    result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir_for(cfg, base, stage), log=logger.info)
+    run_dir = run_dir_for(cfg, base, stage)
+    if cfg.runner.work_pool:
+        result = run_on_work_pool(stage, cfg, cfg_dict, inputs, run_dir, logger)
+    else:
+        result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir, log=logger.info)
     atomic_write_bytes(_index_path(str(Path(cfg.store.root).resolve()), base),
                        json.dumps({"gen": gen, "outputs": result.get("outputs", {})}).encode())
     publish_prefect_artifacts(stage, cfg, result)
     return result
+
+
+def run_on_work_pool(stage: str, cfg: Config, cfg_dict: dict, inputs: dict, run_dir: Path, logger) -> dict:
+    """Submit the stage-runner deployment to ``cfg.runner.work_pool`` and wait for it. The stage
+    writes result.json into its run directory in the shared store, which is read back here."""
+    from prefect.deployments import run_deployment
+
+    local = {**cfg_dict, "runner": {**cfg_dict["runner"], "work_pool": ""}}  # the worker runs it in place
+    fr = run_deployment(name=cfg.runner.deployment, parameters={"stage": stage, "cfg_dict": local, "inputs": inputs},
+                        work_queue_name=None, timeout=cfg.runner.timeout_s, tags=[f"stage:{stage}"])
+    logger.info(f"{stage} ran on work pool {cfg.runner.work_pool} as flow run {fr.name} ({fr.id}): {fr.state.name}")
+    if not fr.state.is_completed():
+        raise RuntimeError(f"stage {stage} on work pool {cfg.runner.work_pool}: flow run {fr.id} ended {fr.state.name}")
+    return json.loads((run_dir / "result.json").read_text())
 
 
 def publish_prefect_artifacts(stage: str, cfg: Config, result: dict) -> None:

@@ -8,7 +8,7 @@ import pytest
 from mindrlhf.config import ConfigError, load_config
 from mindrlhf.data.store import ArtifactStore
 from mindrlhf.launch import run_stage
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 
 def losses(lines):
@@ -24,7 +24,7 @@ def test_two_workers_match_one(tmp_path):
     one_lines, two_lines = [], []
     one = run_stage("sft", cfg1, inputs, root, tmp_path / "one", log=one_lines.append)
     before = {a.id for a in ArtifactStore(root).list()}
-    over["parallel"] = {"worker_num": 2, "local_worker_num": 2, "master_port": 8129}
+    over["parallel"] = {"worker_num": 2, "local_worker_num": 2, "master_port": free_port()}
     cfg2 = load_config("demo", over)
     two = run_stage("sft", cfg2, inputs, root, tmp_path / "two", log=two_lines.append)
     assert any(ln.startswith("launch:") and "msrun" in ln for ln in two_lines)

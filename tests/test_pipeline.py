@@ -132,3 +132,40 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     changed = rlhf_pipeline("demo", over)
     assert changed["states"]["reflogp"] == "Cached" and changed["states"]["dpo"] == "Completed"
     assert changed["states"]["ppo"] == "Cached" and changed["states"]["online_dpo_0"] == "Completed"
+
+
+def test_killed_stage_is_retried_by_prefect_and_resumes(prefect_server, tmp_path):
+    """SIGKILL the SFT process mid-run inside a flow: Prefect retries the task, the retry resumes
+    from the last working checkpoint, and the checkpoint equals an uninterrupted run's."""
+    import os
+    import signal
+    import threading
+
+    import httpx
+    import psutil
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import rlhf_pipeline
+
+    clean = rlhf_pipeline("demo", tiny_overrides(tmp_path / "clean", steps=12, ckpt_every=3))
+    over = tiny_overrides(tmp_path / "crash", steps=12, ckpt_every=3)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(rlhf_pipeline("demo", over)))
+    t.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and t.is_alive():
+        if list((tmp_path / "crash" / "runs").glob("sft-*/ckpt-6")):
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "mindrlhf.stages.sft" in cmd and str(tmp_path / "crash") in cmd:
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed = p.info["pid"]
+        time.sleep(0.05)
+    t.join(timeout=600)
+    assert killed, "the stage finished before it could be killed"
+    assert result["states"]["sft"] == "Completed"
+    assert result["sft"]["checkpoint"] == clean["sft"]["checkpoint"]
+    runs = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter",
+                      json={"task_runs": {"name": {"like_": "sft-"}}}).json()
+    assert max(r["run_count"] for r in runs) >= 2  # the retry really happened in Prefect
