@@ -14,11 +14,11 @@ def format_summary(summary: dict) -> str:
             lines.append("SFT train loss by step: " + "  ".join(f"{s}:{v:.2f}" for s, v in curve))
         for s in sft.get("samples", []):
             lines.append(f"  sample  {s['prompt']!r} -> {s['response']!r}")
-    for key, label in (("rm", "RM"), ("ppo", "PPO"), ("grpo", "GRPO"), ("dpo", "DPO"), ("online_dpo", "online DPO")):
+    for key, label in (("import", "import"), ("rm", "RM"), ("ppo", "PPO"), ("grpo", "GRPO"), ("dpo", "DPO"), ("online_dpo", "online DPO")):
         part = summary.get(key)
         if part:
             figs = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in part.items() if k not in ("checkpoint", "samples", "history"))
+                             for k, v in part.items() if k not in ("checkpoint", "samples", "history", "pair_datasets"))
             lines.append(f"{label}: checkpoint {str(part.get('checkpoint', ''))[:16]}  {figs}")
     lines.append(f"artifacts: {summary.get('store_root', 'artifacts')}/objects/<id> (manifest.json lists parents)")
     lines.append("=" * 72)
