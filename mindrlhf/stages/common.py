@@ -235,6 +235,15 @@ class Trainer:
                 p.set_data(Tensor(tensors[n]))
 
 
+def global_mean(value: float, dist: Dist) -> float:
+    """Mean of a per-rank scalar over the data-parallel ranks (identity for one process)."""
+    if dist.size == 1:
+        return float(value)
+    from mindspore import Tensor, ops
+
+    return float(ops.AllReduce()(Tensor(np.array([value], np.float32))).asnumpy()[0]) / dist.size
+
+
 def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
     """The example indices of global step ``step``: a fresh permutation per epoch, a pure
     function of (seed, step), so a resumed run sees exactly the batches it would have."""

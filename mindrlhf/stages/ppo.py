@@ -26,8 +26,8 @@ from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penali
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from ..parallel import apply_parallel
-from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
-                     save_training_state, shard, stage_main)
+from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, global_mean,
+                     resume_training_state, save_training_state, shard, stage_main)
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
 from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, response_values,
@@ -156,9 +156,9 @@ def run(ctx: StageContext) -> None:
                 for k, v in (("pg_loss", pl), ("clipfrac", cf), ("approx_kl", ak), ("entropy", ent),
                              ("vf_loss", vl), ("vf_clipfrac", vcf)):
                     stats[k].append(float(v if isinstance(v, float) else v.asnumpy()))
-        seq_kl = float(ex["kl"].sum(1).mean())
+        seq_kl = global_mean(float(ex["kl"].sum(1).mean()), ctx.dist)  # every rank's KL controller agrees
         kl_ctl.update(seq_kl, n * ctx.dist.size)
-        row = {"step": it + 1, "reward_mean": float(ex["score"].mean()), "kl": seq_kl,
+        row = {"step": it + 1, "reward_mean": global_mean(float(ex["score"].mean()), ctx.dist), "kl": seq_kl,
                "kl_coef": kl_ctl.value, "response_length": float(rmask.sum(1).mean()),
                **{k: float(np.mean(v)) for k, v in stats.items()}}
         if not all(np.isfinite(v) for v in row.values()):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from ..algos.common import token_logprobs
 from ..config import GenerationConfig
@@ -91,13 +92,31 @@ class RolloutLog:
         self.ids: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def get_or_make(self, it: int, make) -> tuple[str, dict[str, np.ndarray]]:
-        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no rollout."""
+        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no rollout.
+        Rank 0's rollouts become store artifacts; other data-parallel ranks keep theirs as Arrow
+        files in the run directory (only rank 0 writes artifacts)."""
         if str(it) in self.ids:
             exp_id = self.ids[str(it)]
             self.ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
-            return exp_id, table_arrays(self.ctx.store.read_dataset(exp_id))
+            return exp_id, table_arrays(self._read(exp_id))
         table, kwargs = make()
-        exp_id = self.ctx.store.write_dataset(table, **kwargs).id
+        exp_id = self._write(it, table, kwargs)
         self.ids[str(it)] = exp_id
         atomic_write_bytes(self.path, json.dumps(self.ids).encode())
         return exp_id, table_arrays(table)
+
+    def _write(self, it: int, table: pa.Table, kwargs: dict) -> str:
+        if self.ctx.dist.is_main:
+            return self.ctx.store.write_dataset(table, **kwargs).id
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        name = f"rollout-{it}-rank{self.ctx.dist.rank}.arrow"
+        atomic_write_bytes(self.ctx.run_dir / name, sink.getvalue().to_pybytes())
+        return f"file:{name}"
+
+    def _read(self, exp_id: str) -> pa.Table:
+        if exp_id.startswith("file:"):
+            with pa.memory_map(str(self.ctx.run_dir / exp_id[5:]), "r") as src:
+                return pa.ipc.open_file(src).read_all()
+        return self.ctx.store.read_dataset(exp_id)
