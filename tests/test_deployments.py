@@ -30,7 +30,6 @@ def test_make_deploy_registers_scheduled_deployments(server):
 def test_stage_runs_on_a_work_pool_through_a_real_worker(server, tmp_path):
     """runner.work_pool: the SFT task submits the stage-runner deployment and a process worker
     on that pool (started here) runs the stage; the flow gets the same checkpoint as a local run."""
-    import os
     import sys
 
     import yaml

@@ -22,7 +22,7 @@ def test_two_workers_match_one(tmp_path):
     prep = run_stage("prepare", cfg1, {}, root, root / "runs" / "prepare", log=lambda s: None)["outputs"]
     inputs = {"train": prep["sft_train"], "heldout": prep["sft_heldout"]}
     one_lines, two_lines = [], []
-    one = run_stage("sft", cfg1, inputs, root, tmp_path / "one", log=one_lines.append)
+    run_stage("sft", cfg1, inputs, root, tmp_path / "one", log=one_lines.append)
     before = {a.id for a in ArtifactStore(root).list()}
     over["parallel"] = {"worker_num": 2, "local_worker_num": 2, "master_port": free_port()}
     cfg2 = load_config("demo", over)
