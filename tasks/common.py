@@ -47,12 +47,12 @@ def code_version() -> str:
     return h.hexdigest()
 
 
-def stage_key(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> str:
+def stage_key(stage: str, cfg_dict: dict, inputs: dict) -> str:
     sections = {k: cfg_dict[k] for k in STAGE_SECTIONS[stage]}
     if "parallel" in sections:  # where it runs does not change what it computes; how many ranks does
         sections["parallel"] = {"worker_num": cfg_dict["parallel"]["worker_num"]}
-    blob = json.dumps({"stage": stage, "config": sections, "inputs": inputs, "code": code_version(),
-                       "extra": extra}, sort_keys=True)
+    blob = json.dumps({"stage": stage, "config": sections, "inputs": inputs, "code": code_version()},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -73,28 +73,27 @@ def cache_generation(root: str, base: str) -> int:
     return rec["gen"] if ok else rec["gen"] + 1
 
 
-def full_key(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> tuple[str, str, int]:
+def full_key(stage: str, cfg_dict: dict, inputs: dict) -> tuple[str, str, int]:
     root = str(Path(cfg_dict["store"]["root"]).resolve())
-    base = stage_key(stage, cfg_dict, inputs, extra)
+    base = stage_key(stage, cfg_dict, inputs)
     gen = cache_generation(root, base)
     key = hashlib.sha256(f"{base}|{root}|{gen}".encode()).hexdigest()
     return base, key, gen
 
 
 def cache_key_fn(context, parameters) -> str:
-    return full_key(parameters["stage"], parameters["cfg_dict"], parameters.get("inputs") or {},
-                    parameters.get("extra", ""))[1]
+    return full_key(parameters["stage"], parameters["cfg_dict"], parameters.get("inputs") or {})[1]
 
 
 def run_dir_for(cfg: Config, key: str, stage: str) -> Path:
     return Path(cfg.store.root) / "runs" / f"{stage}-{key[:16]}"
 
 
-def execute(stage: str, cfg_dict: dict, inputs: dict, extra: str = "") -> dict:
+def execute(stage: str, cfg_dict: dict, inputs: dict) -> dict:
     """Body of every stage task: launch the stage process, stream its lines into Prefect's log."""
     logger = get_run_logger()
     cfg = from_dict(cfg_dict, "<flow config>")
-    base, _, gen = full_key(stage, cfg_dict, inputs, extra)
+    base, _, gen = full_key(stage, cfg_dict, inputs)
     run_dir = run_dir_for(cfg, base, stage)
     if cfg.runner.work_pool:
         result = run_on_work_pool(stage, cfg, cfg_dict, inputs, run_dir, logger)
