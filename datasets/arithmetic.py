@@ -12,9 +12,6 @@ Problems are split by a hash of their text, so no held-out problem occurs in tra
 from __future__ import annotations
 
 import hashlib
-import importlib
-import sys
-import types
 from functools import lru_cache
 
 import pyarrow as pa
@@ -28,13 +25,7 @@ SUFFIX = " Answer:"
 
 @lru_cache(maxsize=1)
 def basic_arithmetic():
-    root = registry.extract_wheel(PIN)
-    for name in ("reasoning_gym", "reasoning_gym.arithmetic"):
-        if name not in sys.modules:  # skip the package __init__s and their heavy imports
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(root / name.replace(".", "/"))]
-            sys.modules[name] = pkg
-    return importlib.import_module("reasoning_gym.arithmetic.basic_arithmetic")
+    return registry.import_from_wheel(PIN, "reasoning_gym.arithmetic.basic_arithmetic")
 
 
 def generator(size: int, seed: int, max_digits: int):

@@ -91,6 +91,9 @@ class TokenizerConfig:
     kind: Literal["gpt2_bpe", "smollm2"] = "gpt2_bpe"
 
 
+RECIPES = ("movie_reviews", "arithmetic", "gsm_symbolic")  # the modules in datasets/
+
+
 @dataclass
 class DataConfig:
     recipes: list[str] = field(default_factory=lambda: ["movie_reviews", "arithmetic"])
@@ -103,18 +106,21 @@ class DataConfig:
     arithmetic_size: int = 3000  # problems drawn from reasoning-gym's generator
     arithmetic_seed: int = 42
     arithmetic_digits: int = 1
+    gsm_size: int = 2000  # gsm_symbolic word problems drawn from reasoning-gym's templates
+    gsm_seed: int = 42
 
     def validate(self):
         if not self.recipes:
             raise ValueError("recipes must name at least one dataset recipe")
         for r in self.recipes:
-            if r not in ("movie_reviews", "arithmetic"):
-                raise ValueError(f"recipes: unknown recipe {r!r} (known: movie_reviews, arithmetic)")
+            if r not in RECIPES:
+                raise ValueError(f"recipes: unknown recipe {r!r} (known: {', '.join(RECIPES)})")
         _positive(self.max_prompt_len, "max_prompt_len")
         _positive(self.pairs, "pairs")
         _non_negative(self.pair_margin, "pair_margin")
         _positive(self.arithmetic_size, "arithmetic_size")
         _positive(self.arithmetic_digits, "arithmetic_digits")
+        _positive(self.gsm_size, "gsm_size")
         if self.max_len <= self.max_prompt_len:
             raise ValueError(f"max_len ({self.max_len}) must exceed max_prompt_len ({self.max_prompt_len})")
         if not 0.0 < self.heldout_fraction < 1.0:
@@ -171,6 +177,7 @@ class PPOConfig(OptimConfig):
     lr: float = 2e-4  # actor
     critic_lr: float = 5e-4
     prompts: str = "movie_reviews"  # which recipe's prompt table
+    gold_reward: str = ""  # recipe whose gold_reward() judges responses independently of the RM ("" = none)
     iterations: int = 20  # rollout + update rounds
     rollout_batch: int = 32  # prompts per rollout
     mini_batch: int = 8
@@ -412,6 +419,12 @@ class Config:
                                  f"(parallel.worker_num or parallel.data_parallel: {w})")
         if self.ppo.prompts not in self.data.recipes or self.grpo.prompts not in self.data.recipes:
             raise ValueError(f"ppo.prompts / grpo.prompts must be one of data.recipes {self.data.recipes}")
+        if self.grpo.reward != "rm" and self.grpo.reward not in RECIPES:
+            raise ValueError(f"grpo.reward must be 'rm' or a recipe with a reward function {RECIPES}, "
+                             f"got {self.grpo.reward!r}")
+        if self.ppo.gold_reward and self.ppo.gold_reward not in RECIPES:
+            raise ValueError(f"ppo.gold_reward must be '' or a recipe with a gold_reward function {RECIPES}, "
+                             f"got {self.ppo.gold_reward!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

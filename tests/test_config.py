@@ -12,6 +12,12 @@ def write(tmp_path, text):
 def test_shipped_demo_loads():
     cfg = load_config("demo")
     assert cfg.model.family == "gpt2" and cfg.sft.steps > 0 and cfg.device_target == "CPU"
+    assert cfg.ppo.gold_reward == "movie_reviews"
+
+
+def test_shipped_profiles_load():
+    for name in ("smollm2-135m", "cluster-2x8-ascend"):
+        load_config(name)
 
 
 @pytest.mark.parametrize("text, key", [
@@ -25,6 +31,9 @@ def test_shipped_demo_loads():
     ("generation:\n  top_p: 1.5\n", "top_p"),
     ("sft:\n  lr: .nan\n", "sft.lr"),
     ("seed: true\n", "seed"),
+    ("grpo:\n  reward: vibes\n", "grpo.reward"),
+    ("ppo:\n  gold_reward: vibes\n", "ppo.gold_reward"),
+    ("data:\n  recipes: [movie_reviews, gsm8k]\n", "recipes"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, key):
     p = write(tmp_path, text)

@@ -121,6 +121,28 @@ def extract_wheel(key: str) -> Path:
     return root
 
 
+def import_from_wheel(key: str, module: str, first: tuple[str, ...] = ()):
+    """Import ``module`` (dotted) from a pinned, unpacked wheel without running the ``__init__``
+    of its parent packages (reasoning-gym's top-level ``__init__`` imports heavy optional extras):
+    each parent package is registered as a bare namespace over the wheel's directory. ``first``
+    are modules to import before it, in the order the skipped ``__init__`` would have (to keep
+    the package's own circular imports resolvable)."""
+    import importlib
+    import types
+
+    root = extract_wheel(key)
+    for target in (*first, module):
+        parts = target.split(".")
+        for i in range(1, len(parts)):
+            name = ".".join(parts[:i])
+            if name not in sys.modules:
+                pkg = types.ModuleType(name)
+                pkg.__path__ = [str(root.joinpath(*parts[:i]))]
+                sys.modules[name] = pkg
+        mod = importlib.import_module(target)
+    return mod
+
+
 def extract_to_cache(key: str, member: str) -> Path:
     """Materialise one archive member as a file in the cache (for libraries that want paths)."""
     out = cache_dir() / key / member.replace("/", "__")
