@@ -11,13 +11,20 @@ Tables built here (text only; tokenization is the pipeline's job):
                                                  higher-rated one is chosen
   prompts_<split> prompt, rating                 "Review: <first 4 words>" openings for PPO
 
+Gold reward: ``gold_reward`` scores a review with VADER (the rule-based scorer and its human-rated
+lexicon from the same sdist, vaderSentiment/vader_lexicon.txt), a judge independent of the learned
+reward model. PPO logs it beside the RM score, so reward over-optimisation (RM score up, gold score
+flat or down) shows in the figures.
+
 Every sentence appears in the split its id hashes to, so held-out pairs and prompts contain only
 sentences that no training table contains.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +36,8 @@ PIN = "vader-sdist"
 SOURCES = [PIN]
 OUTER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 INNER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+VADER = "vaderSentiment-3.3.2/vaderSentiment/"
+PROMPT_PREFIX = "Review:"
 PROMPT_WORDS = 4
 MIN_WORDS = PROMPT_WORDS + 2
 
@@ -69,7 +78,7 @@ def to_sft(text: str) -> tuple[str, str] | None:
     words = text.split()
     if len(words) < MIN_WORDS:
         return None
-    return "Review: " + " ".join(words[:PROMPT_WORDS]), " " + " ".join(words[PROMPT_WORDS:])
+    return PROMPT_PREFIX + " " + " ".join(words[:PROMPT_WORDS]), " " + " ".join(words[PROMPT_WORDS:])
 
 
 def make_pairs(rows: list[dict], n_pairs: int, margin: float, seed: int) -> list[dict]:
@@ -83,7 +92,7 @@ def make_pairs(rows: list[dict], n_pairs: int, margin: float, seed: int) -> list
         if abs(ratings[i] - ratings[j]) < margin:
             continue
         hi, lo = (i, j) if ratings[i] > ratings[j] else (j, i)
-        out.append({"prompt": "Review:", "chosen": " " + rows[hi]["text"], "rejected": " " + rows[lo]["text"],
+        out.append({"prompt": PROMPT_PREFIX, "chosen": " " + rows[hi]["text"], "rejected": " " + rows[lo]["text"],
                     "margin": float(ratings[hi] - ratings[lo])})
     return out
 
@@ -104,3 +113,26 @@ def build(data_cfg) -> dict[str, pa.Table]:
         n_pairs = data_cfg.pairs if split == "train" else max(64, int(data_cfg.pairs * data_cfg.heldout_fraction * 2))
         tables[f"pairs_{split}"] = pa.Table.from_pylist(make_pairs(part, n_pairs, data_cfg.pair_margin, 7 + k))
     return tables
+
+
+@lru_cache(maxsize=1)
+def vader():
+    """VADER's SentimentIntensityAnalyzer, imported from the pinned sdist's own files."""
+    src, lex, emoji = (registry.extract_to_cache(PIN, VADER + f)
+                       for f in ("vaderSentiment.py", "vader_lexicon.txt", "emoji_utf8_lexicon.txt"))
+    spec = importlib.util.spec_from_file_location("mindrlhf_vader_sentiment", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.SentimentIntensityAnalyzer(lexicon_file=str(lex), emoji_lexicon=str(emoji))
+
+
+def review_text(prompt: str, response: str) -> str:
+    """The review a prompt + response spell: the opening words after "Review:" and the continuation."""
+    opening = prompt[len(PROMPT_PREFIX):] if prompt.startswith(PROMPT_PREFIX) else prompt
+    return " ".join((opening + response).split())
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """VADER compound sentiment (-1..1) of each whole review: the independent "gold" judge."""
+    analyzer = vader()
+    return [float(analyzer.polarity_scores(review_text(p, r))["compound"]) for p, r in zip(prompts, responses)]

@@ -3,6 +3,7 @@ re-runs SFT only; the launcher builds msrun commands for more than one worker.""
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mindrlhf.config import ParallelConfig
@@ -118,6 +119,17 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert rollouts and all(store.get(r).name.startswith("tiny-ppo-rollout-") for r in rollouts)
     assert store.read_dataset(rollouts[0]).column_names[:4] == ["sequence", "attention_mask", "response_mask",
                                                                 "prompt_len"]
+    # the VADER gold judge scored every rollout sample: recompute it from the stored tokens
+    from mindrlhf.data.recipes import load_recipe
+    from mindrlhf.data.tokenizer import load_tokenizer
+
+    tok, ro = load_tokenizer("gpt2_bpe"), store.read_dataset(rollouts[-1]).to_pylist()
+    texts = [(tok.decode([t for t, m in zip(r["sequence"][:r["prompt_len"]], r["attention_mask"]) if m]),
+              tok.decode([t for t, m in zip(r["sequence"][r["prompt_len"]:], r["response_mask"]) if m])) for r in ro]
+    gold = load_recipe("movie_reviews").gold_reward([p for p, _ in texts], [r for _, r in texts])
+    assert all(p.startswith("Review:") for p, _ in texts)
+    np.testing.assert_allclose([r["gold"] for r in ro], gold, atol=1e-6)
+    assert -1 <= s["ppo"]["heldout_gold_sft"] <= 1 and -1 <= s["ppo"]["heldout_gold_ppo"] <= 1
     # the same lineage as Prefect assets, read back from the server's API
     edges = asset_edges(lambda e: len(e) >= 10 and key("checkpoint", ppo) in e)
     assert {key("checkpoint", rm), key("checkpoint", sft)} <= edges[key("checkpoint", ppo)]

@@ -12,7 +12,10 @@ Inputs: ``prompts`` / ``heldout`` prompt datasets, ``sft`` (actor and frozen ref
 3. The KL controller (adaptive or fixed) moves the penalty coefficient.
 
 At the end the held-out prompts are sampled from the SFT policy and from the PPO policy with the
-same seed and scored by the reward model: the figures the pipeline reports.
+same seed and scored by the reward model: the figures the pipeline reports. With ``ppo.gold_reward``
+(e.g. ``movie_reviews``: VADER) every rollout and both evaluations are also scored by that
+independent judge, which the policy never optimises: when the RM score climbs and the gold score
+does not, the policy is exploiting the reward model.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from ..algos.common import entropy_from_logits, masked_mean, token_logprobs
 from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, policy_loss,
                          value_loss, whiten)
+from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from ..parallel import apply_parallel
@@ -43,19 +47,33 @@ def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> C
     return m
 
 
-def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, seed: int) -> dict:
-    """Mean RM score of each policy's samples on the same held-out prompts and seed, and the
-    KL (sum over response tokens of log pi - log pi_ref) of each policy from the first one."""
+def load_gold_reward(name: str):
+    """(prompt texts, response texts) -> gold scores, from a recipe's ``gold_reward``; None if unset."""
+    if not name:
+        return None
+    recipe = load_recipe(name)
+    if not hasattr(recipe, "gold_reward"):
+        raise ValueError(f"ppo.gold_reward: recipe {name!r} has no gold_reward function")
+    return lambda prompts, responses: np.asarray(recipe.gold_reward(prompts, responses), dtype=np.float64)
+
+
+def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, seed: int, gold=None) -> dict:
+    """Mean RM score (and gold score, if a gold judge is given) of each policy's samples on the
+    same held-out prompts and seed, and the KL (sum over response tokens of log pi - log pi_ref)
+    of each policy from the first one."""
     from mindspore import Tensor
 
     rows = prompts.column("prompt_ids").to_pylist()[:n]
+    texts_in = prompts.column("prompt").to_pylist()[:n]
     ref = next(iter(policies.values()))
     out = {}
     for name, pol in policies.items():
-        scores, kls, lens, texts = [], [], [], []
+        scores, golds, kls, lens, texts = [], [], [], [], []
         for s in range(0, len(rows), 32):
             g = sample(pol, rows[s:s + 32], rollout_config(ctx.cfg.generation), tok, seed=seed + s)
             scores.append(score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm))
+            if gold is not None:
+                golds.append(gold(texts_in[s:s + 32], decode_responses(g, tok)))
             seq, am = Tensor(g.sequences), Tensor(g.attention_mask)
             lp = response_logprobs(pol, seq, am, g.prompt_len).asnumpy()
             lr = response_logprobs(ref, seq, am, g.prompt_len).asnumpy()
@@ -64,6 +82,8 @@ def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, s
             texts += decode_responses(g, tok)[:2] if s == 0 else []
         out[name] = {"score": float(np.concatenate(scores).mean()), "kl": float(np.concatenate(kls).mean()),
                      "length": float(np.concatenate(lens).mean()), "samples": texts}
+        if gold is not None:
+            out[name]["gold"] = float(np.concatenate(golds).mean())
     return out
 
 
@@ -75,6 +95,8 @@ def run(ctx: StageContext) -> None:
     prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     prompt_rows = prompts.column("prompt_ids").to_pylist()
+    prompt_texts = prompts.column("prompt").to_pylist()
+    gold = load_gold_reward(pc.gold_reward)
     actor = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
@@ -126,9 +148,11 @@ def run(ctx: StageContext) -> None:
         adv, ret = gae(rewards, values, rmask, pc.gamma, pc.lam)
         if pc.whiten_advantages:
             adv = whiten(adv, rmask)
-        table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "values": values,
-                                     "rewards": rewards, "advantages": adv, "returns": ret, "kl": kl,
-                                     "score": score})
+        cols = {"logprobs": old_lp, "ref_logprobs": ref_lp, "values": values, "rewards": rewards,
+                "advantages": adv, "returns": ret, "kl": kl, "score": score}
+        if gold is not None:  # logged only: the policy never sees it
+            cols["gold"] = gold([prompt_texts[i] for i in idx], decode_responses(g, tok))
+        table = experience_table(g, cols)
         return table, dict(name=f"{cfg.name}-ppo-rollout-{it}",
                            parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
                            meta={"stage": "ppo", "iteration": it, "rank": ctx.dist.rank, "kl_coef": kl_ctl.value})
@@ -161,6 +185,8 @@ def run(ctx: StageContext) -> None:
         row = {"step": it + 1, "reward_mean": global_mean(float(ex["score"].mean()), ctx.dist), "kl": seq_kl,
                "kl_coef": kl_ctl.value, "response_length": float(rmask.sum(1).mean()),
                **{k: float(np.mean(v)) for k, v in stats.items()}}
+        if gold is not None:
+            row["gold_mean"] = global_mean(float(ex["gold"].mean()), ctx.dist)
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
         history.append(row)
@@ -175,20 +201,24 @@ def run(ctx: StageContext) -> None:
         return
     actor.set_train(False)
     ev = evaluate_policies(ctx, {"sft": ref, "ppo": actor}, reward, norm, heldout, tok, pc.eval_prompts,
-                           seed=cfg.seed + 99)
+                           seed=cfg.seed + 99, gold=gold)
     for name, e in ev.items():
-        ctx.log(f"held-out {name}: rm score {e['score']:.3f}  kl {e['kl']:.3f}  length {e['length']:.1f}  "
+        g_txt = f"  gold {e['gold']:.3f}" if gold is not None else ""
+        ctx.log(f"held-out {name}: rm score {e['score']:.3f}{g_txt}  kl {e['kl']:.3f}  length {e['length']:.1f}  "
                 f"e.g. {e['samples'][:1]}")
     metrics = {"heldout_score_sft": ev["sft"]["score"], "heldout_score_ppo": ev["ppo"]["score"],
                "heldout_kl_ppo": ev["ppo"]["kl"], "iterations": pc.iterations,
                "final_kl_coef": kl_ctl.value}
-    mart = publish_metrics(ctx, history, ["reward_mean", "kl", "entropy", "vf_loss"],
-                           parents=sorted(set(experience_ids)))
+    if gold is not None:
+        metrics.update(heldout_gold_sft=ev["sft"]["gold"], heldout_gold_ppo=ev["ppo"]["gold"])
+    plotted = ["reward_mean", "gold_mean", "kl", "entropy"] if gold is not None else \
+        ["reward_mean", "kl", "entropy", "vf_loss"]
+    mart = publish_metrics(ctx, history, plotted, parents=sorted(set(experience_ids)))
     art = ctx.store.write_checkpoint(
         state_dict(actor), name=f"{cfg.name}-ppo",
         parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"], mart.id],
         meta={"stage": "ppo", "model": cfg.to_dict()["model"], "metrics": metrics, "eval": ev,
-              "experience": experience_ids})
+              "gold_reward": pc.gold_reward, "experience": experience_ids})
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)
 
 
