@@ -38,7 +38,8 @@ test: fetch system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # The Prefect server on 127.0.0.1 (SQLite under .prefect/) plus a worker serving the deployments.
-# Open http://127.0.0.1:$(PREFECT_PORT) ; Assets shows the lineage graph, Runs the flow runs.
+# Open http://127.0.0.1:$(PREFECT_PORT) : Runs shows the flow runs (task timeline, streamed stage logs,
+# summary artifacts); the asset materialization events with their upstream edges are in Event Feed.
 ui: fetch
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
 	  until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do sleep 1; done; \

