@@ -51,3 +51,19 @@ def step_timer(sink: list[float]):
             sink.append(time.perf_counter() - self.t)
 
     return StepTimer()
+
+
+def peer_tokenizer_and_config(args):
+    """(GPT-2 tokenizer from the pinned BPE files, GPT2Config of the bench shape, no dropout). Built
+    with ``tokenizers``: transformers 5's GPT2TokenizerFast(vocab_file=...) loads an empty vocab."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(f"{args.tokenizer_dir}/encoder.json", f"{args.tokenizer_dir}/vocab.bpe")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    if len(tok) != 50257 or not tok("Review: 1 + 2")["input_ids"]:
+        raise SystemExit(f"GPT-2 tokenizer did not load from {args.tokenizer_dir}")
+    cfg = GPT2Config(vocab_size=50257, n_positions=args.seq, n_embd=args.d, n_layer=args.layers, n_head=args.heads,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return tok, cfg

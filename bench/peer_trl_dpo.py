@@ -25,18 +25,12 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2LMHeadModel
 
-    from benchlib import step_timer
+    from benchlib import peer_tokenizer_and_config, step_timer
 
     torch.manual_seed(0)
-    bpe = ByteLevelBPETokenizer(f"{args.tokenizer_dir}/encoder.json", f"{args.tokenizer_dir}/vocab.bpe")
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
-    assert len(tok) == 50257 and tok("Review: good")["input_ids"], "GPT-2 tokenizer did not load"
-    cfg = GPT2Config(vocab_size=50257, n_positions=args.seq, n_embd=args.d, n_layer=args.layers, n_head=args.heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    tok, cfg = peer_tokenizer_and_config(args)
     model = GPT2LMHeadModel(cfg)
     rows = [json.loads(line) for line in open(args.data)]
     ds = Dataset.from_list(rows)

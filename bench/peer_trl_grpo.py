@@ -58,10 +58,9 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2LMHeadModel
 
-    from benchlib import step_timer
+    from benchlib import peer_tokenizer_and_config, step_timer
 
     batch = args.prompts * args.group
     if batch % args.mini_batch:
@@ -70,12 +69,7 @@ def main() -> None:
     steps_per_iter = spg * args.epochs
 
     torch.manual_seed(0)
-    bpe = ByteLevelBPETokenizer(f"{args.tokenizer_dir}/encoder.json", f"{args.tokenizer_dir}/vocab.bpe")
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
-    assert len(tok) == 50257 and tok("Calculate 1 + 2.")["input_ids"], "GPT-2 tokenizer did not load"
-    cfg = GPT2Config(vocab_size=50257, n_positions=args.seq, n_embd=args.d, n_layer=args.layers, n_head=args.heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    tok, cfg = peer_tokenizer_and_config(args)
     # GRPOTrainer builds the reference with from_pretrained(model.config._name_or_path), so the
     # random init goes through a directory: policy and reference then start from the same weights.
     model_dir = tempfile.mkdtemp(prefix="trl-grpo-model-")
