@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 export MINDRLHF_CACHE ?= $(CURDIR)/.cache
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_API_HOST ?= 127.0.0.1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export GLOG_v ?= 3
 
 export MINDRLHF_REPO := $(CURDIR)
