@@ -104,3 +104,37 @@ def test_grpo_loss_by_hand():
     assert float(loss.asnumpy()) == pytest.approx(-2.0 + 0.5 * k / 2, rel=1e-5)
     assert float(clipfrac.asnumpy()) == 0.0
     assert float(k3_kl(T([0.0]), T([0.0])).asnumpy()[0]) == 0.0
+
+
+def test_trainer_applies_each_steps_learning_rate():
+    """The rate Trainer sets before a step is the one the optimizer uses (warm-up included): a
+    zero rate leaves the weights alone, a positive one moves them, at any step."""
+    import dataclasses
+
+    from mindspore import Parameter
+
+    from mindrlhf.config import OptimConfig
+    from mindrlhf.runtime import Dist
+    from mindrlhf.stages.common import Trainer
+
+    w = Parameter(Tensor(np.ones(3, np.float32)), name="w")
+    loss = lambda x: ((w * x).sum(), w.sum())  # noqa: E731
+    cfg = OptimConfig(lr=0.1, warmup_steps=0, grad_clip=0.0)
+    t = Trainer([w], loss, cfg, Dist(), 10)
+    x = Tensor(np.array([1.0, -2.0, 3.0], np.float32))
+    t.step(x)
+    before = w.asnumpy().copy()
+    assert not np.allclose(before, 1.0)
+    t.cfg = dataclasses.replace(cfg, lr=1e-30)  # effectively zero from now on
+    t.step(x)
+    np.testing.assert_allclose(w.asnumpy(), before, atol=1e-12)
+    t.cfg = cfg
+    t.step(x)
+    assert np.abs(w.asnumpy() - before).max() > 1e-3
+    # warm-up: step k of a 4-step warm-up runs at lr * (k + 1) / 4, and the optimizer sees it
+    ws = Trainer([w], loss, dataclasses.replace(cfg, warmup_steps=4), Dist(), 10)
+    seen = []
+    for _ in range(5):
+        ws.step(x)
+        seen.append(float(ws.opt.learning_rate.asnumpy()))
+    np.testing.assert_allclose(seen, [0.025, 0.05, 0.075, 0.1, 0.1], rtol=1e-6)

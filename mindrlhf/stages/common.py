@@ -205,7 +205,9 @@ class Trainer:
         """Returns (loss, grad_norm before clipping, aux)."""
         from mindspore import Tensor, ops
 
-        self.opt.learning_rate.set_data(Tensor(np.float32(self.lr_at(self.step_num))))
+        # in place: after the optimizer's first call, set_data gives the Parameter new storage the
+        # optimizer no longer reads, and every later step kept the first step's (warm-up) rate
+        ops.assign(self.opt.learning_rate, Tensor(np.float32(self.lr_at(self.step_num))))
         outs, grads = self.grad_fn(*args)
         loss, aux = outs[0], tuple(outs[1:])
         aux = aux[0] if len(aux) == 1 else aux
