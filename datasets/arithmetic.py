@@ -11,12 +11,12 @@ Problems are split by a hash of their text, so no held-out problem occurs in tra
 """
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 
 import pyarrow as pa
 
 from mindrlhf.data import registry
+from mindrlhf.data.recipes import heldout_split
 
 PIN = "reasoning-gym"
 SOURCES = [PIN]
@@ -36,17 +36,12 @@ def generator(size: int, seed: int, max_digits: int):
     return ba.BasicArithmeticDataset(cfg)
 
 
-def split_of(question: str, heldout_fraction: float) -> str:
-    h = int.from_bytes(hashlib.sha256(f"arithmetic:{question}".encode()).digest()[:4], "big")
-    return "heldout" if h / 2**32 < heldout_fraction else "train"
-
-
 def build(data_cfg) -> dict[str, pa.Table]:
     ds = generator(data_cfg.arithmetic_size, seed=data_cfg.arithmetic_seed, max_digits=data_cfg.arithmetic_digits)
     rows = {"train": [], "heldout": []}
     for i in range(len(ds)):
         item = ds[i]
-        rows[split_of(item["question"], data_cfg.heldout_fraction)].append(
+        rows[heldout_split("arithmetic", item["question"], data_cfg.heldout_fraction)].append(
             (item["question"] + SUFFIX, " " + item["answer"], item["answer"]))
     tables = {}
     for split, rs in rows.items():

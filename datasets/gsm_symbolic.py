@@ -16,13 +16,13 @@ room (e.g. 320) where this recipe is used.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import lru_cache
 
 import pyarrow as pa
 
 from mindrlhf.data import registry
+from mindrlhf.data.recipes import heldout_split
 
 PIN = "reasoning-gym"
 SOURCES = [PIN]
@@ -42,11 +42,6 @@ def generator(size: int, seed: int):
     return m.GSMSymbolicDataset(m.GSMSymbolicDatasetConfig(seed=seed, size=size))
 
 
-def split_of(question: str, heldout_fraction: float) -> str:
-    h = int.from_bytes(hashlib.sha256(f"gsm_symbolic:{question}".encode()).digest()[:4], "big")
-    return "heldout" if h / 2**32 < heldout_fraction else "train"
-
-
 def build(data_cfg) -> dict[str, pa.Table]:
     ds = generator(data_cfg.gsm_size, seed=data_cfg.gsm_seed)
     rows: dict[str, list] = {"train": [], "heldout": []}
@@ -58,7 +53,8 @@ def build(data_cfg) -> dict[str, pa.Table]:
             continue
         seen.add(q)
         solution = item["metadata"]["answer_cot"].strip()
-        rows[split_of(q, data_cfg.heldout_fraction)].append((q + SUFFIX, " " + solution, item["answer"]))
+        split = heldout_split("gsm_symbolic", q, data_cfg.heldout_fraction)
+        rows[split].append((q + SUFFIX, " " + solution, item["answer"]))
     tables = {}
     for split, rs in rows.items():
         tables[f"sft_{split}"] = pa.table({"prompt": [p for p, _, _ in rs], "response": [r for _, r, _ in rs]})

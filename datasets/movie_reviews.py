@@ -21,7 +21,6 @@ sentences that no training table contains.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 from functools import lru_cache
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from mindrlhf.data import registry
+from mindrlhf.data.recipes import heldout_split
 from mindrlhf.data.schema import DataError
 
 PIN = "vader-sdist"
@@ -69,11 +69,6 @@ def parse(raw: bytes, source: str) -> list[dict]:
     return rows
 
 
-def split_of(row_id: str, heldout_fraction: float) -> str:
-    h = int.from_bytes(hashlib.sha256(f"movie_reviews:{row_id}".encode()).digest()[:4], "big")
-    return "heldout" if h / 2**32 < heldout_fraction else "train"
-
-
 def to_sft(text: str) -> tuple[str, str] | None:
     words = text.split()
     if len(words) < MIN_WORDS:
@@ -101,7 +96,7 @@ def build(data_cfg) -> dict[str, pa.Table]:
     raw = registry.read_nested_tar_member(PIN, OUTER, INNER)
     rows = parse(raw, f"{registry.PINS[PIN].spec}:{OUTER}:{INNER}")
     for r in rows:
-        r["split"] = split_of(r["id"], data_cfg.heldout_fraction)
+        r["split"] = heldout_split("movie_reviews", r["id"], data_cfg.heldout_fraction)
     tables = {"reviews": pa.Table.from_pylist(rows)}
     for k, split in enumerate(("train", "heldout")):
         part = [r for r in rows if r["split"] == split]

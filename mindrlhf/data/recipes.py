@@ -22,6 +22,13 @@ def load_recipe(name: str) -> ModuleType:
     return mod
 
 
+def heldout_split(namespace: str, key: str, heldout_fraction: float) -> str:
+    """"heldout" or "train" from a hash of ``namespace:key``: a row's split never depends on which
+    other rows were generated, so a held-out item cannot leak into training."""
+    h = int.from_bytes(hashlib.sha256(f"{namespace}:{key}".encode()).digest()[:4], "big")
+    return "heldout" if h / 2**32 < heldout_fraction else "train"
+
+
 def recipe_fingerprint(name: str) -> str:
     """Changes when the recipe's code or any pinned source it reads changes."""
     mod = load_recipe(name)
