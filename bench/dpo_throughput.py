@@ -1,9 +1,16 @@
-"""DPO training throughput, this project (MindSpore PyNative, CPU) vs TRL's DPOTrainer (PyTorch
-CPU), measured one after the other in one run: same GPT-2-shaped config (6 layers, d=512, 8 heads,
+"""DPO training throughput, this project (MindSpore on CPU, compiled and PyNative) vs TRL's
+DPOTrainer (PyTorch CPU), measured one after the other in one run: same GPT-2-shaped config (6 layers, d=512, 8 heads,
 seq 256, batch 8 pairs), the same real movie-review pairs, the same steps, reference log-probs
 precomputed on both sides (our pipeline caches them as a dataset; TRL's precompute_ref_log_probs)
 and, for TRL, also its default of running the reference every step. Also: achieved training
 FLOP/s as a fraction of this machine's measured fp32 matmul peak.
+
+Ours runs once per ``--modes`` entry: ``compiled`` is the default configuration (the training step
+as one ``mindspore.jit`` graph, batch lengths padded to a multiple of dpo.pad_multiple = 8),
+``pynative`` the same with dpo.compiled off (no padding). The first step is a warm-up on every
+side; a compiled step that meets a new padded length later compiles inside the timed steps and
+is counted there (``compiles``); ``pairs_per_s_steady`` leaves those steps out, which is what a
+long stage converges to.
 
     make bench-peers && .venv/bin/python bench/dpo_throughput.py
 """
@@ -48,7 +55,7 @@ def matmul_peak_gflops() -> float:
     return 2 * 2048 ** 3 * 5 / (time.perf_counter() - t) / 1e9
 
 
-def ours(pairs, args) -> dict:
+def ours(pairs, args, compiled: bool) -> dict:
     import mindspore as ms  # noqa: F401
     import pyarrow as pa
     from mindspore import Tensor
@@ -67,23 +74,29 @@ def ours(pairs, args) -> dict:
                       max_seq_len=args.seq)
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     rc, rr = pair_logps(ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch)
-    dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch)
+    dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled)
     trainer = Trainer(policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1)
     policy.set_train(True)
-    times, tokens = [], []
+    times, tokens, shapes = [], [], []
     for s in range(args.steps + 1):
         idx = np.arange(s * args.batch, (s + 1) * args.batch)
-        bt = pair_batch(table, idx, tok.pad_id)
+        bt = pair_batch(table, idx, tok.pad_id, dc.pad_to)
+        shapes.append(bt["input_ids"].shape[1])
         t = time.perf_counter()
         trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["response_mask"]),
                      Tensor(rc[idx]), Tensor(rr[idx]))
         times.append(time.perf_counter() - t)
         tokens.append(int(bt["attention_mask"].sum()))
-    steady, toks = times[1:], tokens[1:]
+    timed, toks = times[1:], tokens[1:]
+    new_shape = [compiled and x not in shapes[:i] for i, x in enumerate(shapes)][1:]
+    steady = [t for t, new in zip(timed, new_shape) if not new]
     n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
-    flops = sum(6 * n_params * tk for tk in toks)  # forward + backward, dense part (attention left out)
-    return {"impl": "mindrlhf-flow / mindspore 2.9.0 PyNative", "steps": len(steady),
-            "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
+    flops = sum(6 * n_params * tk for tk, new in zip(toks, new_shape) if not new)  # dense part, fwd + bwd
+    return {"impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
+            "steps": len(timed), "padded_lengths": shapes, "compiles": int(sum(new_shape)),
+            "warmup_step_s": round(times[0], 2),
+            "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3),
+            "pairs_per_s_steady": round(args.batch * len(steady) / sum(steady), 3),
             "achieved_gflops": round(flops / sum(steady) / 1e9, 2), "params": n_params,
             "mean_tokens_per_step": round(float(np.mean(toks)), 1)}
 
@@ -96,6 +109,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--modes", default="compiled,pynative", help="our configurations to time (compiled = default)")
     args = ap.parse_args()
     from mindrlhf.runtime import init_runtime
 
@@ -103,9 +117,12 @@ def main() -> None:
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)
     data, tokdir = write_inputs(pairs, "bench-dpo-")
     peak = matmul_peak_gflops()
+    modes = args.modes.split(",")
+    runs = {m: ours(pairs, args, compiled=m == "compiled") for m in modes}
+    for r in runs.values():
+        r["fraction_of_peak"] = round(r["achieved_gflops"] / peak, 3)
     result = {"bench": "dpo_throughput", "config": vars(args), "matmul_peak_gflops": round(peak, 1),
-              "ours": ours(pairs, args)}
-    result["ours"]["fraction_of_peak"] = round(result["ours"]["achieved_gflops"] / peak, 3)
+              "ours": runs[modes[0]], "ours_by_mode": runs}
     for key, extra in (("trl_precomputed_ref", ["--precompute-ref"]), ("trl_default", [])):
         result[key] = run_peer("peer_trl_dpo.py", [
             "--data", str(data), "--tokenizer-dir", str(tokdir), "--layers", str(args.layers), "--d", str(args.d),
@@ -113,6 +130,11 @@ def main() -> None:
             "--steps", str(args.steps), *extra])
     result["ratio_vs_trl_precomputed_ref"] = round(result["ours"]["pairs_per_s"] / result["trl_precomputed_ref"]["pairs_per_s"], 3)
     result["ratio_vs_trl_default"] = round(result["ours"]["pairs_per_s"] / result["trl_default"]["pairs_per_s"], 3)
+    result["ratios_by_mode"] = {m: {k: round(r[f"pairs_per_s{v}"] / result[t]["pairs_per_s"], 3)
+                                    for k, t, v in (("vs_trl_precomputed_ref", "trl_precomputed_ref", ""),
+                                                    ("vs_trl_default", "trl_default", ""),
+                                                    ("steady_vs_trl_precomputed_ref", "trl_precomputed_ref", "_steady"))}
+                                for m, r in runs.items()}
     print(json.dumps(result))
 
 

@@ -1,4 +1,4 @@
-"""GRPO iteration throughput, this project (MindSpore PyNative, CPU) vs TRL's GRPOTrainer
+"""GRPO iteration throughput, this project (MindSpore, CPU; compiled and PyNative) vs TRL's GRPOTrainer
 (PyTorch CPU), measured one after the other in one run. One iteration = sample ``group``
 responses for each of ``prompts`` prompts (temperature 1.0, no top-k/top-p, exactly
 ``new_tokens`` tokens each: eos ignored here, held back with min_new_tokens in TRL), score them
@@ -9,10 +9,15 @@ init, the reference a copy of the initial policy), the same arithmetic prompts f
 reasoning-gym recipe in the same order, the same reward (``bench_reward`` in peer_trl_grpo.py:
 1.0 if the first word is the answer, else the digit fraction of the completion).
 
-Our iteration mirrors mindrlhf/stages/grpo.py: ``generate`` with the KV cache (what ``sample``
-calls), ``response_logprobs`` of policy and reference over the whole batch, ``group_advantages``,
+Our iteration mirrors mindrlhf/stages/grpo.py: ``rollout.sample`` (prompts left-padded to a
+multiple of 8, the KV-cache decoder, responses padded to the training step's multiple),
+``response_logprobs`` of policy and reference over the whole batch, ``group_advantages``,
 the experience table round trip, ``Trainer`` steps on mini-batches with ``grpo_loss``; the
-artifact-store write of the rollout and the evaluation passes are left out.
+artifact-store write of the rollout and the evaluation passes are left out. It runs once per
+``--modes`` entry: ``compiled`` is the default configuration (decode step and training step as
+``mindspore.jit`` graphs, generation.compiled / grpo.compiled), ``pynative`` the same with both
+off. Graph compilation happens in the warm-up iteration, which is not timed (as TRL's), and is
+reported as ``warmup_iter_s``.
 
     make bench-peers && .venv/bin/python bench/grpo_throughput.py
 """
@@ -36,7 +41,9 @@ def make_prompts(n: int, seed: int = 0, max_digits: int = 3) -> list[dict]:
     return [{"prompt": ds[i]["question"] + ar.SUFFIX, "answer": ds[i]["answer"]} for i in range(n)]
 
 
-def ours(prompts: list[dict], args) -> dict:
+def ours(prompts: list[dict], args, compiled: bool) -> dict:
+    from types import SimpleNamespace
+
     import mindspore as ms  # noqa: F401
     from mindspore import Tensor
 
@@ -44,10 +51,9 @@ def ours(prompts: list[dict], args) -> dict:
     from mindrlhf.config import GenerationConfig, GRPOConfig, ModelConfig
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.models.decoder import CausalLM
-    from mindrlhf.models.generation import generate, left_pad
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
-    from mindrlhf.stages.rollout import decode_responses, experience_table, response_logprobs, table_arrays
+    from mindrlhf.stages.rollout import decode_responses, experience_table, response_logprobs, sample, table_arrays
 
     tok = load_tokenizer("gpt2_bpe")
     cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
@@ -57,10 +63,12 @@ def ours(prompts: list[dict], args) -> dict:
     batch = args.prompts * args.group
     gc = GRPOConfig(lr=args.lr, prompts_per_iter=args.prompts, group_size=args.group, mini_batch=args.mini_batch,
                     epochs=args.epochs, beta=args.beta, clip_range=args.clip, max_new_tokens=args.new_tokens,
-                    iterations=args.iters + 1)
+                    iterations=args.iters + 1, compiled=compiled)
     gc.validate()
     # rollout_config(): the policy's own distribution, no truncation
-    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           compiled=compiled)
+    no_eos = SimpleNamespace(pad_id=tok.pad_id, eos_id=-1)  # every sample runs new_tokens tokens, as TRL's
 
     def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
         lp = response_logprobs(policy, seq, am, p)
@@ -77,8 +85,7 @@ def ours(prompts: list[dict], args) -> dict:
         prompt_ids = tok.encode_batch(rows["prompt"])
         t0 = time.perf_counter()
         policy.set_train(False)
-        ids, mask = left_pad(prompt_ids, tok.pad_id)  # = rollout.sample(), with eos ignored (eos_id=-1)
-        g = generate(policy, ids, mask, gen, eos_id=-1, pad_id=tok.pad_id, seed=it * 16, use_cache=True)
+        g = sample(policy, prompt_ids, gen, no_eos, seed=it * 16, multiple=gc.pad_to)
         t1 = time.perf_counter()
         seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
         rmask = g.response_mask.astype(np.float32)
@@ -106,7 +113,8 @@ def ours(prompts: list[dict], args) -> dict:
         rewards_seen.append(float(rewards.mean()))
     steady = {k: v[1:] for k, v in phases.items()}  # the first iteration pays one-off costs on both sides
     n_params = sum(int(np.prod(q.shape)) for q in policy.trainable_params())
-    return {"impl": "mindrlhf-flow / mindspore 2.9.0 PyNative", "iterations": len(steady["iter"]),
+    return {"impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
+            "iterations": len(steady["iter"]), "warmup_iter_s": round(phases["iter"][0], 2),
             "samples_per_iter": batch, "updates_per_iter": gc.epochs * (batch // gc.mini_batch),
             "samples_per_s": round(batch * len(steady["iter"]) / sum(steady["iter"]), 3),
             **{f"{k}_s": round(float(np.mean(v)), 3) for k, v in steady.items()},
@@ -129,6 +137,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--clip", type=float, default=0.2)
+    ap.add_argument("--modes", default="compiled,pynative", help="our configurations to time (compiled = default)")
     ap.add_argument("--skip-peer", action="store_true", help="only our side")
     args = ap.parse_args()
     from mindrlhf.runtime import init_runtime
@@ -136,7 +145,9 @@ def main() -> None:
     init_runtime("CPU")
     prompts = make_prompts(args.prompts * (args.iters + 1))
     data, tokdir = write_inputs(prompts, "bench-grpo-")
-    result = {"bench": "grpo_throughput", "config": vars(args), "ours": ours(prompts, args)}
+    modes = args.modes.split(",")
+    runs = {m: ours(prompts, args, compiled=m == "compiled") for m in modes}
+    result = {"bench": "grpo_throughput", "config": vars(args), "ours": runs[modes[0]], "ours_by_mode": runs}
     if not args.skip_peer:
         cmd = ["--data", str(data), "--tokenizer-dir", str(tokdir)]
         for k in ("layers", "d", "heads", "seq", "prompts", "group", "new_tokens", "mini_batch", "epochs", "iters",
@@ -145,6 +156,8 @@ def main() -> None:
         trl = result["trl"] = run_peer("peer_trl_grpo.py", cmd)
         o = result["ours"]
         result["ratio_vs_trl"] = round(o["samples_per_s"] / trl["samples_per_s"], 3)  # >1: ours faster
+        result["ratio_vs_trl_by_mode"] = {m: round(r["samples_per_s"] / trl["samples_per_s"], 3)
+                                          for m, r in runs.items()}
         result["phase_time_ratio_ours_over_trl"] = {  # >1: ours slower in that phase
             k: round(o[f"{k}_s"] / trl[f"{k}_s"], 3) for k in ("generation", "score", "update") if trl[f"{k}_s"] > 0}
     print(json.dumps(result))

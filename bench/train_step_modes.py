@@ -1,9 +1,10 @@
 """The training step in PyNative vs compiled (``mindspore.jit``) form, measured side by side in one
 process: copies of the same model (same seed), each with the library's ``Trainer`` (its loss
 closure, ``value_and_grad``, AdamWeightDecay, clipping), stepped alternately on the same batches
-so machine load hits them alike. ``Step`` below runs a Trainer's step either as Trainer.step does
-(eagerly) or as one jit graph: loss + gradients, gradient norm, and -- in a graph branch taken
-only when loss and norm are finite -- clipping and the optimizer update.
+so machine load hits them alike: ``Trainer(compiled=False)`` runs each operator eagerly,
+``Trainer(compiled=True)`` (the default) runs the step as one jit graph: loss + gradients,
+gradient norm, and -- in a graph branch taken only when loss and norm are finite -- clipping and
+the optimizer update.
 
 Per (model, loss) one JSON line: median steady step of each, the ratio, the jit first call
 (compile + run) and compile cost, the steps that pay it back, and the parity of the two runs
@@ -18,16 +19,16 @@ Then the costs a real run pays:
   (``jit_bucket8``), and an estimate of the whole 600-step stage for the three.
 * ``grpo_int_arg``: the GRPO loss, whose last argument is the prompt length as a Python int: a
   compile-time constant of the graph, so each new value compiles and a repeated one reuses it.
-* ``trainer_warmup``: whether ``Trainer.step``'s ``opt.learning_rate.set_data`` reaches the
-  optimizer after its first call (on MindSpore 2.9 it does not: the warm-up stays at its
-  step-0 value). ``Step`` assigns the learning rate in place (``ops.assign``), which works in
-  both modes.
+* ``trainer_warmup``: whether the learning rate ``Trainer.step`` sets reaches the optimizer at
+  every step in both modes (it is assigned in place: ``Parameter.set_data`` after the first
+  call was not seen by MindSpore 2.9's optimizer, and the warm-up stayed at its step-0 value).
 
     .venv/bin/python bench/train_step_modes.py [--configs demo,gpt2] [--steps 5] [--real-steps 20]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -75,57 +76,8 @@ def make_loss(kind: str, model):
     return loss_fn
 
 
-class Step:
-    """A Trainer's step: eagerly (as Trainer.step) or as one jit graph; (loss, grad norm, aux)."""
-
-    def __init__(self, trainer, jit: bool):
-        import mindspore as ms
-        from mindspore import ops
-
-        self.t, self.jit = trainer, jit
-        grad_fn, opt, clip = trainer.grad_fn, trainer.opt, trainer.cfg.grad_clip
-
-        def train_step(*args):
-            outs, grads = grad_fn(*args)
-            gnorm = ops.sqrt(ops.addn([ops.reduce_sum(g * g) for g in grads]))
-            # a graph branch: keeps a non-finite step off the weights, and measured faster on CPU
-            # than the same update unconditionally in the graph
-            if ops.logical_and(ops.isfinite(outs[0]), ops.isfinite(gnorm)):
-                if clip > 0:
-                    grads = ops.clip_by_global_norm(grads, clip)
-                opt(grads)
-            return outs[0], outs[1:], gnorm
-
-        self.graph = ms.jit(train_step) if jit else None
-
-    def __call__(self, *args):
-        from mindspore import Tensor, ops
-
-        from mindrlhf.stages.common import NumericalError
-
-        t = self.t
-        # in place: after its first call the optimizer (eager or compiled) keeps reading the
-        # storage it started with, so set_data would not reach it (see trainer_warmup)
-        ops.assign(t.opt.learning_rate, Tensor(np.float32(t.lr_at(t.step_num))))
-        if self.graph is not None:
-            loss, aux, gnorm = self.graph(*args)
-            loss_v, gnorm = float(loss.asnumpy()), float(gnorm.asnumpy())
-        else:
-            outs, grads = t.grad_fn(*args)
-            loss_v, aux = float(outs[0].asnumpy()), outs[1:]
-            gnorm = float(np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads)))
-        if not (np.isfinite(loss_v) and np.isfinite(gnorm)):
-            raise NumericalError(f"step {t.step_num}: loss={loss_v} grad_norm={gnorm}")
-        if self.graph is None:
-            if t.cfg.grad_clip > 0:
-                grads = ops.clip_by_global_norm(grads, t.cfg.grad_clip)
-            t.opt(grads)
-        t.step_num += 1
-        return loss_v, gnorm, aux
-
-
 def runners(cfg, kind: str, lr: float, warmup: int, modes=("pynative", "jit"), loss=None) -> dict:
-    """One (model, Step) per mode, identical models; a mode containing "jit" compiles."""
+    """One (model, Trainer.step) per mode, identical models; a mode containing "jit" is compiled."""
     from mindrlhf.config import OptimConfig
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
@@ -136,8 +88,9 @@ def runners(cfg, kind: str, lr: float, warmup: int, modes=("pynative", "jit"), l
         m = CausalLM(cfg, seed=0)
         m.set_train(True)
         fn = loss(m) if loss else make_loss(kind, m)
-        tr = Trainer(m.trainable_params(), fn, OptimConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0), Dist(), 1000)
-        out[mode] = (m, Step(tr, jit="jit" in mode))
+        tr = Trainer(m.trainable_params(), fn, OptimConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0,
+                                                           compiled="jit" in mode), Dist(), 1000)
+        out[mode] = (m, tr.step)
     return out
 
 
@@ -348,10 +301,10 @@ def trainer_warmup() -> dict:
 
     oc = OptimConfig(lr=0.1, warmup_steps=5, grad_clip=0.0)
     out = {}
-    for name in ("Trainer.step", "Step(jit=False)", "Step(jit=True)"):
+    for name in ("Trainer(compiled=False)", "Trainer(compiled=True)"):
         w = Parameter(Tensor(np.zeros(1, np.float32)), name="w")
-        tr = Trainer([w], linear_loss(w), oc, Dist(), 10)
-        step = tr.step if name == "Trainer.step" else Step(tr, jit=name.endswith("True)"))
+        tr = Trainer([w], linear_loss(w), dataclasses.replace(oc, compiled=name.endswith("True)")), Dist(), 10)
+        step = tr.step
         deltas = []
         for _ in range(8):
             before = float(w.asnumpy()[0])

@@ -134,12 +134,22 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    # the training step as one mindspore.jit graph (stages/common.py Trainer); it compiles once
+    # per input shape, so batch lengths are padded up to a multiple of pad_multiple
+    compiled: bool = True
+    pad_multiple: int = 8
 
     def validate(self):
         _positive(self.lr, "lr")
+        _positive(self.pad_multiple, "pad_multiple")
         _non_negative(self.weight_decay, "weight_decay")
         _non_negative(self.warmup_steps, "warmup_steps")
         _non_negative(self.grad_clip, "grad_clip")
+
+    @property
+    def pad_to(self) -> int:
+        """The multiple batch lengths are padded up to: only the compiled step gains from it."""
+        return self.pad_multiple if self.compiled else 1
 
 
 @dataclass
@@ -285,6 +295,8 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0
+    # decode steps as one compiled graph over a fixed-size KV cache (see models/generation.py)
+    compiled: bool = True
 
     def validate(self):
         _positive(self.max_new_tokens, "max_new_tokens")

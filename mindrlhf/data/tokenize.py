@@ -48,15 +48,21 @@ def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len
     return pa.table(out)
 
 
-def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """Chosen rows then rejected rows, right-padded to one length: (2B, T)."""
+def round_up(n: int, multiple: int) -> int:
+    """``n`` padded up to a multiple: a compiled step sees a few lengths instead of every one."""
+    return -(-n // multiple) * multiple
+
+
+def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:
+    """Chosen rows then rejected rows, right-padded to one length (a multiple of ``multiple``): (2B, T)."""
     sub = table.take(pa.array(idx))
     rows = sub.column("chosen_ids").to_pylist() + sub.column("rejected_ids").to_pylist()
     plen = sub.column("prompt_len").to_numpy()
-    resp = np.zeros((len(rows), max(len(r) for r in rows)), np.float32)
+    t = round_up(max(len(r) for r in rows), multiple)
+    resp = np.zeros((len(rows), t), np.float32)
     for i, r in enumerate(rows):
         resp[i, plen[i % len(plen)]:len(r)] = 1.0
-    return {"input_ids": right_pad(rows, pad_id), "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
+    return {"input_ids": right_pad(rows, pad_id, t), "attention_mask": right_pad([[1] * len(r) for r in rows], 0, t),
             "response_mask": resp}
 
 
@@ -76,12 +82,13 @@ def right_pad(rows: list[list[int]], pad: int, length: int | None = None, dtype=
     return out
 
 
-def sft_batch(table: pa.Table, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+def sft_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:
     sub = table.take(pa.array(idx))
     ids = sub.column("input_ids").to_pylist()
     lm = sub.column("loss_mask").to_pylist()
+    t = round_up(max(len(r) for r in ids), multiple)
     return {
-        "input_ids": right_pad(ids, pad_id),
-        "attention_mask": right_pad([[1] * len(r) for r in ids], 0),
-        "loss_mask": right_pad(lm, 0, dtype=np.float32),
+        "input_ids": right_pad(ids, pad_id, t),
+        "attention_mask": right_pad([[1] * len(r) for r in ids], 0, t),
+        "loss_mask": right_pad(lm, 0, t, dtype=np.float32),
     }

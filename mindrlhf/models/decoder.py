@@ -112,6 +112,25 @@ class Attention(nn.Cell):
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out), present
 
+    def decode_static(self, x, bias, cos, sin, k_cache, v_cache, sel):
+        """One new token against a fixed-size cache (B, kv_heads, S, hd): its key and value are
+        written into column ``sel`` (a (1, 1, S, 1) boolean) and attention runs over all S
+        columns, the ``bias`` hiding the ones not filled yet. Every call has the same shapes, so
+        a compiled graph of it serves every decode step."""
+        b = x.shape[0]
+        q = self.q_proj(x).reshape(b, 1, self.n_heads, self.hd).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, 1, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, 1, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        if self.rope:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        k_cache = ops.where(sel, k, k_cache)
+        v_cache = ops.where(sel, v, v_cache)
+        scores = ops.matmul(q, self._repeat_kv(k_cache).swapaxes(-1, -2)) * self.scale + bias
+        probs = ops.softmax(scores, -1)
+        out = ops.matmul(probs, self._repeat_kv(v_cache)).transpose(0, 2, 1, 3).reshape(b, 1, self.n_heads * self.hd)
+        return self.o_proj(out), k_cache, v_cache
+
 
 class MLP(nn.Cell):
     def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
@@ -149,6 +168,12 @@ class Block(nn.Cell):
         x = x + self.mlp(self.mlp_norm(x))
         return x, present
 
+    def decode_static(self, x, bias, cos, sin, k_cache, v_cache, sel):
+        a, k_cache, v_cache = self.attn.decode_static(self.attn_norm(x), bias, cos, sin, k_cache, v_cache, sel)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k_cache, v_cache
+
 
 class Transformer(nn.Cell):
     """Embeddings + blocks + final norm: hidden states (B, T, d) and the updated KV cache."""
@@ -175,6 +200,14 @@ class Transformer(nn.Cell):
         positions = ops.clamp(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1, min=0)[:, p:]
         allowed = self.causal[p:s, :s][None] * attention_mask.astype(ms.float32)[:, None, :]
         bias = ((1.0 - allowed) * NEG_INF)[:, None]
+        x, cos, sin = self._embed(input_ids, positions)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, bias, cos, sin, None if past is None else past[i])
+            presents.append(present)
+        return self.norm(x), presents
+
+    def _embed(self, input_ids, positions):
         x = ops.gather(self.embed_tokens, input_ids, 0)
         cos = sin = None
         if self.embed_positions is not None:
@@ -183,11 +216,23 @@ class Transformer(nn.Cell):
             freqs = positions.astype(self.inv_freq.dtype)[..., None] * self.inv_freq
             emb = ops.cat((freqs, freqs), -1)[:, None]
             cos, sin = ops.cos(emb), ops.sin(emb)
-        presents = []
+        return x, cos, sin
+
+    def decode_static(self, input_ids, key_mask, pos, cache):
+        """Feed one token per row (B, 1) written at column ``pos`` (an int32 scalar tensor) of a
+        fixed-size cache (n_layers, 2, B, kv_heads, S, hd); ``key_mask`` (B, S) marks the filled
+        columns including ``pos``. Returns the hidden state (B, 1, d) and the updated cache."""
+        s = key_mask.shape[1]
+        km = key_mask.astype(ms.float32)
+        positions = ops.clamp(km.sum(1, keepdims=True).astype(ms.int32) - 1, min=0)
+        bias = ((1.0 - km) * NEG_INF)[:, None, None, :]
+        sel = (ops.arange(s, dtype=ms.int32) == pos).reshape(1, 1, s, 1)
+        x, cos, sin = self._embed(input_ids, positions)
+        layers = []
         for i, layer in enumerate(self.layers):
-            x, present = layer(x, bias, cos, sin, None if past is None else past[i])
-            presents.append(present)
-        return self.norm(x), presents
+            x, k, v = layer.decode_static(x, bias, cos, sin, cache[i, 0], cache[i, 1], sel)
+            layers.append(ops.stack((k, v)))
+        return self.norm(x), ops.stack(layers)
 
 
 class CausalLM(nn.Cell):
@@ -268,7 +313,9 @@ def load_state_dict(cell: nn.Cell, tensors: dict[str, np.ndarray], strict: bool 
             arr = np.asarray(tensors[name])
             if tuple(arr.shape) != tuple(p.shape):
                 raise ValueError(f"{source}: {name} has shape {arr.shape}, model wants {tuple(p.shape)}")
-            p.set_data(Tensor(arr.astype(np.float32)))
+            # in place: set_data would give the Parameter new storage that graphs compiled
+            # before (the decode step, a training step) no longer read
+            ops.assign(p, Tensor(arr.astype(np.float32)))
     return missing
 
 

@@ -5,11 +5,19 @@ carries the padding, and positions come from the mask's cumulative sum. With ``u
 prompt is run once and each new token is fed alone with the cached keys and values; without it
 the whole sequence is recomputed every step (the reference the cache must equal).
 
+With ``gen.compiled`` (the default) the cache has a fixed size, prompt + max_new_tokens columns,
+and one decode step -- write the new key/value into its column, attend over every column with
+the unfilled ones masked, project the last hidden state onto the vocabulary -- is a single
+``mindspore.jit`` graph. Its shapes are the same at every step, so it compiles once per
+(batch, prompt length, max_new_tokens) and PyNative's per-operator dispatch, which dominates a
+small model's decode step on CPU, is gone. The eager growing cache stays as ``compiled=False``.
+
 Sampling happens in NumPy on float64 logits from a seeded generator, one uniform draw per row
 per step, so the cached and recomputed paths draw the same tokens from the same logits.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +79,8 @@ def sample_next(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Genera
 
 
 def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: GenerationConfig,
-             eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True) -> Generation:
+             eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True,
+             compiled: bool | None = None) -> Generation:
     """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``."""
     model.set_train(False)
     rng = np.random.default_rng(seed)
@@ -82,27 +91,24 @@ def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: Genera
         raise ValueError(f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len ({limit})")
     seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
     mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
+    compiled = gen.compiled if compiled is None else compiled
     with frozen_head(model):
-        steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache)
+        if use_cache and compiled:
+            steps = _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng)
+        else:
+            steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache)
     seq, mask = seq[:, :p + steps], mask[:, :p + steps]
     return Generation(seq, mask, mask[:, p:].copy(), p)
 
 
-def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
-    """Fill ``seq``/``mask`` columns p.. in place; returns the number of steps taken."""
+def _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits) -> int:
+    """Fill ``seq``/``mask`` columns p.. in place, ``next_logits(t)`` giving the (B, V) logits of
+    step t; returns the number of steps taken."""
     done = np.zeros(seq.shape[0], dtype=bool)
-    past = None
     steps = 0
     for t in range(n):
         cur = p + t  # number of tokens known so far
-        if use_cache:
-            if past is None:
-                logits, past = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
-            else:
-                logits, past = model(Tensor(seq[:, cur - 1:cur]), Tensor(mask[:, :cur]), past, True)
-        else:
-            logits, _ = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
-        tok = sample_next(logits.asnumpy()[:, -1], gen, rng)
+        tok = sample_next(next_logits(t), gen, rng)
         tok = np.where(done, pad_id, tok)
         seq[:, cur] = tok
         mask[:, cur] = (~done).astype(np.int32)
@@ -111,3 +117,69 @@ def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
         if done.all():
             break
     return steps
+
+
+def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
+    """The eager paths: a cache grown by concatenation, or the whole sequence every step."""
+    past = None
+
+    def next_logits(t):
+        nonlocal past
+        cur = p + t
+        if not use_cache:
+            logits, _ = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
+        elif past is None:
+            logits, past = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
+        else:
+            logits, past = model(Tensor(seq[:, cur - 1:cur]), Tensor(mask[:, :cur]), past, True)
+        return logits.asnumpy()[:, -1]
+
+    return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)
+
+
+_STEP_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _step_graph(model):
+    """The compiled decode step of ``model``, built once per model object: graphs are cached by
+    the jitted function, so a new closure per call would compile again every time. The output
+    projection comes in as an argument (a tensor attribute would be frozen into the graph as a
+    constant and go stale when the weights train); parameters are read live."""
+    fn = _STEP_GRAPHS.get(model)
+    if fn is None:
+        import mindspore as ms
+        from mindspore import ops
+
+        body = model.model
+
+        def step(ids, key_mask, pos, cache, head_t):
+            h, cache = body.decode_static(ids, key_mask, pos, cache)
+            return ops.matmul(h[:, 0], head_t), cache
+
+        fn = _STEP_GRAPHS[model] = ms.jit(step)
+    return fn
+
+
+def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
+    """As ``_decode`` with the fixed-size cache: the prompt runs once eagerly, its keys and values
+    go into columns 0..p-1, then every new token is one call of the compiled step."""
+    cfg = model.cfg
+    b, s = seq.shape
+    logits, presents = model(Tensor(seq[:, :p]), Tensor(mask[:, :p]), None, True)
+    cache = np.zeros((cfg.n_layers, 2, b, cfg.kv_heads, s, cfg.head_dim), np.float32)
+    for i, (k, v) in enumerate(presents):
+        cache[i, 0, :, :, :p] = k.asnumpy()
+        cache[i, 1, :, :, :p] = v.asnumpy()
+    cache = Tensor(cache)
+    step = _step_graph(model)
+    first = logits.asnumpy()[:, -1]
+
+    def next_logits(t):
+        nonlocal cache
+        if t == 0:
+            return first
+        cur = p + t
+        logits, cache = step(Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.int32(cur - 1)), cache, model.head_t)
+        return logits.asnumpy()
+
+    return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)

@@ -82,7 +82,7 @@ def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: 
     window = []
     for step in range(start, steps):
         idx = shard(epoch_order(train.num_rows, step, dc.batch_size, seed), ctx.dist)
-        bt = pair_batch(train, idx, tok.pad_id)
+        bt = pair_batch(train, idx, tok.pad_id, dc.pad_to)
         loss, gnorm, (acc, margin) = trainer.step(
             Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["response_mask"]),
             Tensor(ref_c[idx]), Tensor(ref_r[idx]))

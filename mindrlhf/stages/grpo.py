@@ -88,7 +88,8 @@ def run(ctx: StageContext) -> None:
         pidx = shard(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), ctx.dist)
         rows = rows_of(prompts, np.repeat(pidx, gc.group_size))  # each prompt's group is consecutive
         policy.set_train(False)
-        g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
+        g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank,
+                   multiple=gc.pad_to)
         seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
         rmask = g.response_mask.astype(np.float32)
         old_lp = response_logprobs(policy, seq, am, p).asnumpy() * rmask

@@ -136,7 +136,7 @@ def run(ctx: StageContext) -> None:
         idx = shard(epoch_order(len(prompt_rows), it, pc.rollout_batch, cfg.seed + 3), ctx.dist)
         actor.set_train(False)
         g = sample(actor, [prompt_rows[i] for i in idx], rollout_cfg, tok,
-                   seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank)
+                   seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank, multiple=pc.pad_to)
         seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
         rmask = g.response_mask.astype(np.float32)
         old_lp = response_logprobs(actor, seq, am, p).asnumpy() * rmask

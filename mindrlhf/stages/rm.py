@@ -87,7 +87,7 @@ def run(ctx: StageContext) -> None:
     window = []
     for step in range(start, rc.steps):
         idx = shard(epoch_order(train.num_rows, step, rc.batch_size, cfg.seed + 1), ctx.dist)
-        bt = pair_batch(train, idx, tok.pad_id)
+        bt = pair_batch(train, idx, tok.pad_id, rc.pad_to)
         loss, gnorm, acc = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]))
         window.append((loss, float(acc.asnumpy())))
         done = step + 1

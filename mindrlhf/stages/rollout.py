@@ -11,6 +11,7 @@ import pyarrow.ipc  # noqa: F401  (pa.ipc)
 from ..algos.common import token_logprobs
 from ..config import GenerationConfig
 from ..data.store import atomic_write_bytes
+from ..data.tokenize import round_up
 from ..models.generation import Generation, generate, left_pad
 
 F32 = pa.list_(pa.float32())
@@ -22,12 +23,31 @@ def rollout_config(gen_cfg, temperature: float = 1.0, max_new_tokens: int | None
     """Sampling for RL: the policy's own distribution at ``temperature``, no top-k/top-p
     truncation, so the log-probs the losses use are those of the tokens' true sampling law."""
     return GenerationConfig(max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens, do_sample=True,
-                            temperature=temperature, top_k=0, top_p=1.0)
+                            temperature=temperature, top_k=0, top_p=1.0, compiled=gen_cfg.compiled)
 
 
-def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int) -> Generation:
-    ids, mask = left_pad(prompt_rows, tok.pad_id)
-    return generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True)
+PROMPT_BUCKET = 8  # compiled decoding: prompt lengths padded to a multiple of this, one graph each
+
+
+def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multiple: int = 1) -> Generation:
+    """Sample responses for left-padded prompts. With compiled decoding the prompt block is padded
+    (on the left) to a multiple of PROMPT_BUCKET, so a stage meets a few decode graphs, not one per
+    prompt length; ``multiple`` > 1 also pads the response block (pad tokens, masks 0) to a
+    multiple of it, for the compiled training step that consumes the rollout."""
+    longest = max(len(r) for r in prompt_rows)
+    length = longest
+    if gen_cfg.compiled:
+        room = policy.cfg.max_seq_len - gen_cfg.max_new_tokens
+        length = max(longest, min(round_up(longest, PROMPT_BUCKET), room))
+    ids, mask = left_pad(prompt_rows, tok.pad_id, length)
+    g = generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True)
+    width = min(round_up(g.responses.shape[1], multiple), gen_cfg.max_new_tokens)
+    extra = width - g.responses.shape[1]
+    if extra > 0:
+        g = Generation(np.pad(g.sequences, ((0, 0), (0, extra)), constant_values=tok.pad_id),
+                       np.pad(g.attention_mask, ((0, 0), (0, extra))), np.pad(g.response_mask, ((0, 0), (0, extra))),
+                       g.prompt_len)
+    return g
 
 
 def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0):

@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> None:
     t_train = time.perf_counter()
     for step in range(start, sc.steps):
         global_idx = epoch_order(train.num_rows, step, sc.batch_size, cfg.seed)
-        bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id)
+        bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id, sc.pad_to)
         tokens = sum(sum(m[1:]) for m in train.column("loss_mask").take(global_idx).to_pylist())
         denom = Tensor(np.float32(max(tokens, 1) / ctx.dist.size))
         loss, gnorm, _ = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]),
