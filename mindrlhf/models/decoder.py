@@ -112,24 +112,26 @@ class Attention(nn.Cell):
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out), present
 
-    def decode_static(self, x, bias, cos, sin, k_cache, v_cache, sel):
-        """One new token against a fixed-size cache (B, kv_heads, S, hd): its key and value are
-        written into column ``sel`` (a (1, 1, S, 1) boolean) and attention runs over all S
-        columns, the ``bias`` hiding the ones not filled yet. Every call has the same shapes, so
-        a compiled graph of it serves every decode step."""
+    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx):
+        """One new token against a fixed-size cache held in Parameters and updated in place:
+        keys transposed, (B * kv_heads, hd, S), values (B * kv_heads, S, hd). The new key and value
+        are scattered into column ``pos`` (``k_idx``/``v_idx`` hold it), then attention runs over
+        all S columns with ``bias`` (B * kv_heads, 1, S) hiding the unfilled ones. The query heads
+        sharing a kv head are one batched matmul against it, so no copy of the cache is made."""
         b = x.shape[0]
+        rep = self.n_heads // self.n_kv
         q = self.q_proj(x).reshape(b, 1, self.n_heads, self.hd).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, 1, self.n_kv, self.hd).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, 1, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, self.n_kv, self.hd)
         if self.rope:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        k_cache = ops.where(sel, k, k_cache)
-        v_cache = ops.where(sel, v, v_cache)
-        scores = ops.matmul(q, self._repeat_kv(k_cache).swapaxes(-1, -2)) * self.scale + bias
+        kt_cache = ops.scatter_nd_update(kt_cache, k_idx, k.reshape(-1))
+        v_cache = ops.scatter_nd_update(v_cache, v_idx, v.reshape(b * self.n_kv, self.hd))
+        scores = ops.bmm(q.reshape(b * self.n_kv, rep, self.hd), kt_cache) * self.scale + bias
         probs = ops.softmax(scores, -1)
-        out = ops.matmul(probs, self._repeat_kv(v_cache)).transpose(0, 2, 1, 3).reshape(b, 1, self.n_heads * self.hd)
-        return self.o_proj(out), k_cache, v_cache
+        out = ops.bmm(probs, v_cache).reshape(b, 1, self.n_heads * self.hd)
+        return self.o_proj(out)
 
 
 class MLP(nn.Cell):
@@ -168,11 +170,9 @@ class Block(nn.Cell):
         x = x + self.mlp(self.mlp_norm(x))
         return x, present
 
-    def decode_static(self, x, bias, cos, sin, k_cache, v_cache, sel):
-        a, k_cache, v_cache = self.attn.decode_static(self.attn_norm(x), bias, cos, sin, k_cache, v_cache, sel)
-        x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, k_cache, v_cache
+    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx):
+        x = x + self.attn.decode_static(self.attn_norm(x), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Cell):
@@ -219,20 +219,51 @@ class Transformer(nn.Cell):
         return x, cos, sin
 
     def decode_static(self, input_ids, key_mask, pos, cache):
-        """Feed one token per row (B, 1) written at column ``pos`` (an int32 scalar tensor) of a
-        fixed-size cache (n_layers, 2, B, kv_heads, S, hd); ``key_mask`` (B, S) marks the filled
-        columns including ``pos``. Returns the hidden state (B, 1, d) and the updated cache."""
-        s = key_mask.shape[1]
+        """Feed one token per row (B, 1), written at column ``pos`` (an int32 (1,) tensor) of the
+        fixed-size ``cache`` (a StaticCache of S columns, updated in place); ``key_mask`` (B, S)
+        marks the filled columns including ``pos``. Returns the hidden state (B, 1, d)."""
+        b, s = key_mask.shape
         km = key_mask.astype(ms.float32)
         positions = ops.clamp(km.sum(1, keepdims=True).astype(ms.int32) - 1, min=0)
-        bias = ((1.0 - km) * NEG_INF)[:, None, None, :]
-        sel = (ops.arange(s, dtype=ms.int32) == pos).reshape(1, 1, s, 1)
+        bias = ops.broadcast_to(((1.0 - km) * NEG_INF)[:, None, :], (b, self.cfg.kv_heads, s))
+        bias = bias.reshape(b * self.cfg.kv_heads, 1, s)
+        k_idx = ops.cat((cache.k_grid, ops.broadcast_to(pos, (cache.k_grid.shape[0], 1))), 1)
+        v_idx = ops.cat((cache.v_grid, ops.broadcast_to(pos, (cache.v_grid.shape[0], 1))), 1)
         x, cos, sin = self._embed(input_ids, positions)
-        layers = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer.decode_static(x, bias, cos, sin, cache[i, 0], cache[i, 1], sel)
-            layers.append(ops.stack((k, v)))
-        return self.norm(x), ops.stack(layers)
+            x = layer.decode_static(x, bias, cos, sin, cache.kt[i], cache.v[i], k_idx, v_idx)
+        return self.norm(x)
+
+
+class StaticCache(nn.Cell):
+    """The KV cache of compiled decoding: per layer, keys (B * kv_heads, hd, S) and values
+    (B * kv_heads, S, hd) as Parameters written in place, plus the index grids that address
+    column ``pos`` of every (row, head[, dim])."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, length: int):
+        super().__init__()
+        n, hd = batch * cfg.kv_heads, cfg.head_dim
+        self.shape = (batch, length)
+        self.kt = ms.ParameterTuple([Parameter(Tensor(np.zeros((n, hd, length), np.float32)), name=f"kt{i}",
+                                               requires_grad=False) for i in range(cfg.n_layers)])
+        self.v = ms.ParameterTuple([Parameter(Tensor(np.zeros((n, length, hd), np.float32)), name=f"v{i}",
+                                              requires_grad=False) for i in range(cfg.n_layers)])
+        grid = np.stack(np.meshgrid(np.arange(n), np.arange(hd), indexing="ij"), -1).reshape(-1, 2)
+        self.k_grid = Tensor(grid.astype(np.int32))  # [row*head, dim] in k.reshape(-1)'s order
+        self.v_grid = Tensor(np.arange(n, dtype=np.int32)[:, None])
+
+    def fill(self, presents) -> None:
+        """Write the prompt's keys and values (eager forward's (B, kv_heads, P, hd) per layer)
+        into columns 0..P-1 and zero the rest."""
+        n, length = self.kt[0].shape[0], self.shape[1]
+        for i, (k, v) in enumerate(presents):
+            p = k.shape[2]
+            kt = np.zeros((n, k.shape[3], length), np.float32)
+            kt[:, :, :p] = k.asnumpy().reshape(n, p, -1).transpose(0, 2, 1)
+            vv = np.zeros((n, length, v.shape[3]), np.float32)
+            vv[:, :p] = v.asnumpy().reshape(n, p, -1)
+            ops.assign(self.kt[i], Tensor(kt))
+            ops.assign(self.v[i], Tensor(vv))
 
 
 class CausalLM(nn.Cell):

@@ -17,7 +17,6 @@ per step, so the cached and recomputed paths draw the same tokens from the same 
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,49 +136,44 @@ def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)
 
 
-_STEP_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _step_graph(model):
-    """The compiled decode step of ``model``, built once per model object: graphs are cached by
-    the jitted function, so a new closure per call would compile again every time. The output
-    projection comes in as an argument (a tensor attribute would be frozen into the graph as a
-    constant and go stale when the weights train); parameters are read live."""
-    fn = _STEP_GRAPHS.get(model)
-    if fn is None:
+def _step_graph(model, batch: int, length: int):
+    """The compiled decode step of ``model`` for a (batch, length) cache, built once per model
+    object and shape with its own StaticCache: graphs are cached by the jitted function, so a new
+    closure per call would compile again every time. The output projection comes in as an
+    argument (a tensor attribute would be frozen into the graph as a constant and go stale when
+    the weights train); parameters, the model's and the cache's, are read live."""
+    per_model = model.__dict__.get("_decode_graphs")
+    if per_model is None:  # a plain attribute: not a sub-cell, so the cache is no model parameter
+        per_model = {}
+        object.__setattr__(model, "_decode_graphs", per_model)
+    if (batch, length) not in per_model:
         import mindspore as ms
         from mindspore import ops
 
-        body = model.model
+        from .decoder import StaticCache
 
-        def step(ids, key_mask, pos, cache, head_t):
-            h, cache = body.decode_static(ids, key_mask, pos, cache)
-            return ops.matmul(h[:, 0], head_t), cache
+        body, cache = model.model, StaticCache(model.cfg, batch, length)
 
-        fn = _STEP_GRAPHS[model] = ms.jit(step)
-    return fn
+        def step(ids, key_mask, pos, head_t):
+            return ops.matmul(body.decode_static(ids, key_mask, pos, cache)[:, 0], head_t)
+
+        per_model[(batch, length)] = (ms.jit(step), cache)
+    return per_model[(batch, length)]
 
 
 def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
     """As ``_decode`` with the fixed-size cache: the prompt runs once eagerly, its keys and values
     go into columns 0..p-1, then every new token is one call of the compiled step."""
-    cfg = model.cfg
-    b, s = seq.shape
     logits, presents = model(Tensor(seq[:, :p]), Tensor(mask[:, :p]), None, True)
-    cache = np.zeros((cfg.n_layers, 2, b, cfg.kv_heads, s, cfg.head_dim), np.float32)
-    for i, (k, v) in enumerate(presents):
-        cache[i, 0, :, :, :p] = k.asnumpy()
-        cache[i, 1, :, :, :p] = v.asnumpy()
-    cache = Tensor(cache)
-    step = _step_graph(model)
+    step, cache = _step_graph(model, *seq.shape)
+    cache.fill(presents)
     first = logits.asnumpy()[:, -1]
 
     def next_logits(t):
-        nonlocal cache
         if t == 0:
             return first
         cur = p + t
-        logits, cache = step(Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.int32(cur - 1)), cache, model.head_t)
-        return logits.asnumpy()
+        return step(Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32)),
+                    model.head_t).asnumpy()
 
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)
