@@ -11,7 +11,7 @@ reasoning-gym recipe in the same order, the same reward (``bench_reward`` in pee
 
 Our iteration mirrors mindrlhf/stages/grpo.py: ``rollout.sample`` (prompts left-padded to a
 multiple of 8, the KV-cache decoder, responses padded to the training step's multiple),
-``response_logprobs`` of policy and reference over the whole batch, ``group_advantages``,
+``score_rollout(response_logprobs)`` of policy and reference over the whole batch, ``group_advantages``,
 the experience table round trip, ``Trainer`` steps on mini-batches with ``grpo_loss``; the
 artifact-store write of the rollout and the evaluation passes are left out. It runs once per
 ``--modes`` entry: ``compiled`` is the default configuration (decode step and training step as
@@ -53,7 +53,8 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
-    from mindrlhf.stages.rollout import decode_responses, experience_table, response_logprobs, sample, table_arrays
+    from mindrlhf.stages.rollout import (decode_responses, experience_table, response_logprobs, sample,
+                                         score_rollout, table_arrays)
 
     tok = load_tokenizer("gpt2_bpe")
     cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
@@ -87,10 +88,10 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
         policy.set_train(False)
         g = sample(policy, prompt_ids, gen, no_eos, seed=it * 16, multiple=gc.pad_to)
         t1 = time.perf_counter()
-        seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+        seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        old_lp = response_logprobs(policy, seq, am, p).asnumpy() * rmask
-        ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
+        old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled) * rmask
+        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, compiled) * rmask
         rewards = np.array([bench_reward(c, a) for c, a in zip(decode_responses(g, tok), rows["answer"])])
         ex = table_arrays(experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
                                                "advantage": group_advantages(rewards, gc.group_size)}))

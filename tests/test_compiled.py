@@ -178,3 +178,26 @@ def test_compiled_decoding_equals_eager_under_prompt_bucketing(rng):
     np.testing.assert_array_equal(jit.responses[:, :n], eager.responses)
     np.testing.assert_array_equal(jit.response_mask[:, :n], eager.response_mask)
     assert not jit.response_mask[:, n:].any()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_rollout_scoring_equals_eager(family, rng):
+    """Old/reference log-probs and critic values of a rollout through score_rollout's graphs equal
+    the eager forward's; response_logits (head on response positions only) equals slicing the full
+    logits."""
+    from mindrlhf.algos.common import token_logprobs
+    from mindrlhf.stages.rollout import response_logprobs, response_values, score_rollout
+
+    m, critic = CausalLM(tiny_model_cfg(family), seed=6), ScalarHeadModel(tiny_model_cfg(family), seed=6)
+    ids, mask = left_pad([list(rng.integers(4, 97, n)) for n in (5, 9, 2, 7)], 0)
+    g = generate(m, ids, mask, GenerationConfig(max_new_tokens=7), -1, 0, seed=3)
+    seq, am, p = g.sequences, g.attention_mask, g.prompt_len
+    full = m(Tensor(seq), Tensor(am))[0].asnumpy()[:, p - 1:-1]
+    np.testing.assert_allclose(m.response_logits(Tensor(seq), Tensor(am), p).asnumpy(), full, rtol=1e-5, atol=1e-5)
+    want = token_logprobs(Tensor(full), Tensor(seq[:, p:])).asnumpy()
+    for compiled in (False, True):
+        got = score_rollout(response_logprobs, m, seq, am, p, compiled)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    v_eager = score_rollout(response_values, critic, seq, am, p, False)
+    np.testing.assert_allclose(score_rollout(response_values, critic, seq, am, p, True), v_eager, rtol=1e-5, atol=1e-6)
+    assert v_eager.shape == want.shape == (4, 7)

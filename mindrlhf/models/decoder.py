@@ -286,6 +286,12 @@ class CausalLM(nn.Cell):
         w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
         return self.mm(h2, w).reshape(*lead, -1)
 
+    def response_logits(self, input_ids, attention_mask, prompt_len: int):
+        """Logits predicting the response tokens input_ids[:, P:]: positions P-1 .. T-2 only, so
+        the vocabulary projection (the largest matmul and tensor here) skips the prompt."""
+        h, _ = self.model(input_ids, attention_mask)
+        return self.logits_from_hidden(h[:, prompt_len - 1:-1])
+
     def construct(self, input_ids, attention_mask, past=None, last_only: bool = False):
         h, presents = self.model(input_ids, attention_mask, past)
         if last_only:

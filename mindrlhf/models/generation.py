@@ -51,17 +51,20 @@ def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> t
 
 
 def sample_next(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
-    """Pick one token per row from (B, V) logits: greedy, or temperature / top-k / top-p sampling."""
-    logits = np.asarray(logits, dtype=np.float64)
+    """Pick one token per row from (B, V) logits: greedy, or temperature / top-k / top-p sampling.
+    Float64, one uniform per row against the row's CDF; worked in place on one copy (this runs
+    every decode step, over the whole vocabulary)."""
     if not gen.do_sample:
-        return logits.argmax(-1).astype(np.int32)
+        return np.asarray(logits).argmax(-1).astype(np.int32)
     u = rng.random(logits.shape[0])  # drawn before any filtering so both paths consume the same
-    x = logits / gen.temperature
+    x = np.array(logits, dtype=np.float64)
+    if gen.temperature != 1.0:
+        x /= gen.temperature
     if gen.top_k and gen.top_k < x.shape[-1]:
         kth = np.partition(x, -gen.top_k, axis=-1)[:, -gen.top_k][:, None]
-        x = np.where(x < kth, -np.inf, x)
-    x = x - x.max(-1, keepdims=True)
-    probs = np.exp(x)
+        x[x < kth] = -np.inf
+    x -= x.max(-1, keepdims=True)
+    probs = np.exp(x, out=x)
     probs /= probs.sum(-1, keepdims=True)
     if gen.top_p < 1.0:
         order = np.argsort(-probs, axis=-1, kind="stable")
@@ -72,8 +75,9 @@ def sample_next(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Genera
         np.put_along_axis(keep, order, keep_sorted, -1)
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(-1, keepdims=True)
-    cdf = np.cumsum(probs, -1)
-    idx = (cdf < u[:, None] * cdf[:, -1:]).sum(-1)
+    cdf = np.cumsum(probs, -1, out=probs)
+    # the first index whose CDF reaches u * total: the count of entries below it
+    idx = np.array([np.searchsorted(c, ui * c[-1], "left") for c, ui in zip(cdf, u)], dtype=np.int64)
     return np.minimum(idx, logits.shape[-1] - 1).astype(np.int32)
 
 
@@ -91,10 +95,10 @@ def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: Genera
     seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
     mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
     compiled = gen.compiled if compiled is None else compiled
-    with frozen_head(model):
-        if use_cache and compiled:
-            steps = _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng)
-        else:
+    if use_cache and compiled:  # in a graph the projection reads the weight as it is: no copy
+        steps = _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng)
+    else:
+        with frozen_head(model):
             steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache)
     seq, mask = seq[:, :p + steps], mask[:, :p + steps]
     return Generation(seq, mask, mask[:, p:].copy(), p)
@@ -139,23 +143,22 @@ def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
 def _step_graph(model, batch: int, length: int):
     """The compiled decode step of ``model`` for a (batch, length) cache, built once per model
     object and shape with its own StaticCache: graphs are cached by the jitted function, so a new
-    closure per call would compile again every time. The output projection comes in as an
-    argument (a tensor attribute would be frozen into the graph as a constant and go stale when
-    the weights train); parameters, the model's and the cache's, are read live."""
+    closure per call would compile again every time. Parameters, the model's and the cache's, are
+    read live (the transposed head copy of the eager path is not used: a tensor attribute would
+    be frozen into the graph, and the graph's MatMul(transpose_b) costs no more)."""
     per_model = model.__dict__.get("_decode_graphs")
     if per_model is None:  # a plain attribute: not a sub-cell, so the cache is no model parameter
         per_model = {}
         object.__setattr__(model, "_decode_graphs", per_model)
     if (batch, length) not in per_model:
         import mindspore as ms
-        from mindspore import ops
 
         from .decoder import StaticCache
 
         body, cache = model.model, StaticCache(model.cfg, batch, length)
 
-        def step(ids, key_mask, pos, head_t):
-            return ops.matmul(body.decode_static(ids, key_mask, pos, cache)[:, 0], head_t)
+        def step(ids, key_mask, pos):
+            return model.logits_from_hidden(body.decode_static(ids, key_mask, pos, cache)[:, 0])
 
         per_model[(batch, length)] = (ms.jit(step), cache)
     return per_model[(batch, length)]
@@ -173,7 +176,6 @@ def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
         if t == 0:
             return first
         cur = p + t
-        return step(Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32)),
-                    model.head_t).asnumpy()
+        return step(Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32))).asnumpy()
 
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)

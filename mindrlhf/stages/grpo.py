@@ -21,7 +21,7 @@ from .metrics import publish_metrics
 from .ppo import load_policy
 from .rm import load_reward_model, score_sequences
 from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, rollout_config, sample,
-                      score_mask)
+                      score_mask, score_rollout)
 from ..config import GenerationConfig
 
 
@@ -90,10 +90,10 @@ def run(ctx: StageContext) -> None:
         policy.set_train(False)
         g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank,
                    multiple=gc.pad_to)
-        seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+        seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        old_lp = response_logprobs(policy, seq, am, p).asnumpy() * rmask
-        ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
+        old_lp = score_rollout(response_logprobs, policy, seq, am, p, gc.compiled) * rmask
+        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, gc.compiled) * rmask
         rewards = reward_fn(g, rows)
         table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
                                      "advantage": group_advantages(rewards, gc.group_size)})

@@ -35,7 +35,7 @@ from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoc
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
 from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, response_values,
-                      rollout_config, sample, score_mask)
+                      rollout_config, sample, score_mask, score_rollout)
 
 
 def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> CausalLM:
@@ -105,8 +105,7 @@ def run(ctx: StageContext) -> None:
     load_state_dict(critic, ctx.store.read_checkpoint(ctx.inputs["rm"]), source="critic init")
 
     def actor_loss(seq, am, old_lp, adv, mask, p):
-        logits, _ = actor(seq, am)
-        logits = logits[:, p - 1:-1]
+        logits = actor.response_logits(seq, am, p)
         lp = token_logprobs(logits, seq[:, p:])
         loss, clipfrac, approx_kl = policy_loss(lp, old_lp, adv, mask, pc.clip_range)
         ent = masked_mean(entropy_from_logits(logits), mask)
@@ -137,11 +136,11 @@ def run(ctx: StageContext) -> None:
         actor.set_train(False)
         g = sample(actor, [prompt_rows[i] for i in idx], rollout_cfg, tok,
                    seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank, multiple=pc.pad_to)
-        seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+        seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        old_lp = response_logprobs(actor, seq, am, p).asnumpy() * rmask
-        ref_lp = response_logprobs(ref, seq, am, p).asnumpy() * rmask
-        values = response_values(critic, seq, am, p).asnumpy() * rmask
+        old_lp = score_rollout(response_logprobs, actor, seq, am, p, pc.compiled) * rmask
+        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, pc.compiled) * rmask
+        values = score_rollout(response_values, critic, seq, am, p, pc.compiled) * rmask
         raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
         score = np.clip(raw, -pc.score_clip, pc.score_clip)
         rewards, kl = kl_penalized_rewards(score, old_lp, ref_lp, rmask, kl_ctl.value)

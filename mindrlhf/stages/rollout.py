@@ -52,8 +52,7 @@ def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multip
 
 def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0):
     """Log-probs of the response tokens seq[:, P:] under ``model`` (Tensors in, (B, N) Tensor out)."""
-    logits, _ = model(seq, mask)
-    logits = logits[:, prompt_len - 1:-1]
+    logits = model.response_logits(seq, mask, prompt_len)
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, seq[:, prompt_len:])
@@ -62,6 +61,29 @@ def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.
 def response_values(critic, seq, mask, prompt_len: int):
     """Critic value of the state before each response token: positions P-1 .. P+N-2."""
     return critic(seq, mask)[:, prompt_len - 1:-1]
+
+
+def score_rollout(fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int, compiled: bool) -> np.ndarray:
+    """``fn(model, seq, mask, prompt_len)`` (response_logprobs / response_values) on a rollout,
+    without gradients, as NumPy. ``compiled``: one mindspore.jit graph per (fn, prompt length)
+    and batch shape, kept on the model; rollout shapes are bucketed, so a stage meets few."""
+    from mindspore import Tensor
+
+    if not compiled:
+        return fn(model, Tensor(seq), Tensor(mask), prompt_len).asnumpy()
+    graphs = model.__dict__.get("_score_graphs")
+    if graphs is None:  # a plain attribute, as generation's decode graphs
+        graphs = {}
+        object.__setattr__(model, "_score_graphs", graphs)
+    key = (fn.__name__, prompt_len)
+    if key not in graphs:
+        import mindspore as ms
+
+        def forward(s, m):
+            return fn(model, s, m, prompt_len)
+
+        graphs[key] = ms.jit(forward)
+    return graphs[key](Tensor(seq), Tensor(mask)).asnumpy()
 
 
 def score_mask(g: Generation, eos_id: int) -> np.ndarray:
