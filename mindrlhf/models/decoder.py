@@ -330,6 +330,17 @@ class ScalarHeadModel(nn.Cell):
         return self.score(h)[..., 0]
 
 
+def graph_cache(model: nn.Cell, kind: str) -> dict:
+    """A dict of compiled graphs (and what they own) kept on ``model`` under ``kind``. A plain
+    attribute, not a sub-cell, so nothing in it becomes a model parameter; graphs are cached by
+    their jitted function, so keeping the function is what keeps a graph from compiling again."""
+    graphs = model.__dict__.get(kind)
+    if graphs is None:
+        graphs = {}
+        object.__setattr__(model, kind, graphs)
+    return graphs
+
+
 # ---- state dicts ------------------------------------------------------------------------------
 
 def state_dict(cell: nn.Cell) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ import numpy as np
 from mindspore import Tensor
 
 from ..config import GenerationConfig
-from .decoder import frozen_head
+from .decoder import frozen_head, graph_cache
 
 
 @dataclass
@@ -146,10 +146,7 @@ def _step_graph(model, batch: int, length: int):
     closure per call would compile again every time. Parameters, the model's and the cache's, are
     read live (the transposed head copy of the eager path is not used: a tensor attribute would
     be frozen into the graph, and the graph's MatMul(transpose_b) costs no more)."""
-    per_model = model.__dict__.get("_decode_graphs")
-    if per_model is None:  # a plain attribute: not a sub-cell, so the cache is no model parameter
-        per_model = {}
-        object.__setattr__(model, "_decode_graphs", per_model)
+    per_model = graph_cache(model, "_decode_graphs")
     if (batch, length) not in per_model:
         import mindspore as ms
 

@@ -12,6 +12,7 @@ from ..algos.common import token_logprobs
 from ..config import GenerationConfig
 from ..data.store import atomic_write_bytes
 from ..data.tokenize import round_up
+from ..models.decoder import graph_cache
 from ..models.generation import Generation, generate, left_pad
 
 F32 = pa.list_(pa.float32())
@@ -71,10 +72,7 @@ def score_rollout(fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int,
 
     if not compiled:
         return fn(model, Tensor(seq), Tensor(mask), prompt_len).asnumpy()
-    graphs = model.__dict__.get("_score_graphs")
-    if graphs is None:  # a plain attribute, as generation's decode graphs
-        graphs = {}
-        object.__setattr__(model, "_score_graphs", graphs)
+    graphs = graph_cache(model, "_score_graphs")
     key = (fn.__name__, prompt_len)
     if key not in graphs:
         import mindspore as ms
