@@ -1,9 +1,9 @@
 """DPO training throughput, this project (MindSpore on CPU, compiled and PyNative) vs TRL's
-DPOTrainer (PyTorch CPU), measured one after the other in one run: same GPT-2-shaped config (6 layers, d=512, 8 heads,
-seq 256, batch 8 pairs), the same real movie-review pairs, the same steps, reference log-probs
-precomputed on both sides (our pipeline caches them as a dataset; TRL's precompute_ref_log_probs)
-and, for TRL, also its default of running the reference every step. Also: achieved training
-FLOP/s as a fraction of this machine's measured fp32 matmul peak.
+DPOTrainer (PyTorch CPU), measured one after the other in one run: same GPT-2-shaped config (6
+layers, d=512, 8 heads, seq 256, batch 8 pairs), the same real movie-review pairs, the same
+steps, reference log-probs precomputed on both sides (our pipeline caches them as a dataset;
+TRL's precompute_ref_log_probs) and, for TRL, also its default of running the reference every
+step. Also: achieved training FLOP/s as a fraction of this machine's measured fp32 matmul peak.
 
 Ours runs once per ``--modes`` entry: ``compiled`` is the default configuration (the training step
 as one ``mindspore.jit`` graph, batch lengths padded to a multiple of dpo.pad_multiple = 8),

@@ -53,8 +53,8 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
-    from mindrlhf.stages.rollout import (decode_responses, experience_table, response_logprobs, sample,
-                                         score_rollout, table_arrays)
+    from mindrlhf.stages.rollout import (decode_responses, experience_table, response_logprobs, rollout_config,
+                                         sample, score_rollout, table_arrays)
 
     tok = load_tokenizer("gpt2_bpe")
     cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
@@ -66,9 +66,7 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
                     epochs=args.epochs, beta=args.beta, clip_range=args.clip, max_new_tokens=args.new_tokens,
                     iterations=args.iters + 1, compiled=compiled)
     gc.validate()
-    # rollout_config(): the policy's own distribution, no truncation
-    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                           compiled=compiled)
+    gen = rollout_config(GenerationConfig(compiled=compiled), max_new_tokens=args.new_tokens)  # as the stage
     no_eos = SimpleNamespace(pad_id=tok.pad_id, eos_id=-1)  # every sample runs new_tokens tokens, as TRL's
 
     def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
