@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from functools import lru_cache
+import uuid
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -17,63 +17,50 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mindrlhf.config import Config, from_dict
 from mindrlhf.data.store import ArtifactStore, atomic_write_bytes
-from mindrlhf.launch import run_stage
-
-REPO = Path(__file__).resolve().parents[1]
-
-# config sections (top-level keys) each stage's output depends on
-_TRAIN = ("name", "seed", "device_target", "model", "tokenizer", "parallel")
-STAGE_SECTIONS = {
-    "prepare": ("name", "data", "tokenizer"),
-    "import_weights": ("name", "device_target", "model"),
-    "sft": _TRAIN + ("sft", "generation"),
-    "rm": _TRAIN + ("rm",),
-    "ppo": _TRAIN + ("ppo", "generation"),
-    "grpo": _TRAIN + ("grpo", "generation"),
-    "reflogp": _TRAIN,  # not the dpo section: changing beta must not rerun the reference model
-    "dpo": _TRAIN + ("dpo",),
-    "online_dpo": _TRAIN + ("dpo", "online_dpo", "generation"),
-}
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """sha256 over the library and recipe sources: a code change invalidates cached stages."""
-    h = hashlib.sha256()
-    for d in ("mindrlhf", "datasets"):
-        for p in sorted((REPO / d).rglob("*.py")):
-            h.update(str(p.relative_to(REPO)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def stage_key(stage: str, cfg_dict: dict, inputs: dict) -> str:
-    sections = {k: cfg_dict[k] for k in STAGE_SECTIONS[stage]}
-    if "parallel" in sections:  # where it runs does not change what it computes; how many ranks does
-        sections["parallel"] = {"worker_num": cfg_dict["parallel"]["worker_num"]}
-    blob = json.dumps({"stage": stage, "config": sections, "inputs": inputs, "code": code_version()},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
+from mindrlhf.keys import stage_key
+from mindrlhf.launch import run_dir_lock, run_stage
 
 def _index_path(root: str, base: str) -> Path:
     return Path(root) / "cache" / f"{base}.json"
 
 
-def cache_generation(root: str, base: str) -> int:
-    """Which generation of this stage's outputs the cache may serve. A task's cached result is
-    only worth serving while the artifacts it names are present and intact; when one is missing
-    or fails its sha256 check the generation moves on, the cache misses and the stage rebuilds."""
-    idx = _index_path(root, base)
-    if not idx.exists():
-        return 0
-    rec = json.loads(idx.read_text())
+def read_index(root: str, base: str) -> dict | None:
+    """The cache index record of a stage key, or None when it is missing or unreadable."""
+    try:
+        rec = json.loads(_index_path(root, base).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("gen"), str):
+        return None
+    return rec
+
+
+def outputs_valid(root: str, outputs) -> bool:
+    """Every artifact an index record names is present in this store and passes its sha256 check."""
+    if not isinstance(outputs, dict) or not outputs:
+        return False
     store = ArtifactStore(root)
-    ok = all(store.is_valid(i) for i in rec["outputs"].values() if isinstance(i, str))
-    return rec["gen"] if ok else rec["gen"] + 1
+    return all(store.is_valid(i) for i in outputs.values() if isinstance(i, str))
 
 
-def full_key(stage: str, cfg_dict: dict, inputs: dict) -> tuple[str, str, int]:
+def cache_generation(root: str, base: str) -> str:
+    """Which generation of this stage's outputs the cache may serve. Prefect serves a cached
+    result by key alone, so the key carries a generation that is only reused while the outputs
+    it produced are present and verified. Anything else -- no index (store wiped or new), an
+    unreadable index, a missing or corrupt output -- starts a fresh random generation that no
+    cached record can match, recorded as pending until the stage writes its outputs."""
+    rec = read_index(root, base)
+    if rec is not None:
+        if rec.get("outputs") is None:  # pending: a run of this generation has not finished yet
+            return rec["gen"]
+        if outputs_valid(root, rec["outputs"]):
+            return rec["gen"]
+    gen = uuid.uuid4().hex
+    atomic_write_bytes(_index_path(root, base), json.dumps({"gen": gen, "outputs": None}).encode())
+    return gen
+
+
+def full_key(stage: str, cfg_dict: dict, inputs: dict) -> tuple[str, str, str]:
     root = str(Path(cfg_dict["store"]["root"]).resolve())
     base = stage_key(stage, cfg_dict, inputs)
     gen = cache_generation(root, base)
@@ -90,19 +77,41 @@ def run_dir_for(cfg: Config, key: str, stage: str) -> Path:
 
 
 def execute(stage: str, cfg_dict: dict, inputs: dict) -> dict:
-    """Body of every stage task: launch the stage process, stream its lines into Prefect's log."""
+    """Body of every stage task: launch the stage process, stream its lines into Prefect's log.
+    The run directory is held exclusively while the stage runs; a run that had to wait for it
+    (the same stage of the same config started twice, a schedule overlapping a manual run)
+    finds the other's finished result and returns it instead of training again."""
     logger = get_run_logger()
     cfg = from_dict(cfg_dict, "<flow config>")
+    root = str(Path(cfg.store.root).resolve())
     base, _, gen = full_key(stage, cfg_dict, inputs)
     run_dir = run_dir_for(cfg, base, stage)
-    if cfg.runner.work_pool:
+    if cfg.runner.work_pool:  # the worker that runs it holds the run directory
         result = run_on_work_pool(stage, cfg, cfg_dict, inputs, run_dir, logger)
     else:
-        result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir, log=logger.info)
-    atomic_write_bytes(_index_path(str(Path(cfg.store.root).resolve()), base),
-                       json.dumps({"gen": gen, "outputs": result.get("outputs", {})}).encode())
-    publish_prefect_artifacts(stage, cfg, result)
+        with run_dir_lock(run_dir, logger.info):
+            result = finished_result(root, run_dir)
+            if result is not None:
+                logger.info(f"{stage}: outputs of an identical run are in the store and verified; reusing them")
+            else:
+                result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir, log=logger.info, lock=False)
+            atomic_write_bytes(_index_path(root, base),
+                               json.dumps({"gen": gen, "outputs": result.get("outputs", {})}).encode())
+    try:  # the figures are a view of the result; losing the API must not lose the stage
+        publish_prefect_artifacts(stage, cfg, result)
+    except Exception as e:  # noqa: BLE001 - httpx / Prefect client errors of every kind
+        logger.warning(f"{stage}: could not publish its figures to the Prefect API ({type(e).__name__}: {e})")
     return result
+
+
+def finished_result(root: str, run_dir: Path) -> dict | None:
+    """The result an earlier run of this stage key left in its run directory, if every output it
+    names is present and verified (whatever happened to the cache index or Prefect's records)."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and outputs_valid(root, result.get("outputs")) else None
 
 
 def run_on_work_pool(stage: str, cfg: Config, cfg_dict: dict, inputs: dict, run_dir: Path, logger) -> dict:

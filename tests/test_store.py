@@ -86,3 +86,119 @@ def test_disk_full_during_checkpoint_write_leaves_store_consistent(store, monkey
     assert [p.name for p in store.objects.iterdir()] == [good.id]
     assert not list(store.tmp.iterdir())
     assert store.resolve("ck") == good.id and store.is_valid(good.id)
+
+
+def forge(store, name, files: dict, fname_to_target=None):
+    """A self-consistent artifact whose manifest lists ``files`` (name -> bytes or a callable that
+    creates the entry at a path); its id is the hash of its manifest, as a real one's."""
+    import hashlib
+    import json
+
+    from mindrlhf.data.store import canonical_json
+
+    listing = {n: {"sha256": hashlib.sha256(b"x").hexdigest(), "bytes": 1} for n in files}
+    manifest = {"format": 1, "kind": "dataset", "name": name, "files": listing, "parents": [], "meta": {}}
+    art_id = hashlib.sha256(canonical_json(manifest)).hexdigest()
+    d = store.objects / art_id
+    d.mkdir()
+    for n, make in files.items():
+        if callable(make):
+            make(d / n)
+    (d / "manifest.json").write_text(json.dumps({**manifest, "id": art_id}))
+    return art_id
+
+
+@pytest.mark.parametrize("case", ["parent_path", "absolute", "symlink", "fifo", "device_link"])
+def test_manifests_may_only_name_plain_files_inside_the_artifact(store, tmp_path, case):
+    """A manifest that hashes to its id may still list a path out of the store, or a symlink /
+    FIFO / device whose read leaves the store or never returns: every read refuses it, fast."""
+    import os
+    import time
+
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"x")
+    files = {
+        "parent_path": {"../../../outside.txt": None},
+        "absolute": {str(outside): None},
+        "symlink": {"data.arrow": lambda p: os.symlink(outside, p)},
+        "fifo": {"data.arrow": lambda p: os.mkfifo(p)},
+        "device_link": {"data.arrow": lambda p: os.symlink("/dev/zero", p)},
+    }[case]
+    art_id = forge(store, "forged", files)
+    t = time.time()
+    with pytest.raises(IntegrityError):
+        store.get(art_id)
+    assert not store.is_valid(art_id) and time.time() - t < 5
+    assert any(art_id in p for p in store.verify_all())
+
+
+def test_lookups_stay_inside_the_store(store, tmp_path):
+    """An absolute path, a path with '/', or a name with NUL is never looked up (the CLI's
+    `lineage /abs/path` used to read an unverified manifest from outside the store)."""
+    import json
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "manifest.json").write_text(json.dumps({"id": "x", "files": {}, "parents": []}))
+    for ref in (str(elsewhere), "../store/objects", "a/b", "bad\0name", ""):
+        with pytest.raises(ArtifactNotFound):
+            store.resolve(ref)
+        with pytest.raises(ArtifactNotFound):
+            store.lineage(ref)
+
+
+@pytest.mark.parametrize("name", ["team/a", "../evil", ".hidden", "-x", "a\0b", "x" * 201, "sp ace"])
+def test_bad_ref_names_are_refused_not_mangled(store, name):
+    """Names are refused, not rewritten: 'team/a' once became the ref file of 'team_a', so writing
+    one repointed the other. Nothing is written for a refused name."""
+    keep = store.write_dataset(pa.table({"a": [1]}), name="team_a")
+    with pytest.raises(ValueError, match="bad artifact name"):
+        store.write_dataset(pa.table({"a": [2]}), name=name)
+    assert store.resolve("team_a") == keep.id
+    assert [p.name for p in store.objects.iterdir()] == [keep.id] and not list(store.tmp.iterdir())
+
+
+def test_non_finite_meta_is_refused_naming_the_key(store):
+    with pytest.raises(ValueError, match=r"meta\.metrics\.loss.*finite"):
+        store.write_dataset(pa.table({"a": [1]}), name="n", meta={"metrics": {"loss": float("nan")}})
+    assert not list(store.objects.iterdir()) and not list(store.tmp.iterdir())
+
+
+def test_stray_files_are_ignored_and_reported(store):
+    a = store.write_dataset(pa.table({"a": [1]}), name="ok")
+    (store.objects / ".DS_Store").write_bytes(b"\0\0")
+    assert [x.id for x in store.list()] == [a.id]
+    assert store.verify_all() == ["objects/.DS_Store: not an artifact id (ignored by the store)"]
+
+
+def test_dead_writers_staging_is_swept_live_ones_kept(store):
+    """A kill -9 during a commit leaves tmp/stage-<pid>-*: removed once that pid is gone; a live
+    writer's staging directory is never touched."""
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = store.tmp / f"stage-{dead.pid}-deadbeef"
+    stale.mkdir()
+    (stale / "data.arrow").write_bytes(b"half")
+    live = store.stage()
+    assert f"stage-{os.getpid()}-" in live.path.name
+    assert store.sweep_tmp() == [stale.name]
+    assert live.path.exists() and not stale.exists()
+
+
+def test_verify_command_walks_every_object(tmp_path, capsys):
+    from mindrlhf.cli import main
+    from mindrlhf.data.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "s")
+    good = store.write_dataset(pa.table({"a": [1]}), name="good")
+    bad = store.write_dataset(pa.table({"a": [2]}), name="bad")
+    assert main(["verify", "--store", str(tmp_path / "s")]) == 0
+    assert "2 artifacts" in capsys.readouterr().out
+    f = bad.path / "data.arrow"
+    f.write_bytes(f.read_bytes()[:-1] + b"\0")
+    assert main(["verify", "--store", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert bad.id in out and good.id not in out and "1 problem" in out

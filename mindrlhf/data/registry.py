@@ -7,6 +7,7 @@ match the pin before anything reads it. Members are read straight from the archi
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import atomic_write_bytes, sha256_file
+from .store import atomic_write_bytes, sha256_file, fsync_dir
 
 
 @dataclass(frozen=True)
@@ -106,18 +107,75 @@ def read_nested_tar_member(key: str, outer: str, inner: str) -> bytes:
         return f.read()
 
 
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".stamp")
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        return json.loads(_stamp_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(path: Path, source: str, digest: str) -> None:
+    st = path.stat()
+    atomic_write_bytes(_stamp_path(path), json.dumps(
+        {"source": source, "sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}).encode())
+
+
+def verified_cache_file(path: Path, build, source: str) -> Path:
+    """``path``, holding what ``build()`` (bytes derived from a verified pin) returns. Trusted while
+    its stamp matches its size and mtime; otherwise re-hashed, and rebuilt if the bytes differ."""
+    stamp = _read_stamp(path)
+    if path.is_file() and stamp.get("source") == source:
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) == (stamp["size"], stamp["mtime_ns"]):
+            return path
+        if st.st_size == stamp["size"] and sha256_file(path) == stamp["sha256"]:
+            _write_stamp(path, source, stamp["sha256"])  # touched, not changed
+            return path
+        print(f"registry cache: {path} does not match what was extracted from {source}; rebuilding it",
+              file=sys.stderr, flush=True)
+    data = build()
+    atomic_write_bytes(path, data)
+    import hashlib
+
+    _write_stamp(path, source, hashlib.sha256(data).hexdigest())
+    return path
+
+
+def _unpacked_intact(root: Path, files: dict) -> bool:
+    for rel, (size, mtime_ns) in files.items():
+        p = root / rel
+        if p.is_symlink() or not p.is_file():
+            return False
+        st = p.stat()
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            return False
+    return True
+
+
 def extract_wheel(key: str) -> Path:
-    """Unpack a pinned wheel into the cache once (for code that must be imported from files)."""
+    """Unpack a pinned wheel into the cache (for code that must be imported from files). The
+    files' sizes and mtimes are recorded; any change, or a missing file, unpacks it again."""
     root = cache_dir() / f"{key}-unpacked"
     done = root / ".complete"
-    if not done.exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{key}-"))
-        with zipfile.ZipFile(fetch(key)) as z:
-            z.extractall(tmp)
-        (tmp / ".complete").write_text(PINS[key].sha256)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+    try:
+        rec = json.loads(done.read_text())
+        if rec.get("source") == PINS[key].sha256 and _unpacked_intact(root, rec["files"]):
+            return root
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{key}-"))
+    with zipfile.ZipFile(fetch(key)) as z:
+        z.extractall(tmp)
+    files = {str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns] for p in tmp.rglob("*") if p.is_file()}
+    (tmp / ".complete").write_text(json.dumps({"source": PINS[key].sha256, "files": files}))
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    fsync_dir(root.parent)
     return root
 
 
@@ -144,11 +202,9 @@ def import_from_wheel(key: str, module: str, first: tuple[str, ...] = ()):
 
 
 def extract_to_cache(key: str, member: str) -> Path:
-    """Materialise one archive member as a file in the cache (for libraries that want paths)."""
+    """Materialise one archive member as a verified file in the cache (for libraries that want paths)."""
     out = cache_dir() / key / member.replace("/", "__")
-    if not out.exists():
-        atomic_write_bytes(out, read_member(key, member))
-    return out
+    return verified_cache_file(out, lambda: read_member(key, member), f"{PINS[key].spec}:{member}")
 
 
 def main(argv: list[str] | None = None) -> None:

