@@ -15,6 +15,14 @@ def shifted_logprobs(logits, input_ids):
     return token_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
+def softplus(x):
+    """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): stable for large |x|, and built from
+    kernels that give the same bits on every call. MindSpore 2.9's CPU Softplus kernel (and
+    LogSigmoid) switches between two evaluation paths after its first few launches on small
+    tensors, 1 ulp apart, so a loss using it differed between a run and its resumed copy."""
+    return ops.relu(x) + ops.log1p(ops.exp(-ops.abs(x)))
+
+
 def masked_sum(x, mask, axis=None):
     return (x * mask).sum() if axis is None else (x * mask).sum(axis)
 

@@ -2,9 +2,8 @@
 (Mitchell 2023) variants, on summed response log-probs of policy and reference."""
 from __future__ import annotations
 
-from mindspore import ops
 
-from .common import shifted_logprobs
+from .common import shifted_logprobs, softplus
 
 
 def sequence_logps(logits, input_ids, response_mask):
@@ -22,7 +21,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss
     """
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     if loss_type == "sigmoid":
-        losses = (1.0 - label_smoothing) * ops.softplus(-beta * h) + label_smoothing * ops.softplus(beta * h)
+        losses = (1.0 - label_smoothing) * softplus(-beta * h) + label_smoothing * softplus(beta * h)
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:

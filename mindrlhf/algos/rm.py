@@ -4,6 +4,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import ops
 
+from .common import softplus
+
 
 def gather_last(values, mask):
     """values (B, T) at each row's last real token (last 1 in ``mask``; any padding side) -> (B,)."""
@@ -15,6 +17,6 @@ def gather_last(values, mask):
 
 def bradley_terry_loss(r_chosen, r_rejected):
     """Mean -log sigmoid(r_c - r_r) (as softplus(r_r - r_c), stable); returns (loss, accuracy)."""
-    loss = ops.softplus(r_rejected - r_chosen).mean()
+    loss = softplus(r_rejected - r_chosen).mean()
     acc = (r_chosen > r_rejected).astype(r_chosen.dtype).mean()
     return loss, acc

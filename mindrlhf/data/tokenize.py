@@ -49,16 +49,39 @@ def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len
 
 
 def round_up(n: int, multiple: int) -> int:
-    """``n`` padded up to a multiple: a compiled step sees a few lengths instead of every one."""
     return -(-n // multiple) * multiple
 
 
-def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:
-    """Chosen rows then rejected rows, right-padded to one length (a multiple of ``multiple``): (2B, T)."""
+def bucket_length(n: int, multiple: int, cap: int | None = None) -> int:
+    """The length a batch whose longest row has ``n`` tokens is padded to. ``multiple`` 1: ``n``.
+    Otherwise the first rung at or above ``n`` of a ladder on the multiple that grows by about half
+    each rung (8, 16, 24, 40, 64, 96, 144, 216, 328, ... for 8), held at ``cap`` when ``n`` fits it:
+    a compiled step compiles once per length, and 9 rungs cover 8..320 tokens where multiples of 8
+    would be 40 graphs, for at most half a batch of padding."""
+    if multiple <= 1:
+        return n
+    b = multiple
+    while b < n:
+        b = round_up(-(-3 * b // 2), multiple)
+    if cap is not None and b > cap >= n:
+        b = cap
+    return b
+
+
+def longest_row(table: pa.Table, *columns: str) -> int:
+    """The most tokens in any row of ``columns``: the cap of a stage's batch lengths."""
+    import pyarrow.compute as pc
+
+    return max(int(pc.max(pc.list_value_length(table.column(c))).as_py() or 0) for c in columns)
+
+
+def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1,
+               cap: int | None = None) -> dict[str, np.ndarray]:
+    """Chosen rows then rejected rows, right-padded to one :func:`bucket_length`: (2B, T)."""
     sub = table.take(pa.array(idx))
     rows = sub.column("chosen_ids").to_pylist() + sub.column("rejected_ids").to_pylist()
     plen = sub.column("prompt_len").to_numpy()
-    t = round_up(max(len(r) for r in rows), multiple)
+    t = bucket_length(max(len(r) for r in rows), multiple, cap)
     resp = np.zeros((len(rows), t), np.float32)
     for i, r in enumerate(rows):
         resp[i, plen[i % len(plen)]:len(r)] = 1.0
@@ -82,11 +105,12 @@ def right_pad(rows: list[list[int]], pad: int, length: int | None = None, dtype=
     return out
 
 
-def sft_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:
+def sft_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1,
+              cap: int | None = None) -> dict[str, np.ndarray]:
     sub = table.take(pa.array(idx))
     ids = sub.column("input_ids").to_pylist()
     lm = sub.column("loss_mask").to_pylist()
-    t = round_up(max(len(r) for r in ids), multiple)
+    t = bucket_length(max(len(r) for r in ids), multiple, cap)
     return {
         "input_ids": right_pad(ids, pad_id, t),
         "attention_mask": right_pad([[1] * len(r) for r in ids], 0, t),

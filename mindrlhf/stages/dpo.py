@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..algos.dpo import dpo_loss, preference_accuracy, sequence_logps
-from ..data.tokenize import pair_batch
+from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
 from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
@@ -72,17 +72,18 @@ def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: 
 
     dc = dc or ctx.cfg.dpo
     trainer = Trainer(policy.trainable_params(), make_dpo_loss(policy, dc), dc, ctx.dist, steps)
-    ckpts = RunCheckpoints(ctx.run_dir)
+    ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"policy": policy}, {"policy": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history = state.get("history", history or [])
+    longest = longest_row(train, "chosen_ids", "rejected_ids")
     ref_c = ref.column("ref_chosen_logp").to_numpy()
     ref_r = ref.column("ref_rejected_logp").to_numpy()
     policy.set_train(True)
-    window = []
+    window = state.get("window", [])  # losses since the last log line: part of the resumed state
     for step in range(start, steps):
         idx = shard(epoch_order(train.num_rows, step, dc.batch_size, seed), ctx.dist)
-        bt = pair_batch(train, idx, tok.pad_id, dc.pad_to)
+        bt = pair_batch(train, idx, tok.pad_id, dc.pad_to, longest)
         loss, gnorm, (acc, margin) = trainer.step(
             Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["response_mask"]),
             Tensor(ref_c[idx]), Tensor(ref_r[idx]))
@@ -95,7 +96,7 @@ def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: 
             history.append(row)
             window = []
         if done % dc.ckpt_every == 0 and done < steps and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history})
+            save_training_state(ckpts, done, models, trainers, {"history": history, "window": window})
             ctx.log(f"checkpoint at step {done}")
     policy.set_train(False)
     return history

@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> None:
     batch = gc.prompts_per_iter * gc.group_size
     trainer = Trainer(policy.trainable_params(), loss_fn, gc, ctx.dist,
                       gc.iterations * gc.epochs * (batch // gc.mini_batch))
-    ckpts = RunCheckpoints(ctx.run_dir)
+    ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"policy": policy}, {"policy": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history, experience_ids = state.get("history", []), state.get("experience", [])

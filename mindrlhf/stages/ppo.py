@@ -123,7 +123,7 @@ def run(ctx: StageContext) -> None:
     t_critic = Trainer(critic.trainable_params(), critic_loss, critic_opt, ctx.dist, updates)
     kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
               else FixedKLController(pc.kl_coef))
-    ckpts = RunCheckpoints(ctx.run_dir)
+    ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"actor": actor, "critic": critic}, {"actor": t_actor, "critic": t_critic}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history, experience_ids = state.get("history", []), state.get("experience", [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..algos.rm import bradley_terry_loss, gather_last
-from ..data.tokenize import pair_batch
+from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import ScalarHeadModel, backbone_state, load_state_dict, state_dict
 from ..parallel import apply_parallel
@@ -74,7 +74,7 @@ def run(ctx: StageContext) -> None:
         return bradley_terry_loss(r[:k], r[k:])
 
     trainer = Trainer(model.trainable_params(), loss_fn, rc, ctx.dist, rc.steps)
-    ckpts = RunCheckpoints(ctx.run_dir)
+    ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"model": model}, {"model": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history = state.get("history", [])
@@ -84,10 +84,11 @@ def run(ctx: StageContext) -> None:
         history.append({"step": 0, "heldout_accuracy": before["accuracy"]})
         ctx.metric(step=0, heldout_accuracy=before["accuracy"], heldout_loss=before["loss"])
     model.set_train(True)
-    window = []
+    longest = longest_row(train, "chosen_ids", "rejected_ids")
+    window = state.get("window", [])  # losses since the last log line: part of the resumed state
     for step in range(start, rc.steps):
         idx = shard(epoch_order(train.num_rows, step, rc.batch_size, cfg.seed + 1), ctx.dist)
-        bt = pair_batch(train, idx, tok.pad_id, rc.pad_to)
+        bt = pair_batch(train, idx, tok.pad_id, rc.pad_to, longest)
         loss, gnorm, acc = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]))
         window.append((loss, float(acc.asnumpy())))
         done = step + 1
@@ -97,7 +98,7 @@ def run(ctx: StageContext) -> None:
             history.append({"step": done, "loss": float(l), "accuracy": float(a)})
             window = []
         if done % rc.ckpt_every == 0 and done < rc.steps and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history})
+            save_training_state(ckpts, done, models, trainers, {"history": history, "window": window})
             ctx.log(f"checkpoint at step {done}")
 
     model.set_train(False)

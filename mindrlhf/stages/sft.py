@@ -13,7 +13,7 @@ import numpy as np
 
 from ..algos.sft import sft_loss
 from ..data.schema import validate_table
-from ..data.tokenize import sft_batch
+from ..data.tokenize import longest_row, sft_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, load_state_dict, state_dict
 from ..models.generation import generate, left_pad
@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> None:
         return loss, loss
 
     trainer = Trainer(model.trainable_params(), loss_fn, sc, ctx.dist, sc.steps)
-    ckpts = RunCheckpoints(ctx.run_dir)
+    ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"model": model}, {"model": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history = state.get("history", [])
@@ -77,11 +77,12 @@ def run(ctx: StageContext) -> None:
         ctx.metric(step=0, heldout_loss=loss0)
 
     model.set_train(True)
-    window = []
+    longest = longest_row(train, "input_ids")
+    window = state.get("window", [])  # losses since the last log line: part of the resumed state
     t_train = time.perf_counter()
     for step in range(start, sc.steps):
         global_idx = epoch_order(train.num_rows, step, sc.batch_size, cfg.seed)
-        bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id, sc.pad_to)
+        bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id, sc.pad_to, longest)
         tokens = sum(sum(m[1:]) for m in train.column("loss_mask").take(global_idx).to_pylist())
         denom = Tensor(np.float32(max(tokens, 1) / ctx.dist.size))
         loss, gnorm, _ = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]),
@@ -93,7 +94,7 @@ def run(ctx: StageContext) -> None:
             history.append({"step": done, "loss": float(np.mean(window))})
             window = []
         if done % sc.ckpt_every == 0 and done < sc.steps and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history})
+            save_training_state(ckpts, done, models, trainers, {"history": history, "window": window})
             ctx.log(f"checkpoint at step {done}")
 
     train_seconds = time.perf_counter() - t_train

@@ -1,0 +1,67 @@
+"""Every stage that resumes, killed with SIGKILL right after a working checkpoint, resumes from
+that step and ends with the artifact ids of an uninterrupted run: weights, optimizer moments,
+the learning-rate warm-up position, the logging window and the history all come back. The
+intervals are chosen to bite: warm-up longer than the kill point, checkpoints every 3 steps
+and log lines every 2, so a restarted window or warm-up changes the manifest."""
+import signal
+
+import pytest
+
+from mindrlhf.config import load_config
+from mindrlhf.launch import StageFailed, run_stage
+from mindrlhf.stages.common import KILL_AFTER_CKPT
+from conftest import tiny_full_overrides
+
+KILL_AT = 3
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    over = tiny_full_overrides(root)
+    common = {"warmup_steps": 4, "ckpt_every": KILL_AT}
+    over["sft"].update(steps=7, log_every=2, **common)
+    over["rm"].update(steps=7, log_every=2, **common)
+    over["dpo"].update(steps=7, log_every=2, **common)
+    over["ppo"].update(iterations=4, **common)
+    over["grpo"].update(iterations=4, **common)
+    over["online_dpo"].update(steps_per_round=5)
+    cfg = load_config("demo", over)
+    quiet = dict(log=lambda s: None)
+    d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", **quiet)["outputs"]
+    sft = run_stage("sft", cfg, {"train": d["sft_train"], "heldout": d["sft_heldout"]}, root,
+                    root / "runs" / "sft", **quiet)["outputs"]["checkpoint"]
+    rm = run_stage("rm", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft}, root,
+                   root / "runs" / "rm", **quiet)["outputs"]["checkpoint"]
+    ref = run_stage("reflogp", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft},
+                    root, root / "runs" / "reflogp", **quiet)["outputs"]
+    inputs = {
+        "sft": {"train": d["sft_train"], "heldout": d["sft_heldout"]},
+        "rm": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
+        "dpo": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft,
+                "ref_train": ref["train"], "ref_heldout": ref["heldout"]},
+        "ppo": {"prompts": d["prompts_movie_reviews_train"], "heldout": d["prompts_movie_reviews_heldout"],
+                "sft": sft, "rm": rm},
+        "grpo": {"prompts": d["prompts_arithmetic_train"], "heldout": d["prompts_arithmetic_heldout"], "sft": sft},
+        "online_dpo": {"policy": sft, "reference": sft, "rm": rm, "round": 0,
+                       "prompts": d["prompts_movie_reviews_train"], "heldout": d["prompts_movie_reviews_heldout"]},
+    }
+    return root, cfg, inputs
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo", "online_dpo"])
+def test_kill_after_checkpoint_then_resume_gives_identical_ids(chain, tmp_path, stage):
+    root, cfg, inputs = chain
+    clean = run_stage(stage, cfg, inputs[stage], root, tmp_path / "clean", log=lambda s: None)
+
+    crash = tmp_path / "crash"
+    with pytest.raises(StageFailed) as e:
+        run_stage(stage, cfg, inputs[stage], root, crash, log=lambda s: None, env={KILL_AFTER_CKPT: str(KILL_AT)})
+    assert e.value.returncode == -signal.SIGKILL
+    assert "killed by SIGKILL" in str(e.value) and "peak RSS" in str(e.value)
+    assert (crash / f"ckpt-{KILL_AT}").is_dir() and not (crash / "result.json").exists()
+
+    lines = []
+    resumed = run_stage(stage, cfg, inputs[stage], root, crash, log=lines.append)
+    assert any(f"resuming from step {KILL_AT}" in ln for ln in lines), "the rerun did not resume"
+    assert resumed["outputs"] == clean["outputs"]
