@@ -7,6 +7,7 @@ naming the file and the dotted key (``sft.lr``), before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +54,17 @@ class ModelConfig:
     init_std: float = 0.02
     init: str = ""  # "" trains from a seeded random init; "gguf:smollm2" imports the pinned SmolLM2 weights
 
-    def validate(self):
+    def validate(self, p: str = ""):
         if self.init not in ("", "gguf:smollm2"):
-            raise ValueError(f"init must be '' or 'gguf:smollm2', got {self.init!r}")
+            raise ValueError(f"{p}init must be '' or 'gguf:smollm2', got {self.init!r}")
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            _positive(getattr(self, k), k)
+            _positive(getattr(self, k), p + k)
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(f"{p}d_model ({self.d_model}) must be divisible by {p}n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+            raise ValueError(f"{p}n_heads ({self.n_heads}) must be divisible by {p}n_kv_heads ({self.kv_heads})")
         if self.family == "llama" and self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+            raise ValueError(f"{p}d_model / {p}n_heads (head_dim {self.head_dim}) must be even for RoPE")
 
     @property
     def kv_heads(self) -> int:
@@ -109,23 +110,23 @@ class DataConfig:
     gsm_size: int = 2000  # gsm_symbolic word problems drawn from reasoning-gym's templates
     gsm_seed: int = 42
 
-    def validate(self):
+    def validate(self, p: str = ""):
         if not self.recipes:
-            raise ValueError("recipes must name at least one dataset recipe")
+            raise ValueError(f"{p}recipes must name at least one dataset recipe")
         for r in self.recipes:
             if r not in RECIPES:
-                raise ValueError(f"recipes: unknown recipe {r!r} (known: {', '.join(RECIPES)})")
-        _positive(self.max_prompt_len, "max_prompt_len")
-        _positive(self.pairs, "pairs")
-        _non_negative(self.pair_margin, "pair_margin")
-        _positive(self.arithmetic_size, "arithmetic_size")
-        _positive(self.arithmetic_digits, "arithmetic_digits")
-        _positive(self.gsm_size, "gsm_size")
+                raise ValueError(f"{p}recipes: unknown recipe {r!r} (known: {', '.join(RECIPES)})")
+        _positive(self.max_prompt_len, p + "max_prompt_len")
+        _positive(self.pairs, p + "pairs")
+        _non_negative(self.pair_margin, p + "pair_margin")
+        _positive(self.arithmetic_size, p + "arithmetic_size")
+        _positive(self.arithmetic_digits, p + "arithmetic_digits")
+        _positive(self.gsm_size, p + "gsm_size")
         if self.max_len <= self.max_prompt_len:
-            raise ValueError(f"max_len ({self.max_len}) must exceed max_prompt_len ({self.max_prompt_len})")
+            raise ValueError(f"{p}max_len ({self.max_len}) must exceed {p}max_prompt_len ({self.max_prompt_len})")
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        _non_negative(self.limit, "limit")
+            raise ValueError(f"{p}heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _non_negative(self.limit, p + "limit")
 
 
 @dataclass
@@ -139,12 +140,12 @@ class OptimConfig:
     compiled: bool = True
     pad_multiple: int = 8
 
-    def validate(self):
-        _positive(self.lr, "lr")
-        _positive(self.pad_multiple, "pad_multiple")
-        _non_negative(self.weight_decay, "weight_decay")
-        _non_negative(self.warmup_steps, "warmup_steps")
-        _non_negative(self.grad_clip, "grad_clip")
+    def validate(self, p: str = ""):
+        _positive(self.lr, p + "lr")
+        _positive(self.pad_multiple, p + "pad_multiple")
+        _non_negative(self.weight_decay, p + "weight_decay")
+        _non_negative(self.warmup_steps, p + "warmup_steps")
+        _non_negative(self.grad_clip, p + "grad_clip")
 
     @property
     def pad_to(self) -> int:
@@ -160,11 +161,11 @@ class SFTConfig(OptimConfig):
     log_every: int = 10
     eval_batches: int = 4
 
-    def validate(self):
-        super().validate()
+    def validate(self, p: str = ""):
+        super().validate(p)
         for k in ("batch_size", "steps", "ckpt_every", "log_every"):
-            _positive(getattr(self, k), k)
-        _non_negative(self.eval_batches, "eval_batches")
+            _positive(getattr(self, k), p + k)
+        _positive(self.eval_batches, p + "eval_batches")
 
 
 @dataclass
@@ -176,10 +177,10 @@ class RMConfig(OptimConfig):
     log_every: int = 10
     normalize: bool = True  # store mean/std of rewards on held-out responses; consumers standardise
 
-    def validate(self):
-        super().validate()
+    def validate(self, p: str = ""):
+        super().validate(p)
         for k in ("batch_size", "steps", "ckpt_every", "log_every"):
-            _positive(getattr(self, k), k)
+            _positive(getattr(self, k), p + k)
 
 
 @dataclass
@@ -206,21 +207,22 @@ class PPOConfig(OptimConfig):
     ckpt_every: int = 5
     eval_prompts: int = 64
 
-    def validate(self):
-        super().validate()
-        _positive(self.critic_lr, "critic_lr")
+    def validate(self, p: str = ""):
+        super().validate(p)
+        _positive(self.critic_lr, p + "critic_lr")
         for k in ("iterations", "rollout_batch", "mini_batch", "ppo_epochs", "ckpt_every", "eval_prompts",
                   "kl_horizon"):
-            _positive(getattr(self, k), k)
+            _positive(getattr(self, k), p + k)
         if self.rollout_batch % self.mini_batch:
-            raise ValueError(f"rollout_batch ({self.rollout_batch}) must be divisible by mini_batch ({self.mini_batch})")
-        _unit(self.gamma, "gamma")
-        _unit(self.lam, "lam")
-        _positive(self.clip_range, "clip_range")
-        _positive(self.clip_range_value, "clip_range_value")
-        _non_negative(self.kl_coef, "kl_coef")
-        _positive(self.kl_target, "kl_target")
-        _positive(self.score_clip, "score_clip")
+            raise ValueError(f"{p}rollout_batch ({self.rollout_batch}) must be divisible by {p}mini_batch "
+                             f"({self.mini_batch})")
+        _unit(self.gamma, p + "gamma")
+        _unit(self.lam, p + "lam")
+        _positive(self.clip_range, p + "clip_range")
+        _positive(self.clip_range_value, p + "clip_range_value")
+        _non_negative(self.kl_coef, p + "kl_coef")
+        _positive(self.kl_target, p + "kl_target")
+        _positive(self.score_clip, p + "score_clip")
 
 
 @dataclass
@@ -239,17 +241,17 @@ class GRPOConfig(OptimConfig):
     ckpt_every: int = 5
     eval_prompts: int = 64
 
-    def validate(self):
-        super().validate()
+    def validate(self, p: str = ""):
+        super().validate(p)
         for k in ("iterations", "prompts_per_iter", "group_size", "mini_batch", "epochs", "max_new_tokens",
                   "ckpt_every", "eval_prompts"):
-            _positive(getattr(self, k), k)
+            _positive(getattr(self, k), p + k)
         if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
+            raise ValueError(f"{p}group_size must be >= 2 (advantages are relative within a group)")
         if (self.prompts_per_iter * self.group_size) % self.mini_batch:
-            raise ValueError("prompts_per_iter * group_size must be divisible by mini_batch")
-        _positive(self.clip_range, "clip_range")
-        _non_negative(self.beta, "beta")
+            raise ValueError(f"{p}prompts_per_iter * {p}group_size must be divisible by {p}mini_batch")
+        _positive(self.clip_range, p + "clip_range")
+        _non_negative(self.beta, p + "beta")
 
 
 @dataclass
@@ -263,13 +265,13 @@ class DPOConfig(OptimConfig):
     ckpt_every: int = 50
     log_every: int = 10
 
-    def validate(self):
-        super().validate()
-        _positive(self.beta, "beta")
+    def validate(self, p: str = ""):
+        super().validate(p)
+        _positive(self.beta, p + "beta")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ValueError(f"{p}label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for k in ("batch_size", "steps", "ckpt_every", "log_every"):
-            _positive(getattr(self, k), k)
+            _positive(getattr(self, k), p + k)
 
 
 @dataclass
@@ -282,10 +284,10 @@ class OnlineDPOConfig:
     lr: float = 1e-4  # on-policy pairs are few and correlated: a gentler step than offline DPO
     eval_prompts: int = 64
 
-    def validate(self):
+    def validate(self, p: str = ""):
         for k in ("rounds", "prompts_per_round", "steps_per_round", "eval_prompts"):
-            _positive(getattr(self, k), k)
-        _positive(self.lr, "lr")
+            _positive(getattr(self, k), p + k)
+        _positive(self.lr, p + "lr")
 
 
 @dataclass
@@ -298,12 +300,12 @@ class GenerationConfig:
     # decode steps as one compiled graph over a fixed-size KV cache (see models/generation.py)
     compiled: bool = True
 
-    def validate(self):
-        _positive(self.max_new_tokens, "max_new_tokens")
-        _positive(self.temperature, "temperature")
-        _non_negative(self.top_k, "top_k")
+    def validate(self, p: str = ""):
+        _positive(self.max_new_tokens, p + "max_new_tokens")
+        _positive(self.temperature, p + "temperature")
+        _non_negative(self.top_k, p + "top_k")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"{p}top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -330,33 +332,33 @@ class ParallelConfig:
     optimizer_shard: bool = False
     recompute: bool = False
 
-    def validate(self):
-        _positive(self.worker_num, "worker_num")
-        _positive(self.local_worker_num, "local_worker_num")
+    def validate(self, p: str = ""):
+        _positive(self.worker_num, p + "worker_num")
+        _positive(self.local_worker_num, p + "local_worker_num")
         if self.local_worker_num > self.worker_num:
-            raise ValueError("local_worker_num must be <= worker_num")
+            raise ValueError(f"{p}local_worker_num must be <= {p}worker_num")
         if self.worker_num % self.local_worker_num:
-            raise ValueError(f"worker_num ({self.worker_num}) must be a multiple of local_worker_num "
+            raise ValueError(f"{p}worker_num ({self.worker_num}) must be a multiple of {p}local_worker_num "
                              f"({self.local_worker_num}): every node runs the same number of workers")
         if self.node_rank >= self.worker_num // self.local_worker_num:
-            raise ValueError(f"node_rank ({self.node_rank}) must be below the node count "
+            raise ValueError(f"{p}node_rank ({self.node_rank}) must be below the node count "
                              f"({self.worker_num // self.local_worker_num})")
         for k in ("data_parallel", "model_parallel", "pipeline_stages", "micro_batches"):
-            _positive(getattr(self, k), k)
+            _positive(getattr(self, k), p + k)
         if self.mode == "semi_auto":
             prod = self.data_parallel * self.model_parallel * self.pipeline_stages
             if prod != self.worker_num:
                 raise ValueError(
-                    f"data_parallel ({self.data_parallel}) x model_parallel ({self.model_parallel}) x "
-                    f"pipeline_stages ({self.pipeline_stages}) = {prod} must equal worker_num ({self.worker_num})")
+                    f"{p}data_parallel ({self.data_parallel}) x {p}model_parallel ({self.model_parallel}) x "
+                    f"{p}pipeline_stages ({self.pipeline_stages}) = {prod} must equal {p}worker_num ({self.worker_num})")
             if self.pipeline_stages > 1 and self.micro_batches < self.pipeline_stages:
-                raise ValueError(f"micro_batches ({self.micro_batches}) must be >= pipeline_stages "
+                raise ValueError(f"{p}micro_batches ({self.micro_batches}) must be >= {p}pipeline_stages "
                                  f"({self.pipeline_stages}) to keep every stage busy")
         elif (self.model_parallel, self.pipeline_stages) != (1, 1):
-            raise ValueError("model_parallel and pipeline_stages need mode: semi_auto")
+            raise ValueError(f"{p}model_parallel and {p}pipeline_stages need {p}mode: semi_auto")
         if not 0 < self.master_port < 65536:
-            raise ValueError(f"master_port must be a TCP port, got {self.master_port}")
-        _non_negative(self.node_rank, "node_rank")
+            raise ValueError(f"{p}master_port must be a TCP port, got {self.master_port}")
+        _non_negative(self.node_rank, p + "node_rank")
 
 
 STAGES = ("prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo")
@@ -367,12 +369,12 @@ NEEDS = {"sft": "prepare", "rm": "sft", "ppo": "rm", "grpo": "sft", "dpo": "sft"
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
-    def validate(self):
+    def validate(self, p: str = ""):
         for s in self.stages:
             if s not in STAGES:
-                raise ValueError(f"stages: unknown stage {s!r} (known: {', '.join(STAGES)})")
+                raise ValueError(f"{p}stages: unknown stage {s!r} (known: {', '.join(STAGES)})")
             if s in NEEDS and NEEDS[s] not in self.stages:
-                raise ValueError(f"stages: {s} needs {NEEDS[s]}")
+                raise ValueError(f"{p}stages: {s} needs {NEEDS[s]}")
 
 
 @dataclass
@@ -389,6 +391,23 @@ class RunnerConfig:
 @dataclass
 class StoreConfig:
     root: str = "artifacts"
+
+
+@dataclass
+class ResourcesConfig:
+    """What a stage process may use on its host. None of it changes what a stage computes (a
+    graph evicted and compiled again is the same graph), so none of it is in a cache key."""
+    memory_gb: float = 0.0  # 0: this host's physical RAM; stages that cannot fit are refused before starting
+    # compiled graphs are released, least recently used first, when a stage process's resident
+    # memory would pass this fraction of memory_gb with one more
+    graph_memory_fraction: float = 0.6
+    max_graphs: int = 16  # compiled graphs kept live per stage process
+
+    def validate(self, p: str = ""):
+        _non_negative(self.memory_gb, p + "memory_gb")
+        if not 0.0 < self.graph_memory_fraction <= 1.0:
+            raise ValueError(f"{p}graph_memory_fraction must be in (0, 1], got {self.graph_memory_fraction}")
+        _positive(self.max_graphs, p + "max_graphs")
 
 
 @dataclass
@@ -410,8 +429,26 @@ class Config:
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def validate(self):
+        from .data.store import check_name
+
+        try:  # every artifact name starts with it
+            check_name(self.name)
+        except ValueError as e:
+            raise ValueError(f"name: {e}") from None
+        seq, prompt = self.model.max_seq_len, self.data.max_prompt_len
+        if self.data.max_len > seq:
+            raise ValueError(f"data.max_len ({self.data.max_len}) must be <= model.max_seq_len ({seq}): "
+                             "training rows are that long")
+        for key, new in (("generation.max_new_tokens", self.generation.max_new_tokens),
+                         ("grpo.max_new_tokens", self.grpo.max_new_tokens)):
+            if key.startswith("grpo") and "grpo" not in self.pipeline.stages:
+                continue
+            if prompt + new > seq:
+                raise ValueError(f"data.max_prompt_len ({prompt}) + {key} ({new}) = {prompt + new} must be <= "
+                                 f"model.max_seq_len ({seq}): a prompt and its sampled response must fit the model")
         if self.parallel.mode == "semi_auto" and self.device_target != "Ascend":
             raise ValueError("parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "
                              "on CPU use data_parallel")
@@ -448,6 +485,9 @@ class Config:
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(value: Any, tp, key: str):
@@ -489,6 +529,8 @@ def _coerce(value: Any, tp, key: str):
             raise ValueError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as text; it is meant as a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):
@@ -513,11 +555,10 @@ def _build(cls, data: dict, prefix: str = ""):
         where = f"{prefix}.{k}" if prefix else k
         kwargs[k] = _coerce(v, hints[k], where)
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        try:
-            obj.validate()
-        except ValueError as e:
-            raise ValueError(f"{prefix}: {e}" if prefix else str(e)) from None
+    if prefix and hasattr(obj, "validate"):  # a section: its messages name each key as <section>.<key>
+        obj.validate(f"{prefix}.")
+    elif hasattr(obj, "validate"):
+        obj.validate()
     return obj
 
 
@@ -529,6 +570,14 @@ def _merge(base: dict, over: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def section_from_dict(cls, data: dict, key: str, source: str):
+    """One section (e.g. a manifest's ``model``) checked as the config file's would be."""
+    try:
+        return _build(cls, data, key)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -550,10 +599,14 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         p = CONFIG_DIR / f"{path}.yaml"
     if not p.exists():
         raise ConfigError(f"{path}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a config file (a directory or a special file)")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     if overrides:

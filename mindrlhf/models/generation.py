@@ -23,6 +23,7 @@ import numpy as np
 from mindspore import Tensor
 
 from ..config import GenerationConfig
+from ..graphs import POOL
 from .decoder import frozen_head, graph_cache
 
 
@@ -145,7 +146,8 @@ def _step_graph(model, batch: int, length: int):
     object and shape with its own StaticCache: graphs are cached by the jitted function, so a new
     closure per call would compile again every time. Parameters, the model's and the cache's, are
     read live (the transposed head copy of the eager path is not used: a tensor attribute would
-    be frozen into the graph, and the graph's MatMul(transpose_b) costs no more)."""
+    be frozen into the graph, and the graph's MatMul(transpose_b) costs no more). When the graph
+    pool releases the graph, its cache goes with it."""
     per_model = graph_cache(model, "_decode_graphs")
     if (batch, length) not in per_model:
         import mindspore as ms
@@ -168,11 +170,14 @@ def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
     step, cache = _step_graph(model, *seq.shape)
     cache.fill(presents)
     first = logits.asnumpy()[:, -1]
+    graphs = graph_cache(model, "_decode_graphs")
+    key = (id(model), *seq.shape)
 
     def next_logits(t):
         if t == 0:
             return first
         cur = p + t
-        return step(Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32))).asnumpy()
+        args = (Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32)))
+        return POOL.call("decode", key, step, *args, on_release=lambda: graphs.pop(seq.shape, None)).asnumpy()
 
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -22,7 +23,11 @@ import numpy as np
 
 from ..config import Config, OptimConfig, from_dict
 from ..data.store import ArtifactStore, atomic_write_bytes, fsync_dir
+from ..graphs import POOL
 from ..runtime import Dist, init_runtime
+
+
+KILL_AFTER_CKPT = "MINDRLHF_KILL_AFTER_CKPT"  # tests: the stage SIGKILLs itself once this step is saved
 
 
 class NumericalError(RuntimeError):
@@ -41,6 +46,13 @@ class StageContext:
     spec: dict = field(default_factory=dict)
     t0: float = field(default_factory=time.time)
 
+    @property
+    def key(self) -> str:
+        """The stage key of this computation (keys.stage_key): working checkpoints carry it."""
+        from ..keys import stage_key
+
+        return stage_key(self.name, self.spec["config"], self.inputs)
+
     def log(self, msg: str) -> None:
         if self.dist.is_main:
             print(f"[{self.name}] {msg}", flush=True)
@@ -55,7 +67,7 @@ class StageContext:
         if not self.dist.is_main:
             return
         result = {"stage": self.name, "outputs": outputs, "metrics": metrics,
-                  "seconds": round(time.time() - self.t0, 2), **extra}
+                  "seconds": round(time.time() - self.t0, 2), "graphs": POOL.stats(), **extra}
         atomic_write_bytes(self.out, json.dumps(result, indent=1, default=float).encode())
         self.log(f"done in {result['seconds']}s -> {outputs}")
 
@@ -65,14 +77,25 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
     ap.add_argument("--spec", required=True, help="JSON with config, inputs, store_root, run_dir")
     ap.add_argument("--out", required=True, help="where to write the result JSON")
     args = ap.parse_args(argv)
+    from ..launch import watch_launcher
+
+    watch_launcher()  # exit with the launcher rather than outlive it
     spec = json.loads(Path(args.spec).read_text())
     cfg = from_dict(spec["config"], spec.get("config_source", args.spec))
     dist = init_runtime(cfg.device_target, cfg.seed, cfg.parallel) if mindspore else Dist()
+    from ..graphs import configure_from
+    from ..preflight import host_memory_bytes
+
+    configure_from(cfg.resources, host_memory_bytes(cfg), log=lambda s: print(f"[{name}] {s}", flush=True))
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name, cfg, spec.get("inputs", {}), ArtifactStore(spec["store_root"]), run_dir, dist,
                        Path(args.out), spec)
     ctx.log(f"rank {dist.rank}/{dist.size} pid {os.getpid()} run_dir {run_dir}")
+    if dist.is_main:
+        swept = ctx.store.sweep_tmp()
+        if swept:
+            ctx.log(f"removed {len(swept)} staging director(ies) left by killed writers: {', '.join(swept[:5])}")
     return ctx
 
 
@@ -91,18 +114,32 @@ def stage_main(name: str, run, mindspore: bool = True) -> None:
 class RunCheckpoints:
     """``run_dir/ckpt-<step>/`` directories, each complete or absent (staged and renamed)."""
 
-    def __init__(self, run_dir: Path, keep: int = 2):
+    def __init__(self, run_dir: Path, key: str = "", keep: int = 2):
         self.dir = Path(run_dir)
+        self.key = key  # only checkpoints written by the same computation are resumed from
         self.keep = keep
+        self.foreign: set[str] = set()
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Temporaries of an attempt that died while writing or dropping a checkpoint (ENOSPC,
+        kill -9). The run directory has one owner at a time (launch.run_dir_lock): they are ours."""
+        for p in [*self.dir.glob(".tmp-ckpt-*"), *self.dir.glob(".trash-*")]:
+            shutil.rmtree(p, ignore_errors=True)
 
     def steps(self) -> list[int]:
         out = []
         for p in self.dir.glob("ckpt-*"):
-            if (p / "state.json").exists():
-                try:
-                    out.append(int(p.name.split("-", 1)[1]))
-                except ValueError:
-                    pass
+            try:
+                step = int(p.name.split("-", 1)[1])
+                key = json.loads((p / "state.json").read_text()).get("key", "")
+            except (ValueError, OSError):
+                continue
+            if key == self.key:
+                out.append(step)
+            elif p.name not in self.foreign:
+                self.foreign.add(p.name)
+                print(f"ignoring {p}: written by another configuration or code version", file=sys.stderr, flush=True)
         return sorted(out)
 
     def save(self, step: int, files: dict[str, dict[str, np.ndarray]], state: dict) -> Path:
@@ -110,11 +147,16 @@ class RunCheckpoints:
 
         tmp = self.dir / f".tmp-ckpt-{step}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        for stem, tensors in files.items():
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
-            with open(tmp / f"{stem}.safetensors", "rb+") as fh:
-                os.fsync(fh.fileno())
-        atomic_write_bytes(tmp / "state.json", json.dumps({"step": step, **state}, default=float).encode())
+        try:
+            for stem, tensors in files.items():
+                save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
+                with open(tmp / f"{stem}.safetensors", "rb+") as fh:
+                    os.fsync(fh.fileno())
+            atomic_write_bytes(tmp / "state.json",
+                               json.dumps({"step": step, "key": self.key, **state}, default=float).encode())
+        except BaseException:  # disk full, interrupted: no half checkpoint stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         dest = self.dir / f"ckpt-{step}"
         if dest.exists():
             self._drop(dest)
@@ -122,6 +164,8 @@ class RunCheckpoints:
         fsync_dir(self.dir)
         for old in self.steps()[:-self.keep]:
             self._drop(self.dir / f"ckpt-{old}")
+        if os.environ.get(KILL_AFTER_CKPT) == str(step):  # fault injection for the resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
         return dest
 
     def _drop(self, path: Path) -> None:
@@ -239,7 +283,7 @@ class Trainer:
         # optimizer no longer reads, and every later step kept the first step's (warm-up) rate
         ops.assign(self.opt.learning_rate, Tensor(np.float32(self.lr_at(self.step_num))))
         if self.graph is not None:
-            loss, aux, gnorm = self.graph(*args)
+            loss, aux, gnorm = POOL.call("train", (id(self), *_shape_key(args)), self.graph, *args)
             loss_v, gnorm_v = float(loss.asnumpy()), float(gnorm.asnumpy())
         else:
             loss, aux, grads = self._grads(*args)
@@ -266,6 +310,11 @@ class Trainer:
         for n, p in self.opt.parameters_and_names():
             if n in tensors:
                 ops.assign(p, Tensor(tensors[n]).astype(p.dtype))  # in place, as load_state_dict
+
+
+def _shape_key(args) -> tuple:
+    """What a graph is specialised to: tensor shapes and dtypes, and Python values (constants)."""
+    return tuple((tuple(a.shape), str(a.dtype)) if hasattr(a, "shape") else a for a in args)
 
 
 def global_mean(value: float, dist: Dist) -> float:

@@ -11,7 +11,8 @@ import pyarrow.ipc  # noqa: F401  (pa.ipc)
 from ..algos.common import token_logprobs
 from ..config import GenerationConfig
 from ..data.store import atomic_write_bytes
-from ..data.tokenize import round_up
+from ..data.tokenize import bucket_length
+from ..graphs import POOL
 from ..models.decoder import graph_cache
 from ..models.generation import Generation, generate, left_pad
 
@@ -27,22 +28,22 @@ def rollout_config(gen_cfg, temperature: float = 1.0, max_new_tokens: int | None
                             temperature=temperature, top_k=0, top_p=1.0, compiled=gen_cfg.compiled)
 
 
-PROMPT_BUCKET = 8  # compiled decoding: prompt lengths padded to a multiple of this, one graph each
+PROMPT_BUCKET = 8  # compiled decoding: prompt lengths padded to a rung of bucket_length's ladder on 8
 
 
 def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multiple: int = 1) -> Generation:
     """Sample responses for left-padded prompts. With compiled decoding the prompt block is padded
-    (on the left) to a multiple of PROMPT_BUCKET, so a stage meets a few decode graphs, not one per
-    prompt length; ``multiple`` > 1 also pads the response block (pad tokens, masks 0) to a
-    multiple of it, for the compiled training step that consumes the rollout."""
+    (on the left) to a :func:`bucket_length` rung on PROMPT_BUCKET, so a stage meets a few decode
+    graphs, not one per prompt length; ``multiple`` > 1 also pads the response block (pad tokens,
+    masks 0) to a rung on it, for the compiled training step that consumes the rollout."""
     longest = max(len(r) for r in prompt_rows)
     length = longest
     if gen_cfg.compiled:
         room = policy.cfg.max_seq_len - gen_cfg.max_new_tokens
-        length = max(longest, min(round_up(longest, PROMPT_BUCKET), room))
+        length = max(longest, bucket_length(longest, PROMPT_BUCKET, room))
     ids, mask = left_pad(prompt_rows, tok.pad_id, length)
     g = generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True)
-    width = min(round_up(g.responses.shape[1], multiple), gen_cfg.max_new_tokens)
+    width = bucket_length(g.responses.shape[1], multiple, gen_cfg.max_new_tokens)
     extra = width - g.responses.shape[1]
     if extra > 0:
         g = Generation(np.pad(g.sequences, ((0, 0), (0, extra)), constant_values=tok.pad_id),
@@ -81,7 +82,7 @@ def score_rollout(fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int,
             return fn(model, s, m, prompt_len)
 
         graphs[key] = ms.jit(forward)
-    return graphs[key](Tensor(seq), Tensor(mask)).asnumpy()
+    return POOL.call("score", (id(model), *key, seq.shape), graphs[key], Tensor(seq), Tensor(mask)).asnumpy()
 
 
 def score_mask(g: Generation, eos_id: int) -> np.ndarray:

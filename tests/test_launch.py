@@ -1,0 +1,149 @@
+"""The launcher owns its run directory and its process tree: two launches of one stage never
+share a run directory at once (the second waits, then both end with the same ids), a killed
+launcher's msrun workers stop instead of finishing behind its back, and a host that cannot run a
+stage is told so before anything starts."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mindrlhf.config import ConfigError, load_config
+from mindrlhf.launch import run_stage, stage_processes
+from conftest import free_port, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    cfg = load_config("demo", tiny_overrides(root))
+    out = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)["outputs"]
+    return root, {"train": out["sft_train"], "heldout": out["sft_heldout"]}
+
+
+def test_same_run_dir_twice_at_once_waits_and_agrees(prepared, tmp_path):
+    """Two launches of one SFT into one run directory (a schedule overlapping a manual run): one
+    waits for the other; neither crashes on the other's checkpoints; one checkpoint id."""
+    root, inputs = prepared
+    cfg = load_config("demo", tiny_overrides(root, steps=8, ckpt_every=2))
+    results, logs, errors = {}, {0: [], 1: []}, []
+
+    def launch(i):
+        try:
+            results[i] = run_stage("sft", cfg, inputs, root, tmp_path / "shared", log=logs[i].append)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=launch, args=(i,)) for i in (0, 1)]
+    threads[0].start()
+    time.sleep(1.0)
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert results[0]["outputs"] == results[1]["outputs"]
+    waited = [i for i in (0, 1) if any("is in use by pid" in ln for ln in logs[i])]
+    assert waited == [1], "the second launch must wait for the first"
+
+
+def test_killed_launcher_leaves_no_msrun_workers(prepared, tmp_path):
+    """SIGKILL the `mindrlhf stage` process during a 2-worker msrun stage: the workers notice their
+    launcher is gone and stop (they used to finish and write outputs nobody waited for, and a rerun
+    failed to form its cluster); the rerun in the same run directory then succeeds."""
+    root, inputs = prepared
+    run_dir = tmp_path / "dp"
+    args = [sys.executable, "-m", "mindrlhf.cli", "stage", "sft", "demo", "--run-dir", str(run_dir),
+            "--input", f"train={inputs['train']}", "--input", f"heldout={inputs['heldout']}",
+            "--set", f"store.root={root}", "--set", "model.d_model=16", "--set", "model.n_layers=1",
+            "--set", "model.n_heads=2", "--set", "model.max_seq_len=64", "--set", "data.max_len=32",
+            "--set", "data.max_prompt_len=12", "--set", "sft.steps=400", "--set", "sft.batch_size=4",
+            "--set", "sft.ckpt_every=50", "--set", "generation.max_new_tokens=6",
+            "--set", "parallel.worker_num=2", "--set", "parallel.local_worker_num=2",
+            "--set", f"parallel.master_port={free_port()}"]
+    launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spec = run_dir / "spec.json"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        workers = [p for p in stage_processes(spec) if "stage_entry.py" in " ".join(p.cmdline())]
+        if len(workers) >= 2 and list(run_dir.glob("msrun_log/worker_1.log")):
+            break
+        time.sleep(0.5)
+    else:
+        launcher.kill()
+        pytest.fail("the msrun workers did not start")
+    time.sleep(3)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 30
+    while stage_processes(spec) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [(p.pid, " ".join(p.cmdline())[:80]) for p in stage_processes(spec)]
+    for p in stage_processes(spec):
+        p.kill()
+    assert not left, f"processes outlived their launcher: {left}"
+    assert not (run_dir / "result.json").exists()
+
+
+def test_sigterm_stops_the_stage_tree(prepared, tmp_path):
+    root, inputs = prepared
+    run_dir = tmp_path / "term"
+    args = [sys.executable, "-m", "mindrlhf.cli", "stage", "sft", "demo", "--run-dir", str(run_dir),
+            "--input", f"train={inputs['train']}", "--input", f"heldout={inputs['heldout']}",
+            "--set", f"store.root={root}", "--set", "model.d_model=16", "--set", "model.n_layers=1",
+            "--set", "model.n_heads=2", "--set", "model.max_seq_len=64", "--set", "data.max_len=32",
+            "--set", "data.max_prompt_len=12", "--set", "sft.steps=100000", "--set", "sft.batch_size=4",
+            "--set", "sft.ckpt_every=100000", "--set", "generation.max_new_tokens=6"]
+    launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spec = run_dir / "spec.json"
+    deadline = time.time() + 120
+    while not stage_processes(spec) and time.time() < deadline:
+        time.sleep(0.3)
+    time.sleep(2)
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode != 0
+    assert not stage_processes(spec), "the stage process outlived a terminated launcher"
+
+
+def test_more_cpu_workers_than_cores_refused_before_start(prepared, tmp_path):
+    root, inputs = prepared
+    n = 2 * os.cpu_count()  # valid as a config (every batch divides it), impossible on this host
+    over = tiny_overrides(root, batch_size=n)
+    over.update(rm={"batch_size": n}, dpo={"batch_size": n}, ppo={"rollout_batch": n, "mini_batch": n},
+                grpo={"prompts_per_iter": n, "group_size": 2, "mini_batch": n})
+    over["parallel"] = {"worker_num": n, "local_worker_num": n}
+    cfg = load_config("demo", over)
+    with pytest.raises(ConfigError, match=rf"parallel.local_worker_num \({n}\).*{os.cpu_count()} CPU cores"):
+        run_stage("sft", cfg, inputs, root, tmp_path / "w64", log=lambda s: None)
+    assert not (tmp_path / "w64" / "spec.json").exists()
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"sft": {"batch_size": 100000}}, ["stage sft needs at least", "GB", "this host has"]),
+    ({"model": {"d_model": 100000, "n_heads": 4}}, ["stage sft needs at least", "weights"]),
+])
+def test_impossible_memory_refused_with_numbers(prepared, tmp_path, over, words):
+    root, inputs = prepared
+    o = tiny_overrides(root)
+    for k, v in over.items():
+        o.setdefault(k, {}).update(v)
+    cfg = load_config("demo", o)
+    with pytest.raises(ConfigError) as e:
+        run_stage("sft", cfg, inputs, root, tmp_path / "mem", log=lambda s: None)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_memory_estimate_is_a_lower_bound_of_what_sft_used(prepared, tmp_path):
+    """The refusal must never refuse a stage that could run: the estimate stays below the
+    measured peak of a real run."""
+    from mindrlhf.preflight import estimate_memory
+
+    root, inputs = prepared
+    cfg = load_config("demo", tiny_overrides(root))
+    res = run_stage("sft", cfg, inputs, root, tmp_path / "est", log=lambda s: None)
+    assert estimate_memory(cfg, "sft").total < res["peak_rss_mb"] * 2**20
+    assert res["peak_rss_mb"] > 100
