@@ -16,14 +16,12 @@ from tasks.stages import prepare_task, sft_task
 def dpo_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     cfg = load_config(config, overrides)
     c = cfg.to_dict()
-    states: dict[str, str] = {}
-    data, states["prepare"] = call(prepare_task, "prepare", c)
-    d = data["outputs"]
-    sft, states["sft"] = call(sft_task, "sft", c, {"train": d["sft_train"], "heldout": d["sft_heldout"]})
+    summary: dict = {"states": {}, "peak_rss_gb": {}, "store_root": cfg.store.root}
+    d = call(prepare_task, "prepare", c, None, summary)["outputs"]
+    sft = call(sft_task, "sft", c, {"train": d["sft_train"], "heldout": d["sft_heldout"]}, summary)
     sft_ckpt = sft["outputs"]["checkpoint"]
-    summary = {"states": states, "store_root": cfg.store.root,
-               "sft": {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", [])},
-               "dpo": run_dpo_branch(c, d, sft_ckpt, states)}
+    summary["sft"] = {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", [])}
+    summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)
     get_run_logger().info("dpo summary:\n" + json.dumps(summary, indent=1))
     return summary
 

@@ -20,32 +20,37 @@ from tasks.stages import (dpo_task, grpo_task, import_task, online_dpo_task, ppo
                           reflogp_task, rm_task, sft_task)
 
 
-def call(task, stage: str, c: dict, inputs: dict | None = None) -> tuple[dict, str]:
-    """Run a stage task, record its outputs as Prefect assets (inputs upstream); return the
-    result and the task's final state name (Completed / Cached)."""
+def call(task, stage: str, c: dict, inputs: dict | None, run: dict, label: str | None = None) -> dict:
+    """Run a stage task, record its outputs as Prefect assets (inputs upstream) and, in ``run``, its
+    final state (Completed / Cached) and the peak resident memory of its process; the result."""
     state = task(stage, c, inputs, return_state=True)
     result = state.result()
     record_lineage(stage, c["store"]["root"], result.get("outputs", {}), inputs or {},
                    result.get("sources", []))
-    return result, state.name
+    label = label or stage
+    run["states"][label] = state.name
+    if result.get("peak_rss_mb") is not None:
+        run["peak_rss_gb"][label] = round(result["peak_rss_mb"] / 1024, 2)
+    return result
 
 
-def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, states: dict) -> dict:
-    ref, states["reflogp"] = call(reflogp_task, "reflogp", c,
-                                  {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft_ckpt})
-    dpo, states["dpo"] = call(dpo_task, "dpo", c, {
+def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, run: dict) -> dict:
+    ref = call(reflogp_task, "reflogp", c,
+               {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft_ckpt}, run)
+    dpo = call(dpo_task, "dpo", c, {
         "train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft_ckpt,
-        "ref_train": ref["outputs"]["train"], "ref_heldout": ref["outputs"]["heldout"]})
+        "ref_train": ref["outputs"]["train"], "ref_heldout": ref["outputs"]["heldout"]}, run)
     return {"checkpoint": dpo["outputs"]["checkpoint"], **dpo["metrics"]}
 
 
-def run_online_dpo(c: dict, cfg, d: dict, sft_ckpt: str, rm_ckpt: str, states: dict) -> dict:
+def run_online_dpo(c: dict, cfg, d: dict, sft_ckpt: str, rm_ckpt: str, run: dict) -> dict:
     oc = cfg.online_dpo
     policy, scores, pairs = sft_ckpt, [], []
     for r in range(oc.rounds):
-        res, states[f"online_dpo_{r}"] = call(online_dpo_task, "online_dpo", c, {
+        res = call(online_dpo_task, "online_dpo", c, {
             "policy": policy, "reference": sft_ckpt, "rm": rm_ckpt, "round": r,
-            "prompts": d[f"prompts_{oc.prompts}_train"], "heldout": d[f"prompts_{oc.prompts}_heldout"]})
+            "prompts": d[f"prompts_{oc.prompts}_train"], "heldout": d[f"prompts_{oc.prompts}_heldout"]},
+            run, f"online_dpo_{r}")
         if r == 0:
             scores.append(res["metrics"]["heldout_score_before"])
         scores.append(res["metrics"]["heldout_score_after"])
@@ -60,44 +65,42 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     c = cfg.to_dict()
     stages = cfg.pipeline.stages
     logger = get_run_logger()
-    states: dict[str, str] = {}
-    summary: dict = {"states": states, "store_root": cfg.store.root}
-    data, states["prepare"] = call(prepare_task, "prepare", c)
+    summary: dict = {"states": {}, "peak_rss_gb": {}, "store_root": cfg.store.root}
+    data = call(prepare_task, "prepare", c, None, summary)
     d = summary["datasets"] = data["outputs"]
     if "sft" not in stages:
         return summary
     sft_inputs = {"train": d["sft_train"], "heldout": d["sft_heldout"]}
     if cfg.model.init:  # pretrained weights (e.g. SmolLM2 from GGUF) as SFT's starting point
-        imp, states["import"] = call(import_task, "import_weights", c)
+        imp = call(import_task, "import_weights", c, None, summary, "import")
         sft_inputs["init"] = imp["outputs"]["checkpoint"]
         summary["import"] = {"checkpoint": sft_inputs["init"], **imp["metrics"]}
-    sft, states["sft"] = call(sft_task, "sft", c, sft_inputs)
+    sft = call(sft_task, "sft", c, sft_inputs, summary)
     sft_ckpt = sft["outputs"]["checkpoint"]
     summary["sft"] = {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", []),
                       "loss_curve": sft.get("loss_curve", [])}
     rm_ckpt = None
     if "rm" in stages:
-        rm, states["rm"] = call(rm_task, "rm", c, {"train": d["pairs_train"], "heldout": d["pairs_heldout"],
-                                                   "sft": sft_ckpt})
+        rm = call(rm_task, "rm", c, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft_ckpt},
+                  summary)
         rm_ckpt = rm["outputs"]["checkpoint"]
         summary["rm"] = {"checkpoint": rm_ckpt, **rm["metrics"]}
     if "ppo" in stages:
         p = cfg.ppo.prompts
-        ppo, states["ppo"] = call(ppo_task, "ppo", c, {"prompts": d[f"prompts_{p}_train"],
-                                                       "heldout": d[f"prompts_{p}_heldout"],
-                                                       "sft": sft_ckpt, "rm": rm_ckpt})
+        ppo = call(ppo_task, "ppo", c, {"prompts": d[f"prompts_{p}_train"], "heldout": d[f"prompts_{p}_heldout"],
+                                        "sft": sft_ckpt, "rm": rm_ckpt}, summary)
         summary["ppo"] = {"checkpoint": ppo["outputs"]["checkpoint"], **ppo["metrics"]}
     if "grpo" in stages:
         g = cfg.grpo.prompts
         inputs = {"prompts": d[f"prompts_{g}_train"], "heldout": d[f"prompts_{g}_heldout"], "sft": sft_ckpt}
         if cfg.grpo.reward == "rm":
             inputs["rm"] = rm_ckpt
-        grpo, states["grpo"] = call(grpo_task, "grpo", c, inputs)
+        grpo = call(grpo_task, "grpo", c, inputs, summary)
         summary["grpo"] = {"checkpoint": grpo["outputs"]["checkpoint"], **grpo["metrics"]}
     if "dpo" in stages:
-        summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, states)
+        summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)
     if "online_dpo" in stages:
-        summary["online_dpo"] = run_online_dpo(c, cfg, d, sft_ckpt, rm_ckpt, states)
+        summary["online_dpo"] = run_online_dpo(c, cfg, d, sft_ckpt, rm_ckpt, summary)
     logger.info("pipeline summary:\n" + json.dumps({k: v for k, v in summary.items() if k != "datasets"}, indent=1))
     return summary
 

@@ -7,18 +7,24 @@
     mindrlhf show REF [--rows 5]                         a dataset's schema and first rows
     mindrlhf import FILE --kind sft|pairs [--name N]     JSONL / Parquet user data -> dataset
     mindrlhf export REF --out DIR                        checkpoint -> HF safetensors + config.json
+    mindrlhf verify                                      re-hash every artifact, check refs and staging
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import yaml
 
 from .config import ConfigError, load_config
 from .data.schema import DataError
-from .data.store import ArtifactStore, IntegrityError
+from .data.store import ArtifactNotFound, ArtifactStore, IntegrityError
+from .launch import StageFailed
+from .prefect_api import PrefectUnavailable
+
+STAGE_NAMES = ("prepare", "import_weights", "sft", "rm", "ppo", "grpo", "reflogp", "dpo", "online_dpo")
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -32,7 +38,10 @@ def parse_sets(items: list[str]) -> dict:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return out
 
 
@@ -42,18 +51,50 @@ def total_steps(cfg, stage: str) -> int | None:
 
 
 def cmd_run(args) -> int:
+    from .prefect_api import bound_client, check_api
+
+    overrides = parse_sets(args.set)
+    load_config(args.config, overrides)  # a bad config fails here, before Prefect starts
+    bound_client()
+    check_api()
     from flows.pipeline import rlhf_pipeline
 
     from .report import format_summary
 
-    print(format_summary(rlhf_pipeline(args.config, parse_sets(args.set))))
+    try:
+        summary = rlhf_pipeline(args.config, overrides)
+    except Exception as e:
+        lost = api_lost(e)
+        if lost is None:
+            raise
+        raise PrefectUnavailable(
+            f"lost the Prefect API during the run ({lost}); the stages that finished have their outputs in "
+            "the store, verified, and a rerun reuses them") from None
+    print(format_summary(summary))
     return 0
+
+
+def api_lost(e: BaseException) -> str | None:
+    """A description if ``e`` (or what caused it) is the Prefect client failing to reach its API."""
+    import httpx
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (httpx.TransportError, httpx.HTTPStatusError)):
+            return f"{type(e).__name__}: {e}"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def cmd_stage(args) -> int:
     from .launch import run_stage
 
+    if args.name not in STAGE_NAMES:
+        raise ConfigError(f"unknown stage {args.name!r} (known: {', '.join(STAGE_NAMES)})")
     cfg = load_config(args.config, parse_sets(args.set))
+    bad = [kv for kv in args.input if "=" not in kv]
+    if bad:
+        raise ConfigError(f"--input {bad[0]!r}: expected NAME=ARTIFACT_ID")
     inputs = dict(kv.split("=", 1) for kv in args.input)
     total = total_steps(cfg, args.name)
     bar = None
@@ -70,7 +111,10 @@ def cmd_stage(args) -> int:
             print(line, flush=True)
 
     root = cfg.store.root
-    result = run_stage(args.name, cfg, inputs, root, args.run_dir or f"{root}/runs/cli-{args.name}", log=log)
+    from .keys import stage_key
+
+    run_dir = args.run_dir or f"{root}/runs/cli-{args.name}-{stage_key(args.name, cfg.to_dict(), inputs)[:16]}"
+    result = run_stage(args.name, cfg, inputs, root, run_dir, log=log, config_source=str(args.config))
     if bar is not None:
         bar.close()
     print(json.dumps({"outputs": result["outputs"], "metrics": result["metrics"]}, indent=1))
@@ -110,20 +154,34 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .config import ModelConfig
+    from .config import ModelConfig, section_from_dict
     from .models.hf import export_hf
 
     store = ArtifactStore(args.store)
     art = store.get(args.ref)
     if "model" not in art.meta:
         raise ValueError(f"artifact {art.id[:12]} ({art.name}) has no model config in its manifest")
-    cfg = ModelConfig(**art.meta["model"])
+    cfg = section_from_dict(ModelConfig, art.meta["model"], "model", f"artifact {art.id[:12]} ({art.name}) manifest")
     tensors = store.read_checkpoint(art.id)
     if "score.weight" in tensors:
         raise ValueError(f"{art.name} is a reward/value model; export takes a policy checkpoint")
-    out = export_hf(cfg, tensors, args.out)
+    out = export_hf(cfg, tensors, args.out, source=f"artifact {art.id[:12]} ({art.name})")
     print(f"{art.id[:16]} {art.name} -> {out}/model.safetensors, {out}/config.json")
     return 0
+
+
+def cmd_verify(args) -> int:
+    store = ArtifactStore(args.store)
+    problems = store.verify_all()
+    n = len(store.ids())
+    for p in problems:
+        print(p)
+    print(f"{n} artifacts in {store.root}: " + (f"{len(problems)} problem(s)" if problems else "all verified"))
+    return 1 if problems else 0
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds: a running stage's process tree is stopped on the way out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir")
     p.set_defaults(fn=cmd_stage)
     for name, fn, help_ in (("artifacts", cmd_artifacts, "list artifacts"), ("lineage", cmd_lineage, "ancestors"),
-                            ("show", cmd_show, "dataset rows")):
+                            ("show", cmd_show, "dataset rows"), ("verify", cmd_verify, "check the whole store")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--store", default="artifacts")
         if name == "artifacts":
             p.add_argument("--kind", choices=["dataset", "checkpoint"])
-        else:
+        elif name != "verify":
             p.add_argument("ref")
         if name == "show":
             p.add_argument("--rows", type=int, default=5)
@@ -163,11 +221,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="artifacts")
     p.set_defaults(fn=cmd_export)
     args = ap.parse_args(argv)
+    if argv is None:  # the command line, not a test calling main(): SIGTERM unwinds like Ctrl-C
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, IntegrityError, KeyError, ValueError) as e:
+    except (StageFailed, PrefectUnavailable) as e:
+        print(f"mindrlhf: {e}", file=sys.stderr)
+        return 1
+    except (ArtifactNotFound, KeyError) as e:
+        print(f"mindrlhf: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except (ConfigError, DataError, IntegrityError, ValueError, OSError) as e:
         print(f"mindrlhf: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mindrlhf: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

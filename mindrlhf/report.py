@@ -5,6 +5,8 @@ from __future__ import annotations
 def format_summary(summary: dict) -> str:
     lines = ["", "=" * 72, "mindrlhf-flow pipeline summary", "=" * 72]
     lines.append("stages: " + ", ".join(f"{k}={v}" for k, v in summary.get("states", {}).items()))
+    if summary.get("peak_rss_gb"):
+        lines.append("peak RSS (GB): " + ", ".join(f"{k}={v}" for k, v in summary["peak_rss_gb"].items()))
     sft = summary.get("sft")
     if sft:
         lines.append(f"SFT checkpoint {sft['checkpoint'][:16]}  held-out loss "

@@ -20,20 +20,28 @@ def test_shipped_profiles_load():
         load_config(name)
 
 
-@pytest.mark.parametrize("text, key", [
+@pytest.mark.parametrize("text, key", [  # the full dotted key: a bare "lr" could be any section's
     ("sft:\n  lrr: 0.1\n", "sft.lrr"),
-    ("sft:\n  lr: -0.1\n", "lr"),
+    ("sft:\n  lr: -0.1\n", "sft.lr must be > 0"),
+    ("rm:\n  lr: -0.1\n", "rm.lr must be > 0"),
     ("sft:\n  batch_size: eight\n", "sft.batch_size"),
     ("model:\n  family: gpt5\n", "model.family"),
-    ("model:\n  d_model: 30\n  n_heads: 4\n", "d_model"),
+    ("model:\n  d_model: 30\n  n_heads: 4\n", "model.d_model (30) must be divisible by model.n_heads (4)"),
     ("bogus: 1\n", "bogus"),
-    ("sft:\n  batch_size: 7\nparallel:\n  worker_num: 2\n", "worker_num"),
-    ("generation:\n  top_p: 1.5\n", "top_p"),
+    ("sft:\n  batch_size: 7\nparallel:\n  worker_num: 2\n", "sft.batch_size (7)"),
+    ("generation:\n  top_p: 1.5\n", "generation.top_p"),
     ("sft:\n  lr: .nan\n", "sft.lr"),
     ("seed: true\n", "seed"),
     ("grpo:\n  reward: vibes\n", "grpo.reward"),
     ("ppo:\n  gold_reward: vibes\n", "ppo.gold_reward"),
-    ("data:\n  recipes: [movie_reviews, gsm8k]\n", "recipes"),
+    ("data:\n  recipes: [movie_reviews, gsm8k]\n", "data.recipes: unknown recipe 'gsm8k'"),
+    ("ppo:\n  rollout_batch: 30\n  mini_batch: 8\n", "ppo.rollout_batch (30) must be divisible by ppo.mini_batch"),
+    ("sft:\n  eval_batches: 0\n", "sft.eval_batches must be > 0"),
+    ("name: .x\n", "name: bad artifact name '.x'"),
+    ("name: team/a\n", "name: bad artifact name 'team/a'"),
+    ("generation:\n  max_new_tokens: 500\n", "generation.max_new_tokens (500)"),
+    ("data:\n  max_len: 300\n", "data.max_len (300) must be <= model.max_seq_len (256)"),
+    ("resources:\n  graph_memory_fraction: 1.5\n", "resources.graph_memory_fraction"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, key):
     p = write(tmp_path, text)
@@ -61,3 +69,11 @@ def test_overrides_merge_and_int_widens_to_float():
     cfg = load_config("demo", {"sft": {"lr": 1}})
     assert cfg.sft.lr == 1.0 and isinstance(cfg.sft.lr, float)
     assert cfg.sft.steps == load_config("demo").sft.steps
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-5` as the string '1e-5'; a float field takes it as 1e-05."""
+    cfg = load_config(write(tmp_path, "sft:\n  lr: 1e-5\nrm:\n  lr: 2E+3\n"))
+    assert cfg.sft.lr == 1e-5 and cfg.rm.lr == 2000.0
+    with pytest.raises(ConfigError, match="sft.lr must be a number"):
+        load_config(write(tmp_path, "sft:\n  lr: 1e-5x\n"))

@@ -28,12 +28,13 @@ def test_shipped_cluster_example_is_valid_and_builds_msrun_per_node():
 
 @pytest.mark.parametrize("parallel, words", [
     ({"mode": "semi_auto", "worker_num": 16, "local_worker_num": 8, "data_parallel": 4, "model_parallel": 2,
-      "pipeline_stages": 1}, ["4", "x", "2", "= 8", "worker_num (16)"]),
-    ({"worker_num": 16, "local_worker_num": 6}, ["multiple of local_worker_num"]),
-    ({"worker_num": 16, "local_worker_num": 8, "node_rank": 2}, ["node_rank (2)", "node count (2)"]),
-    ({"worker_num": 2, "local_worker_num": 2, "model_parallel": 2}, ["semi_auto"]),
+      "pipeline_stages": 1}, ["parallel.data_parallel (4)", "parallel.model_parallel (2)", "= 8",
+                              "parallel.worker_num (16)"]),
+    ({"worker_num": 16, "local_worker_num": 6}, ["parallel.worker_num (16)", "multiple of parallel.local_worker_num"]),
+    ({"worker_num": 16, "local_worker_num": 8, "node_rank": 2}, ["parallel.node_rank (2)", "node count (2)"]),
+    ({"worker_num": 2, "local_worker_num": 2, "model_parallel": 2}, ["parallel.model_parallel", "semi_auto"]),
     ({"mode": "semi_auto", "worker_num": 8, "local_worker_num": 8, "data_parallel": 2, "model_parallel": 2,
-      "pipeline_stages": 2, "micro_batches": 1}, ["micro_batches"]),
+      "pipeline_stages": 2, "micro_batches": 1}, ["parallel.micro_batches (1)"]),
 ])
 def test_bad_parallel_sizes_are_named(tmp_path, parallel, words):
     p = tmp_path / "c.yaml"

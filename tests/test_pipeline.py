@@ -50,6 +50,67 @@ def test_cached_rerun_and_selective_invalidation(prefect_server, tmp_path):
     assert changed["sft"]["checkpoint"] != first["sft"]["checkpoint"]
 
 
+def test_cache_never_serves_what_is_gone(prefect_server, tmp_path):
+    """A cached result is served only while every artifact it names is present and verified,
+    whatever happened to the cache index: the store wiped (the index went with it, and its
+    generation counter used to restart at 0 and match the old key), the index corrupt, or another
+    store put at the same path."""
+    import shutil
+
+    from flows.pipeline import rlhf_pipeline
+    from mindrlhf.data.store import ArtifactStore
+
+    root = tmp_path / "store"
+    over = tiny_overrides(root)
+    first = rlhf_pipeline("demo", over)
+    sft = first["sft"]["checkpoint"]
+    assert rlhf_pipeline("demo", over)["states"] == {"prepare": "Cached", "sft": "Cached"}
+
+    shutil.rmtree(root)  # everything gone, index included
+    wiped = rlhf_pipeline("demo", over)
+    assert wiped["states"] == {"prepare": "Completed", "sft": "Completed"}
+    assert wiped["sft"]["checkpoint"] == sft and ArtifactStore(root).is_valid(sft)
+
+    for idx in (root / "cache").glob("*.json"):  # unreadable index: rebuilt past, not a crash
+        idx.write_text("{not json")
+    again = rlhf_pipeline("demo", over)
+    assert again["sft"]["checkpoint"] == sft and ArtifactStore(root).is_valid(sft)
+
+    other = tmp_path / "other"  # another store, with the same contents, swapped in at the same path
+    shutil.copytree(root, other)
+    shutil.rmtree(root)
+    ArtifactStore(root)
+    assert rlhf_pipeline("demo", over)["states"]["sft"] == "Completed"
+    shutil.rmtree(root)
+    shutil.move(other, root)
+    ArtifactStore(root).remove(ArtifactStore(root).get(sft).id)  # ... minus its SFT checkpoint
+    healed = rlhf_pipeline("demo", over)
+    assert healed["states"]["sft"] == "Completed" and ArtifactStore(root).is_valid(sft)
+
+
+def test_unanswering_prefect_api_fails_fast(tmp_path, monkeypatch, capsys):
+    """A PREFECT_API_URL that accepts connections and never answers used to hang `mindrlhf run`
+    in silence; now it is refused with the address in a bounded time."""
+    import socket
+    import threading
+
+    from mindrlhf.cli import main
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in range(8)], daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    t = time.time()
+    assert main(["run", "demo", "--set", f"store.root={tmp_path}"]) == 1
+    assert time.time() - t < 30
+    err = capsys.readouterr().err
+    assert url in err and "did not answer" in err
+    srv.close()
+
+
 def key(kind, art_id):
     return f"mindrlhf://{kind}/{art_id}"
 

@@ -57,6 +57,10 @@ def _check(v, kind: str, max_chars: int) -> str | None:
             return f"is {len(v)} characters, over the limit of {max_chars}"
         if "\ufffd" in v:
             return "contains invalid UTF-8 (replacement character)"
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to text UTF-8 cannot hold
+            return f"contains a lone surrogate {v[e.start]!r} at character {e.start} (not encodable as UTF-8)"
     elif kind == "number":
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"must be a number, got {v!r}"

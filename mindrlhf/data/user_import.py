@@ -11,12 +11,14 @@ for Parquet) and the field.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
 
 from .schema import SCHEMAS, DataError, check_row
-from .store import ArtifactStore
+from .store import ArtifactStore, check_name
 
 KINDS = {"sft": "sft_text", "pairs": "pairs_text"}
 ROLES = ("system", "user", "assistant")
@@ -34,12 +36,22 @@ def render_chat(messages, where: str) -> tuple[str, str]:
     return prompt, messages[-1]["content"]
 
 
+MAX_LINE_BYTES = 1 << 20  # a JSONL row longer than this is refused after reading this much
+
+
 def _rows_jsonl(path: Path):
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        n = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)  # bounded: a huge single line is never held whole
+            if not raw:
+                break
+            n += 1
+            where = f"{path}: row {n}"
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{where}: longer than {MAX_LINE_BYTES} bytes (one JSON object per line expected)")
             if not raw.strip():
                 continue
-            where = f"{path}: row {n}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -71,6 +83,10 @@ def read_rows(path: str | Path, kind: str, max_chars: int = 20000) -> pa.Table:
         raise ValueError(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: not readable (permission denied)")
     reader = _rows_parquet if path.suffix == ".parquet" else _rows_jsonl
     cols = list(SCHEMAS[KINDS[kind]])
     out = {c: [] for c in cols}
@@ -88,6 +104,9 @@ def read_rows(path: str | Path, kind: str, max_chars: int = 20000) -> pa.Table:
 def import_file(path: str | Path, kind: str, store: ArtifactStore, name: str | None = None,
                 max_chars: int = 20000):
     """Validate every row, then write one dataset artifact; nothing is written on any error."""
+    if name is not None:
+        check_name(name)  # before reading a row: a bad name fails first, and nothing is written
+    else:  # derived from the file name: made valid rather than refused
+        name = "user-" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)[:180] + f"-{kind}"
     table = read_rows(path, kind, max_chars)
-    return store.write_dataset(table, name=name or f"user-{Path(path).stem}-{kind}",
-                               meta={"source": str(path), "kind": kind})
+    return store.write_dataset(table, name=name, meta={"source": str(path), "kind": kind})

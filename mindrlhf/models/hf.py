@@ -29,6 +29,28 @@ def layout_of(cfg: ModelConfig) -> str:
 
 # ---- export ---------------------------------------------------------------------------------------
 
+def check_export(cfg: ModelConfig, w: dict[str, np.ndarray], source: str) -> None:
+    """Tensors that are exactly the parameters of ``CausalLM(cfg)``: every name, shape, a float
+    dtype and finite values; anything else is refused naming the tensor (an export that drops a
+    layer or mislabels a width loads in transformers and computes something else)."""
+    from .decoder import CausalLM
+
+    want = {n: tuple(p.shape) for n, p in CausalLM(cfg, seed=0).parameters_and_names()}
+    missing = sorted(set(want) - set(w))
+    extra = sorted(set(w) - set(want))
+    if missing or extra:
+        raise ValueError(f"{source}: tensors do not match the model config ({cfg.family}, {cfg.n_layers} layers, "
+                         f"d_model {cfg.d_model}): missing {missing[:4]}, unexpected {extra[:4]}")
+    for n, shape in want.items():
+        t = w[n]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{source}: {n} has shape {tuple(t.shape)}, the model config gives {shape}")
+        if not np.issubdtype(t.dtype, np.floating):
+            raise ValueError(f"{source}: {n} has dtype {t.dtype}; export writes floating-point weights")
+        if not np.isfinite(t).all():
+            raise ValueError(f"{source}: {n} has {int((~np.isfinite(t)).sum())} non-finite values (NaN/inf)")
+
+
 def to_hf(cfg: ModelConfig, w: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """Our tensors -> (HF tensors, HF config dict)."""
     out: dict[str, np.ndarray] = {}
@@ -82,9 +104,10 @@ def to_hf(cfg: ModelConfig, w: dict[str, np.ndarray]) -> tuple[dict[str, np.ndar
     return out, config
 
 
-def export_hf(cfg: ModelConfig, w: dict[str, np.ndarray], out_dir: str | Path) -> Path:
+def export_hf(cfg: ModelConfig, w: dict[str, np.ndarray], out_dir: str | Path, source: str = "export") -> Path:
     from safetensors.numpy import save
 
+    check_export(cfg, w, source)
     out_dir = Path(out_dir)
     tensors, config = to_hf(cfg, w)
     atomic_write_bytes(out_dir / "model.safetensors",
