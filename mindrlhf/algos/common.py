@@ -16,20 +16,25 @@ def shifted_logprobs(logits, input_ids):
 
 
 def softplus(x):
-    """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): stable for large |x|, and built from
-    kernels that give the same bits on every call. MindSpore 2.9's CPU Softplus kernel (and
-    LogSigmoid) switches between two evaluation paths after its first few launches on small
-    tensors, 1 ulp apart, so a loss using it differed between a run and its resumed copy."""
-    return ops.relu(x) + ops.log1p(ops.exp(-ops.abs(x)))
+    """log(1 + exp(x)), smooth everywhere (its gradient at 0 is 1/2, as DPO's first step needs:
+    there policy and reference agree exactly) and exact to fp32 above 20, where it is x.
+
+    Built from exp and log1p rather than MindSpore's Softplus: its CPU kernel switches between
+    two evaluation paths after its first few launches on small tensors, 1 ulp apart, so a loss
+    using it differed between a run and its resumed copy."""
+    big = x > 20.0
+    return ops.where(big, x, ops.log1p(ops.exp(ops.minimum(x, 20.0))))
 
 
 def masked_sum(x, mask, axis=None):
     return (x * mask).sum() if axis is None else (x * mask).sum(axis)
 
 
-def masked_mean(x, mask, axis=None):
+def masked_mean(x, mask, axis=None, denom=None):
+    """Mean over the masked entries; ``denom`` (the whole batch's count over the number of
+    data-parallel ranks) makes the all-reduced mean of the ranks' values the whole batch's mean."""
     if axis is None:
-        return (x * mask).sum() / ops.maximum(mask.sum(), 1.0)
+        return (x * mask).sum() / (ops.maximum(mask.sum(), 1.0) if denom is None else denom)
     return (x * mask).sum(axis) / ops.maximum(mask.sum(axis), 1.0)
 
 
