@@ -75,24 +75,25 @@ class AdaptiveKLController:
 
 # ---- losses (MindSpore) -------------------------------------------------------------------------
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)).
-    Returns (loss, clip fraction, approx kl (mean of old - new))."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float, denom=None):
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)) (``denom``: the
+    token count to divide by, see masked_mean). Returns (loss, clip fraction, approx kl (mean of
+    old - new))."""
     ratio = ops.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ops.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(ops.maximum(unclipped, clipped), mask)
+    loss = masked_mean(ops.maximum(unclipped, clipped), mask, denom=denom)
     clipfrac = masked_mean((clipped > unclipped).astype(logprobs.dtype), mask)
     approx_kl = masked_mean(old_logprobs - logprobs, mask)
     return loss, clipfrac, approx_kl
 
 
-def value_loss(values, old_values, returns, mask, clip_range_value: float):
+def value_loss(values, old_values, returns, mask, clip_range_value: float, denom=None):
     """0.5 * mean over tokens of max((V - R)^2, (clip(V, V_old +- e) - R)^2).
     Returns (loss, fraction of tokens where the clipped term was used)."""
     clipped = old_values + ops.clamp(values - old_values, -clip_range_value, clip_range_value)
     l1 = (values - returns) ** 2
     l2 = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(ops.maximum(l1, l2), mask)
+    loss = 0.5 * masked_mean(ops.maximum(l1, l2), mask, denom=denom)
     frac = masked_mean((l2 > l1).astype(values.dtype), mask)
     return loss, frac

@@ -12,8 +12,10 @@ the unfilled ones masked, project the last hidden state onto the vocabulary -- i
 (batch, prompt length, max_new_tokens) and PyNative's per-operator dispatch, which dominates a
 small model's decode step on CPU, is gone. The eager growing cache stays as ``compiled=False``.
 
-Sampling happens in NumPy on float64 logits from a seeded generator, one uniform draw per row
-per step, so the cached and recomputed paths draw the same tokens from the same logits.
+Sampling happens in NumPy on float64 logits, one uniform draw per row per step from that row's
+own seeded stream -- ``(seed, row id)``, the row id being its place in the whole batch -- so the
+cached and recomputed paths draw the same tokens from the same logits, and a row samples the
+same tokens whichever data-parallel rank (and batch) it is generated in.
 """
 from __future__ import annotations
 
@@ -51,13 +53,24 @@ def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> t
     return ids, mask
 
 
-def sample_next(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+def row_streams(seed: int, row_ids) -> list[np.random.Generator]:
+    """One random stream per row, keyed by the row's id in the whole batch."""
+    return [np.random.default_rng([seed, int(r)]) for r in row_ids]
+
+
+def _uniforms(rng, n: int) -> np.ndarray:
+    if isinstance(rng, np.random.Generator):
+        return rng.random(n)
+    return np.array([g.random() for g in rng])
+
+
+def sample_next(logits: np.ndarray, gen: GenerationConfig, rng) -> np.ndarray:
     """Pick one token per row from (B, V) logits: greedy, or temperature / top-k / top-p sampling.
     Float64, one uniform per row against the row's CDF; worked in place on one copy (this runs
     every decode step, over the whole vocabulary)."""
     if not gen.do_sample:
         return np.asarray(logits).argmax(-1).astype(np.int32)
-    u = rng.random(logits.shape[0])  # drawn before any filtering so both paths consume the same
+    u = _uniforms(rng, logits.shape[0])  # drawn before any filtering so both paths consume the same
     x = np.array(logits, dtype=np.float64)
     if gen.temperature != 1.0:
         x /= gen.temperature
@@ -84,11 +97,12 @@ def sample_next(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Genera
 
 def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: GenerationConfig,
              eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True,
-             compiled: bool | None = None) -> Generation:
-    """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``."""
+             compiled: bool | None = None, row_ids=None) -> Generation:
+    """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``.
+    ``row_ids``: each row's id in the whole batch (default 0..B-1), which keys its random stream."""
     model.set_train(False)
-    rng = np.random.default_rng(seed)
     b, p = prompt_ids.shape
+    rng = row_streams(seed, range(b) if row_ids is None else row_ids)
     n = gen.max_new_tokens
     limit = model.cfg.max_seq_len
     if p + n > limit:

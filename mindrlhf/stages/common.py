@@ -91,7 +91,9 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name, cfg, spec.get("inputs", {}), ArtifactStore(spec["store_root"]), run_dir, dist,
                        Path(args.out), spec)
-    ctx.log(f"rank {dist.rank}/{dist.size} pid {os.getpid()} run_dir {run_dir}")
+    # every rank says which code it runs (msrun starts workers as scripts; see launch.stage_env)
+    print(f"[{name}] rank {dist.rank}/{dist.size} pid {os.getpid()} run_dir {run_dir} "
+          f"code {Path(__file__).resolve().parents[1]}", flush=True)
     if dist.is_main:
         swept = ctx.store.sweep_tmp()
         if swept:
@@ -321,9 +323,43 @@ def global_mean(value: float, dist: Dist) -> float:
     """Mean of a per-rank scalar over the data-parallel ranks (identity for one process)."""
     if dist.size == 1:
         return float(value)
+    return float(_sum_over_ranks(np.array([value], np.float32))[0]) / dist.size
+
+
+def _sum_over_ranks(a: np.ndarray) -> np.ndarray:
+    """All-reduce (sum) of a float32 array: the one collective MindSpore 2.9 runs on CPU (its CPU
+    AllReduce sums only, in floating point), which is why the gathers below are built on it."""
     from mindspore import Tensor, ops
 
-    return float(ops.AllReduce()(Tensor(np.array([value], np.float32))).asnumpy()[0]) / dist.size
+    return ops.AllReduce()(Tensor(np.ascontiguousarray(a, dtype=np.float32))).asnumpy()
+
+
+def all_max(value: int, dist: Dist) -> int:
+    """The largest of a per-rank integer over the data-parallel ranks (identity for one process)."""
+    if dist.size == 1:
+        return int(value)
+    slots = np.zeros(dist.size, np.float32)
+    slots[dist.rank] = value
+    return int(_sum_over_ranks(slots).max())
+
+
+def gather_rows(arrays: dict[str, np.ndarray], dist: Dist) -> dict[str, np.ndarray]:
+    """Every rank's rows of each array, concatenated in rank order (each rank holds one contiguous
+    shard of a batch, of the same shape on every rank, so this is the whole batch in its order);
+    identity for one process. Each rank writes its rows into its slot of a zero buffer and the
+    buffers are summed: x + 0 is exact, and token ids and masks are exact in float32."""
+    if dist.size == 1:
+        return arrays
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.integer) and v.size and np.abs(v).max() >= 2**24:
+            raise ValueError(f"{k}: integers from {np.abs(v).max()} up do not survive a float32 gather")
+        n = v.shape[0]
+        buf = np.zeros((dist.size * n, *v.shape[1:]), np.float32)
+        buf[dist.rank * n:(dist.rank + 1) * n] = v
+        out[k] = _sum_over_ranks(buf).astype(v.dtype)
+    return out
 
 
 def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
@@ -339,3 +375,13 @@ def shard(idx: np.ndarray, dist: Dist) -> np.ndarray:
     """This rank's slice of a global batch."""
     per = len(idx) // dist.size
     return idx[dist.rank * per:(dist.rank + 1) * per]
+
+
+def minibatches(n: int, size: int, seed: list[int], dist: Dist):
+    """Global mini-batches of ``size`` rows over a rollout of ``n`` rows that every rank holds
+    whole, in a seeded order; yields (this rank's rows, the whole mini-batch's rows). The same
+    mini-batches whatever the number of ranks, so W workers take the steps one worker would."""
+    order = np.random.default_rng(seed).permutation(n)
+    for s in range(0, n - size + 1, size):
+        b = order[s:s + size]
+        yield shard(b, dist), b

@@ -15,8 +15,9 @@ from ..algos.grpo import grpo_loss, group_advantages
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
-from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
-                     save_training_state, shard, stage_main)
+from ..models.generation import Generation
+from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, gather_rows, minibatches,
+                     resume_training_state, save_training_state, shard, stage_main)
 from .metrics import publish_metrics
 from .ppo import load_policy
 from .rm import load_reward_model, score_sequences
@@ -85,20 +86,26 @@ def run(ctx: StageContext) -> None:
     rollouts = RolloutLog(ctx)
 
     def make_rollout(it: int):
-        pidx = shard(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), ctx.dist)
-        rows = rows_of(prompts, np.repeat(pidx, gc.group_size))  # each prompt's group is consecutive
+        """This rank's rows of the iteration's groups (each prompt repeated group_size times),
+        sampled and scored, then every rank's rows gathered: advantages are normalised within
+        whole groups and each rank holds the whole rollout."""
+        batch_rows = np.repeat(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), gc.group_size)
+        mine = shard(np.arange(len(batch_rows)), ctx.dist)
+        rows = rows_of(prompts, batch_rows[mine])
         policy.set_train(False)
-        g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank,
-                   multiple=gc.pad_to)
+        g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16, multiple=gc.pad_to,
+                   row_ids=mine, batch_prompts=rows_of(prompts, batch_rows)["prompt_ids"], dist=ctx.dist)
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        old_lp = score_rollout(response_logprobs, policy, seq, am, p, gc.compiled) * rmask
-        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, gc.compiled) * rmask
-        rewards = reward_fn(g, rows)
-        table = experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
-                                     "advantage": group_advantages(rewards, gc.group_size)})
+        c = gather_rows({"sequence": seq, "attention_mask": am, "response_mask": g.response_mask,
+                         "logprobs": score_rollout(response_logprobs, policy, seq, am, p, gc.compiled) * rmask,
+                         "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, gc.compiled) * rmask,
+                         "reward": reward_fn(g, rows)}, ctx.dist)
+        table = experience_table(Generation(c["sequence"], c["attention_mask"], c["response_mask"], p),
+                                 {"logprobs": c["logprobs"], "ref_logprobs": c["ref_logprobs"], "reward": c["reward"],
+                                  "advantage": group_advantages(c["reward"], gc.group_size)})
         return table, dict(name=f"{cfg.name}-grpo-rollout-{it}", parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
-                           meta={"stage": "grpo", "iteration": it, "rank": ctx.dist.rank})
+                           meta={"stage": "grpo", "iteration": it})
 
     n_eval = gc.eval_prompts
     before = {"train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
@@ -114,11 +121,8 @@ def run(ctx: StageContext) -> None:
         seqs, am, p = ex["sequence"], ex["attention_mask"], int(ex["prompt_len"][0])
         rmask = ex["response_mask"].astype(np.float32)
         losses, kls, cfs = [], [], []
-        n, mb = len(seqs), gc.mini_batch // ctx.dist.size
         for epoch in range(gc.epochs):
-            order = np.random.default_rng([cfg.seed, it, epoch]).permutation(n)
-            for s in range(0, n - mb + 1, mb):
-                b = order[s:s + mb]
+            for b, _ in minibatches(len(seqs), gc.mini_batch, [cfg.seed, it, epoch], ctx.dist):
                 loss, _, (kl, cf) = trainer.step(Tensor(seqs[b]), Tensor(am[b]), Tensor(ex["logprobs"][b]),
                                                  Tensor(ex["ref_logprobs"][b]), Tensor(ex["advantage"][b]),
                                                  Tensor(rmask[b]), p)

@@ -29,9 +29,10 @@ from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penali
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
+from ..models.generation import Generation
 from ..parallel import apply_parallel
-from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, global_mean,
-                     resume_training_state, save_training_state, shard, stage_main)
+from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, gather_rows,
+                     minibatches, resume_training_state, save_training_state, shard, stage_main)
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
 from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, response_values,
@@ -104,18 +105,18 @@ def run(ctx: StageContext) -> None:
     apply_parallel(critic, cfg.parallel)
     load_state_dict(critic, ctx.store.read_checkpoint(ctx.inputs["rm"]), source="critic init")
 
-    def actor_loss(seq, am, old_lp, adv, mask, p):
+    def actor_loss(seq, am, old_lp, adv, mask, p, denom):
         logits = actor.response_logits(seq, am, p)
         lp = token_logprobs(logits, seq[:, p:])
-        loss, clipfrac, approx_kl = policy_loss(lp, old_lp, adv, mask, pc.clip_range)
-        ent = masked_mean(entropy_from_logits(logits), mask)
+        loss, clipfrac, approx_kl = policy_loss(lp, old_lp, adv, mask, pc.clip_range, denom)
+        ent = masked_mean(entropy_from_logits(logits), mask, denom=denom)
         if pc.entropy_coef:
             loss = loss - pc.entropy_coef * ent
         return loss, clipfrac, approx_kl, ent
 
-    def critic_loss(seq, am, old_v, ret, mask, p):
+    def critic_loss(seq, am, old_v, ret, mask, p, denom):
         v = response_values(critic, seq, am, p)
-        return value_loss(v, old_v, ret, mask, pc.clip_range_value)
+        return value_loss(v, old_v, ret, mask, pc.clip_range_value, denom)
 
     updates = pc.iterations * pc.ppo_epochs * (pc.rollout_batch // pc.mini_batch)
     t_actor = Trainer(actor.trainable_params(), actor_loss, pc, ctx.dist, updates)
@@ -132,60 +133,68 @@ def run(ctx: StageContext) -> None:
     rollouts = RolloutLog(ctx)
 
     def make_experience(it: int):
-        idx = shard(epoch_order(len(prompt_rows), it, pc.rollout_batch, cfg.seed + 3), ctx.dist)
+        """Sample this rank's rows of the iteration's prompt batch, score them, gather every rank's
+        rows (so each rank holds the whole rollout: advantages are whitened over all of it and the
+        mini-batches are the ones one worker would take) and compute the advantages."""
+        order = epoch_order(len(prompt_rows), it, pc.rollout_batch, cfg.seed + 3)
+        batch = [prompt_rows[i] for i in order]
+        mine = shard(np.arange(pc.rollout_batch), ctx.dist)
         actor.set_train(False)
-        g = sample(actor, [prompt_rows[i] for i in idx], rollout_cfg, tok,
-                   seed=cfg.seed * 1000 + it * 16 + ctx.dist.rank, multiple=pc.pad_to)
+        g = sample(actor, [batch[i] for i in mine], rollout_cfg, tok, seed=cfg.seed * 1000 + it * 16,
+                   multiple=pc.pad_to, row_ids=mine, batch_prompts=batch, dist=ctx.dist)
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        old_lp = score_rollout(response_logprobs, actor, seq, am, p, pc.compiled) * rmask
-        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, pc.compiled) * rmask
-        values = score_rollout(response_values, critic, seq, am, p, pc.compiled) * rmask
         raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
-        score = np.clip(raw, -pc.score_clip, pc.score_clip)
-        rewards, kl = kl_penalized_rewards(score, old_lp, ref_lp, rmask, kl_ctl.value)
-        adv, ret = gae(rewards, values, rmask, pc.gamma, pc.lam)
+        local = {"sequence": seq, "attention_mask": am, "response_mask": g.response_mask,
+                 "logprobs": score_rollout(response_logprobs, actor, seq, am, p, pc.compiled) * rmask,
+                 "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, pc.compiled) * rmask,
+                 "values": score_rollout(response_values, critic, seq, am, p, pc.compiled) * rmask,
+                 "score": np.clip(raw, -pc.score_clip, pc.score_clip)}
+        if gold is not None:  # logged only: the policy never sees it
+            local["gold"] = gold([prompt_texts[i] for i in order[mine]], decode_responses(g, tok))
+        c = gather_rows(local, ctx.dist)
+        rmask = c["response_mask"].astype(np.float32)
+        rewards, kl = kl_penalized_rewards(c["score"], c["logprobs"], c["ref_logprobs"], rmask, kl_ctl.value)
+        adv, ret = gae(rewards, c["values"], rmask, pc.gamma, pc.lam)
         if pc.whiten_advantages:
             adv = whiten(adv, rmask)
-        cols = {"logprobs": old_lp, "ref_logprobs": ref_lp, "values": values, "rewards": rewards,
-                "advantages": adv, "returns": ret, "kl": kl, "score": score}
-        if gold is not None:  # logged only: the policy never sees it
-            cols["gold"] = gold([prompt_texts[i] for i in idx], decode_responses(g, tok))
-        table = experience_table(g, cols)
+        cols = {"logprobs": c["logprobs"], "ref_logprobs": c["ref_logprobs"], "values": c["values"],
+                "rewards": rewards, "advantages": adv, "returns": ret, "kl": kl, "score": c["score"]}
+        if gold is not None:
+            cols["gold"] = c["gold"]
+        table = experience_table(Generation(c["sequence"], c["attention_mask"], c["response_mask"], p), cols)
         return table, dict(name=f"{cfg.name}-ppo-rollout-{it}",
                            parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
-                           meta={"stage": "ppo", "iteration": it, "rank": ctx.dist.rank, "kl_coef": kl_ctl.value})
+                           meta={"stage": "ppo", "iteration": it, "kl_coef": kl_ctl.value})
 
     for it in range(start, pc.iterations):
         exp_id, ex = rollouts.get_or_make(it, lambda: make_experience(it))
         experience_ids.append(exp_id)
 
-        # ---- PPO epochs --------------------------------------------------------------------------
+        # ---- PPO epochs over the whole rollout, each rank taking its share of every mini-batch -----
         actor.set_train(True)
         seqs, am, p = ex["sequence"], ex["attention_mask"], int(ex["prompt_len"][0])
         rmask = ex["response_mask"].astype(np.float32)
         stats = {"pg_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "vf_loss": [], "vf_clipfrac": []}
         n = len(seqs)
-        mb = pc.mini_batch // ctx.dist.size
         for epoch in range(pc.ppo_epochs):
-            order = np.random.default_rng([cfg.seed, it, epoch]).permutation(n)
-            for s in range(0, n - mb + 1, mb):
-                b = order[s:s + mb]
+            for b, whole in minibatches(n, pc.mini_batch, [cfg.seed, it, epoch], ctx.dist):
+                denom = Tensor(np.float32(max(rmask[whole].sum(), 1.0) / ctx.dist.size))
                 args = (Tensor(seqs[b]), Tensor(am[b]))
                 pl, _, (cf, ak, ent) = t_actor.step(*args, Tensor(ex["logprobs"][b]), Tensor(ex["advantages"][b]),
-                                                    Tensor(rmask[b]), p)
+                                                    Tensor(rmask[b]), p, denom)
                 vl, _, vcf = t_critic.step(*args, Tensor(ex["values"][b]), Tensor(ex["returns"][b]),
-                                           Tensor(rmask[b]), p)
+                                           Tensor(rmask[b]), p, denom)
                 for k, v in (("pg_loss", pl), ("clipfrac", cf), ("approx_kl", ak), ("entropy", ent),
                              ("vf_loss", vl), ("vf_clipfrac", vcf)):
                     stats[k].append(float(v if isinstance(v, float) else v.asnumpy()))
-        seq_kl = global_mean(float(ex["kl"].sum(1).mean()), ctx.dist)  # every rank's KL controller agrees
-        kl_ctl.update(seq_kl, n * ctx.dist.size)
-        row = {"step": it + 1, "reward_mean": global_mean(float(ex["score"].mean()), ctx.dist), "kl": seq_kl,
+        seq_kl = float(ex["kl"].sum(1).mean())  # the whole rollout: every rank's KL controller agrees
+        kl_ctl.update(seq_kl, n)
+        row = {"step": it + 1, "reward_mean": float(ex["score"].mean()), "kl": seq_kl,
                "kl_coef": kl_ctl.value, "response_length": float(rmask.sum(1).mean()),
                **{k: float(np.mean(v)) for k, v in stats.items()}}
         if gold is not None:
-            row["gold_mean"] = global_mean(float(ex["gold"].mean()), ctx.dist)
+            row["gold_mean"] = float(ex["gold"].mean())
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
         history.append(row)

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from ..algos.common import token_logprobs
 from ..config import GenerationConfig
@@ -15,6 +14,7 @@ from ..data.tokenize import bucket_length
 from ..graphs import POOL
 from ..models.decoder import graph_cache
 from ..models.generation import Generation, generate, left_pad
+from .common import all_max
 
 F32 = pa.list_(pa.float32())
 I32 = pa.list_(pa.int32())
@@ -31,25 +31,39 @@ def rollout_config(gen_cfg, temperature: float = 1.0, max_new_tokens: int | None
 PROMPT_BUCKET = 8  # compiled decoding: prompt lengths padded to a rung of bucket_length's ladder on 8
 
 
-def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multiple: int = 1) -> Generation:
-    """Sample responses for left-padded prompts. With compiled decoding the prompt block is padded
-    (on the left) to a :func:`bucket_length` rung on PROMPT_BUCKET, so a stage meets a few decode
-    graphs, not one per prompt length; ``multiple`` > 1 also pads the response block (pad tokens,
-    masks 0) to a rung on it, for the compiled training step that consumes the rollout."""
+def prompt_block(prompt_rows: list[list[int]], gen_cfg, model_cfg) -> int:
+    """The prompt width of a batch: its longest prompt, padded (with compiled decoding) to a
+    :func:`bucket_length` rung on PROMPT_BUCKET, so a stage meets a few decode graphs, not one per
+    prompt length. Data-parallel ranks compute it over the whole batch, so they agree."""
     longest = max(len(r) for r in prompt_rows)
-    length = longest
-    if gen_cfg.compiled:
-        room = policy.cfg.max_seq_len - gen_cfg.max_new_tokens
-        length = max(longest, bucket_length(longest, PROMPT_BUCKET, room))
-    ids, mask = left_pad(prompt_rows, tok.pad_id, length)
-    g = generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True)
-    width = bucket_length(g.responses.shape[1], multiple, gen_cfg.max_new_tokens)
+    if not gen_cfg.compiled:
+        return longest
+    return max(longest, bucket_length(longest, PROMPT_BUCKET, model_cfg.max_seq_len - gen_cfg.max_new_tokens))
+
+
+def pad_responses(g: Generation, width: int, pad_id: int) -> Generation:
+    """The response block right-padded (pad tokens, masks 0) to ``width`` columns."""
     extra = width - g.responses.shape[1]
-    if extra > 0:
-        g = Generation(np.pad(g.sequences, ((0, 0), (0, extra)), constant_values=tok.pad_id),
-                       np.pad(g.attention_mask, ((0, 0), (0, extra))), np.pad(g.response_mask, ((0, 0), (0, extra))),
-                       g.prompt_len)
-    return g
+    if extra <= 0:
+        return g
+    return Generation(np.pad(g.sequences, ((0, 0), (0, extra)), constant_values=pad_id),
+                      np.pad(g.attention_mask, ((0, 0), (0, extra))), np.pad(g.response_mask, ((0, 0), (0, extra))),
+                      g.prompt_len)
+
+
+def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multiple: int = 1, row_ids=None,
+           batch_prompts: list[list[int]] | None = None, dist=None) -> Generation:
+    """Sample responses for left-padded prompts (see :func:`prompt_block`). ``multiple`` > 1 pads
+    the response block to a rung on it, for the compiled training step that consumes the rollout.
+
+    Data parallel: this rank's rows of a batch, ``row_ids`` their places in it (they key the random
+    streams, so a row samples the same tokens on any rank), ``batch_prompts`` the whole batch's
+    prompts and ``dist`` the ranks, which agree on the prompt and response widths."""
+    length = prompt_block(batch_prompts or prompt_rows, gen_cfg, policy.cfg)
+    ids, mask = left_pad(prompt_rows, tok.pad_id, length)
+    g = generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True, row_ids=row_ids)
+    steps = g.responses.shape[1] if dist is None else all_max(g.responses.shape[1], dist)
+    return pad_responses(g, bucket_length(steps, multiple, gen_cfg.max_new_tokens), tok.pad_id)
 
 
 def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0):
@@ -125,39 +139,27 @@ def table_arrays(table: pa.Table) -> dict[str, np.ndarray]:
 class RolloutLog:
     """Which rollout dataset each iteration used, kept in the run directory (atomically) the
     moment a rollout is written, so a crashed update resumes from the same rollout instead of
-    sampling again."""
+    sampling again. Every data-parallel rank holds the whole rollout; rank 0 writes it to the
+    store and the log, and a resumed rank reads it back from there."""
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.path = ctx.run_dir / f"experience-rank{ctx.dist.rank}.json"
+        self.path = ctx.run_dir / "experience.json"
         self.ids: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        # every rank has read the log before rank 0 can add to it: they agree on what exists
+        if all_max(len(self.ids), ctx.dist) != len(self.ids):
+            raise RuntimeError(f"ranks disagree on the rollouts recorded in {self.path}")
 
-    def get_or_make(self, it: int, make) -> tuple[str, dict[str, np.ndarray]]:
-        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no rollout.
-        Rank 0's rollouts become store artifacts; other data-parallel ranks keep theirs as Arrow
-        files in the run directory (only rank 0 writes artifacts)."""
+    def get_or_make(self, it: int, make) -> tuple[str | None, dict[str, np.ndarray]]:
+        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no rollout."""
         if str(it) in self.ids:
             exp_id = self.ids[str(it)]
             self.ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")
-            return exp_id, table_arrays(self._read(exp_id))
+            return exp_id, table_arrays(self.ctx.store.read_dataset(exp_id))
         table, kwargs = make()
-        exp_id = self._write(it, table, kwargs)
-        self.ids[str(it)] = exp_id
-        atomic_write_bytes(self.path, json.dumps(self.ids).encode())
-        return exp_id, table_arrays(table)
-
-    def _write(self, it: int, table: pa.Table, kwargs: dict) -> str:
+        exp_id = None
         if self.ctx.dist.is_main:
-            return self.ctx.store.write_dataset(table, **kwargs).id
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-        name = f"rollout-{it}-rank{self.ctx.dist.rank}.arrow"
-        atomic_write_bytes(self.ctx.run_dir / name, sink.getvalue().to_pybytes())
-        return f"file:{name}"
-
-    def _read(self, exp_id: str) -> pa.Table:
-        if exp_id.startswith("file:"):
-            with pa.memory_map(str(self.ctx.run_dir / exp_id[5:]), "r") as src:
-                return pa.ipc.open_file(src).read_all()
-        return self.ctx.store.read_dataset(exp_id)
+            exp_id = self.ctx.store.write_dataset(table, **kwargs).id
+            self.ids[str(it)] = exp_id
+            atomic_write_bytes(self.path, json.dumps(self.ids).encode())
+        return exp_id, table_arrays(table)
