@@ -15,7 +15,7 @@ export MINDRLHF_REPO := $(CURDIR)
 PREFECT_PORT ?= 4200
 POOL := mindrlhf-local
 
-.PHONY: demo test fetch setup clean ui deploy system-deps bench-peers
+.PHONY: demo test fetch setup clean ui deploy system-deps bench-peers soak
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ system-deps:
 
 test: fetch system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Reliability soak (not part of make test, ~10 min): 4 concurrent runs of one config, a stage killed
+# with SIGKILL, 3 rounds; one id per stage, a clean store, no orphan processes (tests/soak.py).
+soak: fetch
+	$(BIN)/python tests/soak.py
 
 # The Prefect server on 127.0.0.1 (SQLite under .prefect/) plus a worker serving the deployments.
 # Open http://127.0.0.1:$(PREFECT_PORT) : Runs shows the flow runs (task timeline, streamed stage logs,

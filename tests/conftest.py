@@ -44,6 +44,29 @@ def rng():
     return np.random.default_rng(0)
 
 
+def randomize(model, seed: int = 0, qk_scale: float = 1.0) -> dict:
+    """Give every parameter a non-trivial value, as a trained model has: norm gains around 1 but
+    not 1, non-zero biases, weights ~N(0, 0.1); ``qk_scale`` > 1 sharpens attention. Tiny models
+    at their init (unit norms, zero biases, near-uniform attention) hide mapping and position
+    bugs: a swapped norm, a key without RoPE, score the same. Returns the new state dict."""
+    from mindrlhf.models.decoder import load_state_dict, state_dict
+
+    r = np.random.default_rng(seed)
+    w = {}
+    for name, v in state_dict(model).items():
+        if name.endswith("norm.weight"):
+            w[name] = r.uniform(0.5, 1.5, v.shape)
+        elif name.endswith("bias") or name.endswith("norm.bias"):
+            w[name] = r.normal(0.0, 0.2, v.shape)
+        else:
+            w[name] = r.normal(0.0, 0.1, v.shape)
+            if any(k in name for k in ("q_proj.weight", "k_proj.weight")):
+                w[name] *= qk_scale
+        w[name] = w[name].astype(np.float32)
+    load_state_dict(model, w)
+    return w
+
+
 def tiny_overrides(root, **sft):
     """A config small enough that a stage process finishes in seconds."""
     return {
@@ -74,13 +97,47 @@ def tiny_full_overrides(root):
     return o
 
 
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """prepare, SFT, RM and reference log-probs of the tiny full config, run once for the whole
+    session as stage processes (no Prefect) in one store; tests that need a stage's inputs take
+    them from here instead of rebuilding them. Tests add artifacts to this store and must not
+    corrupt the ones here (those that corrupt use a store of their own)."""
+    from types import SimpleNamespace
+
+    from mindrlhf.config import load_config
+    from mindrlhf.launch import run_stage
+
+    root = tmp_path_factory.mktemp("chain")
+    over = tiny_full_overrides(root)
+    cfg = load_config("demo", over)
+    quiet = dict(log=lambda s: None)
+    d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", **quiet)["outputs"]
+    sft = run_stage("sft", cfg, {"train": d["sft_train"], "heldout": d["sft_heldout"]}, root,
+                    root / "runs" / "sft", **quiet)["outputs"]["checkpoint"]
+    rm = run_stage("rm", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft}, root,
+                   root / "runs" / "rm", **quiet)["outputs"]["checkpoint"]
+    ref = run_stage("reflogp", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft},
+                    root, root / "runs" / "reflogp", **quiet)["outputs"]
+    return SimpleNamespace(root=root, data=d, sft=sft, rm=rm, ref=ref)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def prefect_server():
+    """An in-process Prefect API (test harness) for flows called from the tests, one per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()

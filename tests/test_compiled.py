@@ -40,13 +40,22 @@ def batches(rng, n, b=4, lengths=(9, 13, 16), vocab=97, pad_to=1):
     return out
 
 
-def train(compiled, family, data, warmup=2, loss=sft_fn, seed=3):
+def train(compiled, family, data, warmup=2, loss=sft_fn, seed=3, trainer=None):
     m = CausalLM(tiny_model_cfg(family), seed=seed)
     m.set_train(True)
     t = Trainer(m.trainable_params(), loss(m), OptimConfig(lr=3e-3, warmup_steps=warmup, compiled=compiled),
                 Dist(), 10)
     hist = [t.step(*[Tensor(x) for x in bt])[:2] for bt in data]
+    if trainer is not None:
+        trainer.append(t)
     return m, np.array(hist)
+
+
+def compiled_graphs(trainer) -> list:
+    """The graphs the pool holds for this trainer's step, with the MindSpore phases they compiled."""
+    from mindrlhf.graphs import POOL
+
+    return [g for g in POOL.live.values() if g.fn is trainer.graph]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -55,7 +64,10 @@ def test_compiled_training_step_equals_eager(family, rng):
     graphs), with warm-up and clipping: the graph is the eager step, not an approximation."""
     data = batches(rng, 3) * 2
     m_eager, h_eager = train(False, family, data)
-    m_jit, h_jit = train(True, family, data)
+    jit = []
+    m_jit, h_jit = train(True, family, data, trainer=jit)
+    graphs = compiled_graphs(jit[0])  # it really ran compiled: one MindSpore graph per batch length
+    assert len(graphs) == 3 and all(g.phases for g in graphs)
     np.testing.assert_allclose(h_jit, h_eager, rtol=1e-5, atol=1e-6)
     assert h_eager[3:, 0].sum() < h_eager[:3, 0].sum()  # it trained: the second pass over the batches scores better
     for (name, a), b in zip(state_dict(m_eager).items(), state_dict(m_jit).values()):

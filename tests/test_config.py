@@ -16,8 +16,13 @@ def test_shipped_demo_loads():
 
 
 def test_shipped_profiles_load():
-    for name in ("smollm2-135m", "cluster-2x8-ascend"):
-        load_config(name)
+    smol = load_config("smollm2-135m")
+    assert (smol.model.init, smol.model.n_layers, smol.model.d_model, smol.model.kv_heads) == ("gguf:smollm2", 30, 576, 3)
+    assert smol.tokenizer.kind == "smollm2" and smol.model.rope_theta == 100000.0
+    assert not smol.sft.compiled and smol.generation.compiled  # eager training, compiled decoding (see the file)
+    cluster = load_config("cluster-2x8-ascend")
+    p = cluster.parallel
+    assert cluster.device_target == "Ascend" and p.data_parallel * p.model_parallel * p.pipeline_stages == p.worker_num
 
 
 @pytest.mark.parametrize("text, key", [  # the full dotted key: a bare "lr" could be any section's

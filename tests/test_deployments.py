@@ -1,9 +1,12 @@
 """`make deploy` registers deployments/prefect.yaml against a real local Prefect server
 (started here on 127.0.0.1 with SQLite): both flows, their cron schedules and parameters."""
+import pytest
 import subprocess
 from pathlib import Path
 
 import httpx
+
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
 
 REPO = Path(__file__).resolve().parents[1]
 

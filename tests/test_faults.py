@@ -15,17 +15,15 @@ from safetensors.numpy import load_file
 from mindrlhf.config import load_config
 from mindrlhf.data.store import ArtifactStore
 from mindrlhf.launch import StageFailed, run_stage, stage_command
+from mindrlhf.stages.common import KILL_AFTER_CKPT
 from conftest import tiny_full_overrides, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    cfg = load_config("demo", tiny_full_overrides(root))
-    out = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)["outputs"]
-    sft = run_stage("sft", cfg, {"train": out["sft_train"], "heldout": out["sft_heldout"]}, root,
-                    root / "runs" / "sft", log=lambda s: None)["outputs"]["checkpoint"]
-    return root, out, sft
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
+@pytest.fixture
+def prepared(tiny_chain):
+    return tiny_chain.root, tiny_chain.data, tiny_chain.sft
 
 
 def test_exploding_loss_stops_with_last_good_checkpoint(prepared, tmp_path):
@@ -67,15 +65,14 @@ def visible_artifacts_are_whole(store: ArtifactStore) -> int:
     return n
 
 
-def test_kill9_at_random_points_then_rerun_matches_clean(prepared, tmp_path):
+def test_kill9_at_random_points_then_rerun_matches_clean(prepared, tiny_chain, tmp_path):
     """PPO writes working checkpoints, rollout datasets and a final checkpoint: SIGKILL it at
     random moments, check the store after each kill, then let it finish."""
     root, out, sft = prepared
     over = tiny_full_overrides(root)
     over["ppo"].update({"iterations": 4, "ckpt_every": 1})
     cfg = load_config("demo", over)
-    rm = run_stage("rm", cfg, {"train": out["pairs_train"], "heldout": out["pairs_heldout"], "sft": sft}, root,
-                   root / "runs" / "rm-faults", log=lambda s: None)["outputs"]["checkpoint"]
+    rm = tiny_chain.rm
     clean = run_stage("ppo", cfg, ppo_inputs(out, sft, rm), root, tmp_path / "clean", log=lambda s: None)
 
     run_dir = tmp_path / "crashy"
@@ -99,7 +96,13 @@ def test_kill9_at_random_points_then_rerun_matches_clean(prepared, tmp_path):
         if rc == 0:
             break
     assert kills >= 1
+    if not (run_dir / "result.json").exists():  # and one kill certainly after a checkpoint
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, KILL_AFTER_CKPT: "2"})
+        assert proc.returncode in (-signal.SIGKILL, 0)
+        visible_artifacts_are_whole(store)
     lines = []
     final = run_stage("ppo", cfg, ppo_inputs(out, sft, rm), root, run_dir, log=lines.append)
     assert final["outputs"] == clean["outputs"]  # same checkpoint and metrics ids as the clean run
+    assert any("resuming from step" in ln for ln in lines), "the final run must resume, not start over"
     assert visible_artifacts_are_whole(store) > 0

@@ -16,12 +16,12 @@ from mindrlhf.launch import run_stage, stage_processes
 from conftest import free_port, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("launch")
-    cfg = load_config("demo", tiny_overrides(root))
-    out = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)["outputs"]
-    return root, {"train": out["sft_train"], "heldout": out["sft_heldout"]}
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
+@pytest.fixture
+def prepared(tiny_chain):
+    d = tiny_chain.data
+    return tiny_chain.root, {"train": d["sft_train"], "heldout": d["sft_heldout"]}
 
 
 def test_same_run_dir_twice_at_once_waits_and_agrees(prepared, tmp_path):

@@ -16,6 +16,8 @@ from mindrlhf.models.decoder import CausalLM
 from mindrlhf.runtime import Dist
 from mindrlhf.stages.common import Trainer
 
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 SMOL = dict(family="llama", vocab_size=49152, d_model=576, n_layers=2, n_heads=9, n_kv_heads=3, d_ff=1536,
             max_seq_len=512, norm_eps=1e-5, rope_theta=100000.0)
 

@@ -16,6 +16,8 @@ import yaml
 from mindrlhf.config import load_config
 from conftest import free_port, tiny_overrides
 
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 BIN = Path(sys.executable).parent
 
 

@@ -12,12 +12,14 @@ from mindrlhf.launch import StageFailed, run_stage
 from mindrlhf.stages.common import KILL_AFTER_CKPT
 from conftest import tiny_full_overrides
 
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 KILL_AT = 3
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
+@pytest.fixture
+def chain(tiny_chain):
+    root, d, sft, rm, ref = tiny_chain.root, tiny_chain.data, tiny_chain.sft, tiny_chain.rm, tiny_chain.ref
     over = tiny_full_overrides(root)
     common = {"warmup_steps": 4, "ckpt_every": KILL_AT}
     over["sft"].update(steps=7, log_every=2, **common)
@@ -26,15 +28,6 @@ def chain(tmp_path_factory):
     over["ppo"].update(iterations=4, **common)
     over["grpo"].update(iterations=4, **common)
     over["online_dpo"].update(steps_per_round=5)
-    cfg = load_config("demo", over)
-    quiet = dict(log=lambda s: None)
-    d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", **quiet)["outputs"]
-    sft = run_stage("sft", cfg, {"train": d["sft_train"], "heldout": d["sft_heldout"]}, root,
-                    root / "runs" / "sft", **quiet)["outputs"]["checkpoint"]
-    rm = run_stage("rm", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft}, root,
-                   root / "runs" / "rm", **quiet)["outputs"]["checkpoint"]
-    ref = run_stage("reflogp", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft},
-                    root, root / "runs" / "reflogp", **quiet)["outputs"]
     inputs = {
         "sft": {"train": d["sft_train"], "heldout": d["sft_heldout"]},
         "rm": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
@@ -46,7 +39,7 @@ def chain(tmp_path_factory):
         "online_dpo": {"policy": sft, "reference": sft, "rm": rm, "round": 0,
                        "prompts": d["prompts_movie_reviews_train"], "heldout": d["prompts_movie_reviews_heldout"]},
     }
-    return root, cfg, inputs
+    return root, load_config("demo", over), inputs
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo", "online_dpo"])

@@ -13,13 +13,12 @@ from mindrlhf.launch import run_stage, stage_command
 from conftest import tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    cfg = load_config("demo", tiny_overrides(root))
-    res = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)
-    o = res["outputs"]
-    return root, {"train": o["sft_train"], "heldout": o["sft_heldout"]}
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
+@pytest.fixture
+def prepared(tiny_chain):
+    d = tiny_chain.data
+    return tiny_chain.root, {"train": d["sft_train"], "heldout": d["sft_heldout"]}
 
 
 def test_prepare_builds_real_reviews(prepared):

@@ -13,6 +13,8 @@ import yaml
 from mindrlhf.config import load_config
 from conftest import tiny_overrides
 
+pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "ui"
 
