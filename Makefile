@@ -15,7 +15,7 @@ export MINDRLHF_REPO := $(CURDIR)
 PREFECT_PORT ?= 4200
 POOL := mindrlhf-local
 
-.PHONY: demo test fetch setup clean ui deploy system-deps bench-peers soak
+.PHONY: demo test fetch setup clean ui deploy system-deps bench-peers soak mutants lint
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ system-deps:
 
 test: fetch system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Each tests/mutants/*.patch is a realistic bug: applied to a copy of the checkout, the tests it
+# names must fail. Not part of make test (about 40 minutes); prints which test killed each mutant.
+mutants: fetch
+	$(BIN)/python tests/mutants/run.py
+
+# The formatter and linter, configured in pyproject.toml; make test runs the check.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # Reliability soak (not part of make test, ~10 min): 4 concurrent runs of one config, a stage killed
 # with SIGKILL, 3 rounds; one id per stage, a clean store, no orphan processes (tests/soak.py).
