@@ -171,7 +171,7 @@ def demo_sft_table():
     from mindrlhf.data.tokenizer import load_tokenizer
 
     cfg = load_config("demo")
-    dc, tok = cfg.data, load_tokenizer(cfg.tokenizer.kind)
+    dc, tok = cfg.data, load_tokenizer(cfg.tokenizer)
     parts = [tokenize_sft(t, tok, dc.max_prompt_len, dc.max_len)
              for name in dc.recipes for tn, t in load_recipe(name).build(dc).items() if tn == "sft_train"]
     return cfg, pa.concat_tables(parts, promote_options="permissive"), tok

@@ -71,7 +71,11 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     if "sft" not in stages:
         return summary
     sft_inputs = {"train": d["sft_train"], "heldout": d["sft_heldout"]}
-    if cfg.model.init:  # pretrained weights (e.g. SmolLM2 from GGUF) as SFT's starting point
+    if cfg.model.init.startswith("artifact:"):  # a stored checkpoint (a previous run's SFT, say)
+        from mindrlhf.data.store import ArtifactStore
+
+        sft_inputs["init"] = ArtifactStore(cfg.store.root).resolve(cfg.model.init[len("artifact:"):])
+    elif cfg.model.init:  # pretrained weights (a Hugging Face directory, a GGUF file) as SFT's start
         imp = call(import_task, "import_weights", c, None, summary, "import")
         sft_inputs["init"] = imp["outputs"]["checkpoint"]
         summary["import"] = {"checkpoint": sft_inputs["init"], **imp["metrics"]}

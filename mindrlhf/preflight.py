@@ -25,7 +25,7 @@ def param_count(m: ModelConfig) -> int:
     """Parameters of ``CausalLM(m)`` (models/decoder.py), counted from the config."""
     d, f, hd = m.d_model, m.ffn_dim, m.head_dim
     q, kv = m.n_heads * hd, m.kv_heads * hd
-    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if m.use_qkv_bias else 0)
+    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if m.use_qkv_bias else 0) + (2 * hd if m.qk_norm else 0)
     if m.family == "gpt2":
         per_layer = attn + d + 2 * d * f + f + d + 4 * d  # o bias, MLP with biases, two LayerNorms
         extra = m.max_seq_len * d + 2 * d

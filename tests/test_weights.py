@@ -168,3 +168,92 @@ def test_smollm2_gguf_matches_numpy_reference_and_answers(smollm2):
     out = generate(model, pi, pm, GenerationConfig(max_new_tokens=12, do_sample=False), g.eos_id, g.eos_id)
     answer = g.tokenizer.decode(out.responses[0].tolist())
     assert "Paris" in answer, answer
+
+
+def hf_model(arch: str, torch, transformers):
+    """A small random model of ``arch`` as transformers builds it, every weight non-trivial."""
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "qwen3":  # an explicit head_dim that is not hidden / heads, and per-head q/k norms
+        cfg = transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True, rope_theta=1000.0)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch, how", [("qwen3", "fp32"), ("mistral", "fp32"), ("qwen2", "bf16-sharded")])
+def test_hf_directories_written_by_transformers_import_and_export(arch, how, tmp_path, rng):
+    """Model directories as users have them -- written by transformers' save_pretrained, Qwen3 with
+    its per-head q/k norms and own head_dim, Mistral, a Qwen2 in bf16 across several shards with
+    an index -- import to our model with transformers' logits, and export back to the same
+    architecture, which transformers loads with the same logits."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    src = tmp_path / "src"
+    hf = hf_model(arch, torch, transformers)
+    if how == "bf16-sharded":
+        hf = hf.to(torch.bfloat16)
+        hf.save_pretrained(src, max_shard_size="40KB")
+        assert (src / "model.safetensors.index.json").exists() and len(list(src.glob("*.safetensors"))) >= 2
+        hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    else:
+        hf.save_pretrained(src)
+    cfg, w = import_hf(src)
+    assert cfg.arch == arch and (cfg.qk_norm, cfg.head_dim) == (arch == "qwen3", 16 if arch == "qwen3" else 8)
+    model = CausalLM(cfg, seed=0)
+    load_state_dict(model, w)
+    ids = rng.integers(0, 97, (2, 11)).astype(np.int32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(our_logits(model, ids), theirs, atol=2e-4, rtol=1e-3)
+    export_hf(cfg, w, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == arch
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(ids, dtype=torch.long)).logits.numpy(), theirs, atol=2e-4, rtol=1e-3)
+
+
+def test_bad_model_directories_are_named(tmp_path):
+    """Unsupported architecture, a shard missing from its index, a tensor of the wrong shape: each
+    refused naming the file and what is wrong."""
+    from safetensors.numpy import save_file
+
+    from mindrlhf.models.safetensors_io import CheckpointError
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "falcon", "hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"config.json: unsupported model_type 'falcon'"):
+        import_hf(d)
+    cfg = tiny_model_cfg("llama")
+    hf, config = to_hf(cfg, state_dict(CausalLM(cfg, 0)))
+    (d / "config.json").write_text(json.dumps(config))
+    names = sorted(hf)
+    save_file({k: hf[k] for k in names[:5]}, str(d / "model-00001-of-00002.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        **{k: "model-00001-of-00002.safetensors" for k in names[:5]},
+        **{k: "model-00002-of-00002.safetensors" for k in names[5:]}}}))
+    with pytest.raises(CheckpointError, match=r"shard\(s\) \['model-00002-of-00002.safetensors'\] listed"):
+        import_hf(d)
+    bad = dict(hf)
+    bad["model.norm.weight"] = np.ones(cfg.d_model + 1, np.float32)
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model-00001-of-00002.safetensors").unlink()
+    save_file(bad, str(d / "model.safetensors"))
+    cfg2, w2 = import_hf(d)
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(33,\)"):
+        load_state_dict(CausalLM(cfg2, 0), w2, source=str(d))

@@ -439,9 +439,10 @@ class ArtifactStore:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def write_checkpoint(self, tensors: dict[str, np.ndarray], *, name: str, parents: list[str] = (),
-                         meta: dict | None = None, extra: dict[str, dict[str, np.ndarray]] | None = None
-                         ) -> Artifact:
-        """Weights go to model.safetensors; ``extra`` maps file stem -> tensors (e.g. optimizer)."""
+                         meta: dict | None = None, extra: dict[str, dict[str, np.ndarray]] | None = None,
+                         extra_files: dict[str, bytes] | None = None) -> Artifact:
+        """Weights go to model.safetensors; ``extra`` maps file stem -> tensors (e.g. optimizer);
+        ``extra_files`` are companions stored as they are (a tokenizer's files)."""
         from safetensors.numpy import save_file
 
         check_name(name)
@@ -450,6 +451,8 @@ class ArtifactStore:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(st / "model.safetensors"))
             for stem, ts in (extra or {}).items():
                 save_file({k: np.ascontiguousarray(v) for k, v in ts.items()}, str(st / f"{stem}.safetensors"))
+            for fname, data in (extra_files or {}).items():
+                (st / fname).write_bytes(data)
             return self.commit(st, kind="checkpoint", name=name, parents=parents, meta=meta)
         except BaseException:
             self.discard(st)

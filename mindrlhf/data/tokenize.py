@@ -1,9 +1,12 @@
 """Turn text datasets into token datasets (Arrow) and token datasets into padded batches."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
+from .schema import DataError
 from .tokenizer import Tokenizer
 
 IDS = pa.list_(pa.int32())
@@ -15,14 +18,39 @@ def _prompt_tokens(tok: Tokenizer, prompts: list[str], max_prompt_len: int) -> l
     return [ids[-max_prompt_len:] for ids in tok.encode_batch(prompts)]
 
 
+def _chat(table: pa.Table) -> list[list[dict]] | None:
+    """The rows' conversations when the table came from a chat source (a ``messages`` column)."""
+    if "messages" not in table.column_names:
+        return None
+    return [json.loads(m) for m in table.column("messages").to_pylist()]
+
+
+def _after(tok: Tokenizer, prompt: list[int], full: list[int], row: int) -> list[int]:
+    """The answer's ids: what the rendered conversation adds after its rendered prompt."""
+    if full[:len(prompt)] != prompt:
+        raise DataError(f"row {row}: the chat template does not render the conversation as its prompt "
+                        "followed by the answer; the answer's tokens cannot be told apart")
+    return full[len(prompt):]
+
+
 def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
-    """prompt/response text -> input_ids, loss_mask (1 on response tokens and eos), prompt_len."""
-    prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
-    responses = tok.encode_batch(table.column("response").to_pylist())
+    """prompt/response text -> input_ids, loss_mask (1 on response tokens and eos), prompt_len. A
+    chat table's rows are rendered by the chat template: the prompt is every turn before the last
+    with the assistant's header, the response the last turn as the template closes it."""
+    chats = _chat(table)
+    if chats is None:
+        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+        responses = [r + [tok.eos_id] for r in tok.encode_batch(table.column("response").to_pylist())]
+    else:
+        prompts, responses = [], []
+        for i, msgs in enumerate(chats):
+            p = tok.encode_chat(msgs[:-1], add_generation_prompt=True)
+            responses.append(_after(tok, p, tok.encode_chat(msgs, add_generation_prompt=False), i))
+            prompts.append(p[-max_prompt_len:])
     ids_col, mask_col, plen_col = [], [], []
     for p, r in zip(prompts, responses):
         room = max_len - len(p)
-        r = (r + [tok.eos_id])[:room]
+        r = r[:room]
         ids_col.append(p + r)
         mask_col.append([0] * len(p) + [1] * len(r))
         plen_col.append(len(p))
@@ -33,13 +61,24 @@ def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: 
 def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
     """prompt/chosen/rejected text -> chosen_ids, rejected_ids (prompt + response + eos, cut at
     max_len) and prompt_len; the response part is what RM scores and DPO compares."""
-    prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+    chats = _chat(table)
     cols = {"chosen_ids": [], "rejected_ids": [], "prompt_len": []}
-    chosen = tok.encode_batch(table.column("chosen").to_pylist())
-    rejected = tok.encode_batch(table.column("rejected").to_pylist())
+    if chats is None:
+        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+        chosen = [c + [tok.eos_id] for c in tok.encode_batch(table.column("chosen").to_pylist())]
+        rejected = [r + [tok.eos_id] for r in tok.encode_batch(table.column("rejected").to_pylist())]
+    else:  # the conversation so far, then each answer as the assistant's turn
+        prompts, chosen, rejected = [], [], []
+        for i, (msgs, c, r) in enumerate(zip(chats, table.column("chosen").to_pylist(),
+                                             table.column("rejected").to_pylist())):
+            p = tok.encode_chat(msgs, add_generation_prompt=True)
+            for answer, out in ((c, chosen), (r, rejected)):
+                full = tok.encode_chat(msgs + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+                out.append(_after(tok, p, full, i))
+            prompts.append(p[-max_prompt_len:])
     for p, c, r in zip(prompts, chosen, rejected):
-        cols["chosen_ids"].append((p + c + [tok.eos_id])[:max_len])
-        cols["rejected_ids"].append((p + r + [tok.eos_id])[:max_len])
+        cols["chosen_ids"].append((p + c)[:max_len])
+        cols["rejected_ids"].append((p + r)[:max_len])
         cols["prompt_len"].append(len(p))
     out = {"chosen_ids": pa.array(cols["chosen_ids"], IDS), "rejected_ids": pa.array(cols["rejected_ids"], IDS),
            "prompt_len": pa.array(cols["prompt_len"], pa.int32())}
@@ -90,7 +129,11 @@ def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1,
 
 
 def tokenize_prompts(table: pa.Table, tok: Tokenizer, max_prompt_len: int) -> pa.Table:
-    prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+    chats = _chat(table)
+    if chats is None:
+        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+    else:
+        prompts = [tok.encode_chat(m, add_generation_prompt=True)[-max_prompt_len:] for m in chats]
     cols = {"prompt_ids": pa.array(prompts, IDS)}
     for extra in table.column_names:  # keep text and labels (answer, rating) next to the ids
         cols[extra] = table.column(extra)

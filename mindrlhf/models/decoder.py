@@ -86,6 +86,9 @@ class Attention(nn.Cell):
                              std / math.sqrt(2 * cfg.n_layers))
         self.scale = 1.0 / math.sqrt(self.hd)
         self.rope = cfg.family == "llama"
+        # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
 
     def _repeat_kv(self, x):
         rep = self.n_heads // self.n_kv
@@ -94,10 +97,16 @@ class Attention(nn.Cell):
         b, h, s, d = x.shape
         return ops.broadcast_to(x[:, :, None], (b, h, rep, s, d)).reshape(b, h * rep, s, d)
 
+    def _qk(self, x, b, t):
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.hd)
+        k = self.k_proj(x).reshape(b, t, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+
     def construct(self, x, bias, cos, sin, past=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.n_heads, self.hd).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, t, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        q, k = self._qk(x, b, t)
         v = self.v_proj(x).reshape(b, t, self.n_kv, self.hd).transpose(0, 2, 1, 3)
         if self.rope:
             q = q * cos + rotate_half(q) * sin
@@ -120,8 +129,7 @@ class Attention(nn.Cell):
         sharing a kv head are one batched matmul against it, so no copy of the cache is made."""
         b = x.shape[0]
         rep = self.n_heads // self.n_kv
-        q = self.q_proj(x).reshape(b, 1, self.n_heads, self.hd).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, 1, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        q, k = self._qk(x, b, 1)
         v = self.v_proj(x).reshape(b, self.n_kv, self.hd)
         if self.rope:
             q = q * cos + rotate_half(q) * sin

@@ -51,6 +51,7 @@ NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_q.bias": "attn.q_proj.bias", "attn_k.bias": "attn.k_proj.bias", "attn_v.bias": "attn.v_proj.bias",
+    "attn_q_norm.weight": "attn.q_norm.weight", "attn_k_norm.weight": "attn.k_norm.weight",
 }
 
 
@@ -71,27 +72,52 @@ def build_tokenizer(tokens: list[str], merges: list[str], token_types: list[int]
     return tok
 
 
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _config(r, path: str) -> ModelConfig:
+    arch = _field(r, "general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported ({', '.join(ARCHS)})")
+    n_heads = int(_field(r, f"{arch}.attention.head_count"))
+    n_kv = int(_field(r, f"{arch}.attention.head_count_kv", n_heads))
+    d = int(_field(r, f"{arch}.embedding_length"))
+    head_dim = int(_field(r, f"{arch}.attention.key_length", d // n_heads))
+    names = {t.name for t in r.tensors}
+    cfg = ModelConfig(
+        family="llama", vocab_size=len(_field(r, "tokenizer.ggml.tokens")), d_model=d,
+        n_layers=int(_field(r, f"{arch}.block_count")), n_heads=n_heads, n_kv_heads=n_kv,
+        d_ff=int(_field(r, f"{arch}.feed_forward_length")),
+        max_seq_len=min(int(_field(r, f"{arch}.context_length", 2048)), 2048),
+        qkv_bias="blk.0.attn_q.bias" in names, tie_embeddings="output.weight" not in names,
+        norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+        attn_head_dim=head_dim if head_dim * n_heads != d else None, qk_norm="blk.0.attn_q_norm.weight" in names,
+        arch=arch)
+    cfg.validate()
+    return cfg
+
+
+def gguf_config(path: str) -> ModelConfig:
+    """The model config of a GGUF file, from its metadata (the tensors are not read)."""
+    from gguf import GGUFReader
+
+    try:
+        return _config(GGUFReader(path), path)
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable GGUF model ({e})") from None
+
+
 def load_gguf(path: str) -> GGUFModel:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     r = GGUFReader(path)
-    arch = _field(r, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"{path}: architecture {arch!r} is not supported (llama, qwen2)")
-    n_heads = int(_field(r, f"{arch}.attention.head_count"))
-    n_kv = int(_field(r, f"{arch}.attention.head_count_kv", n_heads))
-    d = int(_field(r, f"{arch}.embedding_length"))
+    cfg = _config(r, path)
+    arch, n_heads, n_kv = cfg.arch, cfg.n_heads, cfg.kv_heads
     tokens = list(_field(r, "tokenizer.ggml.tokens"))
-    names = {t.name for t in r.tensors}
-    cfg = ModelConfig(
-        family="llama", vocab_size=len(tokens), d_model=d, n_layers=int(_field(r, f"{arch}.block_count")),
-        n_heads=n_heads, n_kv_heads=n_kv, d_ff=int(_field(r, f"{arch}.feed_forward_length")),
-        max_seq_len=min(int(_field(r, f"{arch}.context_length", 2048)), 2048),
-        qkv_bias="blk.0.attn_q.bias" in names, tie_embeddings="output.weight" not in names,
-        norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)))
-    cfg.validate()
     tensors: dict[str, np.ndarray] = {}
     for t in r.tensors:
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
@@ -126,7 +152,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
 
 
 def numpy_forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
-    """Reference LLaMA forward pass in float64 NumPy (no cache, one sequence): logits (T, V)."""
+    """Reference forward pass of the llama family (LLaMA, Mistral, Qwen2's q/k/v biases, Qwen3's q/k
+    norms and own head size) in float64 NumPy, no cache, one sequence: logits (T, V)."""
     t, hd = len(ids), cfg.head_dim
     x = w["model.embed_tokens"][ids].astype(np.float64)
     inv = 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)
@@ -145,9 +172,15 @@ def numpy_forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) ->
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         h = rms(x, w[p + "attn_norm.weight"])
-        q = (h @ w[p + "attn.q_proj.weight"].T).reshape(t, cfg.n_heads, hd).transpose(1, 0, 2)
-        k = (h @ w[p + "attn.k_proj.weight"].T).reshape(t, cfg.kv_heads, hd).transpose(1, 0, 2)
-        v = (h @ w[p + "attn.v_proj.weight"].T).reshape(t, cfg.kv_heads, hd).transpose(1, 0, 2)
+
+        def proj(n, heads):
+            y = h @ w[p + f"attn.{n}_proj.weight"].T + w.get(p + f"attn.{n}_proj.bias", 0.0)
+            y = y.reshape(t, heads, hd)
+            if n in "qk" and cfg.qk_norm:
+                y = rms(y, w[p + f"attn.{n}_norm.weight"])
+            return y.transpose(1, 0, 2)
+
+        q, k, v = proj("q", cfg.n_heads), proj("k", cfg.kv_heads), proj("v", cfg.kv_heads)
         q, k = rope(q), rope(k)
         k, v = np.repeat(k, rep, 0), np.repeat(v, rep, 0)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask

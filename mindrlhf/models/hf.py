@@ -21,9 +21,21 @@ LLAMA_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": 
                "mlp.up_proj.weight": "mlp.up_proj.weight", "mlp.down_proj.weight": "mlp.down_proj.weight"}
 
 
+HF_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def layout_of(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture an export writes: the source's own when the config records
+    one (a Qwen2 in is a Qwen2 out), else the one the model's features need."""
     if cfg.family == "gpt2":
         return "gpt2"
+    fits = {"qwen3": cfg.qk_norm, "qwen2": cfg.use_qkv_bias and not cfg.qk_norm,
+            "llama": not cfg.qk_norm, "mistral": not cfg.qk_norm and not cfg.use_qkv_bias}
+    if fits.get(cfg.arch):
+        return cfg.arch
+    if cfg.qk_norm:
+        return "qwen3"
     return "qwen2" if cfg.use_qkv_bias else "llama"
 
 
@@ -89,18 +101,24 @@ def to_hf(cfg: ModelConfig, w: dict[str, np.ndarray]) -> tuple[dict[str, np.ndar
             out[h + f"self_attn.{n}_proj.weight"] = w[p + f"attn.{n}_proj.weight"]
             if cfg.use_qkv_bias:
                 out[h + f"self_attn.{n}_proj.bias"] = w[p + f"attn.{n}_proj.bias"]
+        if cfg.qk_norm:
+            for n in "qk":
+                out[h + f"self_attn.{n}_norm.weight"] = w[p + f"attn.{n}_norm.weight"]
     out["model.norm.weight"] = w["model.norm.weight"]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = w["lm_head.weight"]
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[layout]
-    config = {"architectures": [arch], "model_type": layout, "vocab_size": cfg.vocab_size,
+    config = {"architectures": [HF_ARCH[layout]], "model_type": layout, "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
               "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
               "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
               "attention_dropout": 0.0}
+    if layout in ("llama", "qwen3"):
+        config.update({"attention_bias": cfg.use_qkv_bias, "head_dim": cfg.head_dim})
     if layout == "llama":
-        config.update({"attention_bias": False, "mlp_bias": False})
+        config["mlp_bias"] = False
+    if layout == "mistral":
+        config.update({"head_dim": cfg.head_dim, "sliding_window": None})
     return out, config
 
 
@@ -119,21 +137,38 @@ def export_hf(cfg: ModelConfig, w: dict[str, np.ndarray], out_dir: str | Path, s
 
 # ---- import ---------------------------------------------------------------------------------------
 
-def config_from_hf(config: dict) -> ModelConfig:
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "baichuan")
+
+
+def config_from_hf(config: dict, source: str = "config.json") -> ModelConfig:
+    """Our model config from a Hugging Face config.json (its architecture recorded as ``arch``)."""
     mt = config.get("model_type")
-    if mt == "gpt2":
-        return ModelConfig(family="gpt2", vocab_size=config["vocab_size"], d_model=config["n_embd"],
-                           n_layers=config["n_layer"], n_heads=config["n_head"],
-                           d_ff=config.get("n_inner") or 4 * config["n_embd"], max_seq_len=config["n_positions"],
-                           norm_eps=config.get("layer_norm_epsilon", 1e-5), tie_embeddings=True)
-    if mt in ("llama", "qwen2", "baichuan"):
-        return ModelConfig(family="llama", vocab_size=config["vocab_size"], d_model=config["hidden_size"],
-                           n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-                           n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                           d_ff=config["intermediate_size"], max_seq_len=min(config.get("max_position_embeddings", 2048), 4096),
-                           norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
-                           qkv_bias=mt == "qwen2", tie_embeddings=config.get("tie_word_embeddings", mt != "baichuan"))
-    raise ValueError(f"unsupported model_type {mt!r} (gpt2, llama, qwen2, baichuan)")
+    try:
+        if mt == "gpt2":
+            return ModelConfig(family="gpt2", vocab_size=config["vocab_size"], d_model=config["n_embd"],
+                               n_layers=config["n_layer"], n_heads=config["n_head"],
+                               d_ff=config.get("n_inner") or 4 * config["n_embd"],
+                               max_seq_len=config["n_positions"], norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                               tie_embeddings=True, arch="gpt2")
+        if mt in SUPPORTED:
+            heads = config["num_attention_heads"]
+            head_dim = config.get("head_dim") or config["hidden_size"] // heads
+            window = config.get("sliding_window") if mt == "mistral" else None
+            longest = min(config.get("max_position_embeddings", 2048), window or 1 << 30, 4096)
+            bias = {"qwen2": True, "qwen3": config.get("attention_bias", False)}.get(
+                mt, config.get("attention_bias", False))
+            return ModelConfig(
+                family="llama", vocab_size=config["vocab_size"], d_model=config["hidden_size"],
+                n_layers=config["num_hidden_layers"], n_heads=heads,
+                n_kv_heads=config.get("num_key_value_heads") or heads, d_ff=config["intermediate_size"],
+                max_seq_len=longest, norm_eps=config.get("rms_norm_eps", 1e-6),
+                rope_theta=config.get("rope_theta", 10000.0), qkv_bias=bias,
+                tie_embeddings=config.get("tie_word_embeddings", mt != "baichuan"),
+                attn_head_dim=head_dim if head_dim * heads != config["hidden_size"] else None,
+                qk_norm=mt == "qwen3", arch=mt)
+    except KeyError as e:
+        raise ValueError(f"{source}: model_type {mt!r} needs the key {e.args[0]!r}") from None
+    raise ValueError(f"{source}: unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED)})")
 
 
 def from_hf(cfg: ModelConfig, t: dict[str, np.ndarray], model_type: str) -> dict[str, np.ndarray]:
@@ -173,6 +208,9 @@ def from_hf(cfg: ModelConfig, t: dict[str, np.ndarray], model_type: str) -> dict
                 w[p + f"attn.{n}_proj.weight"] = t[p + f"self_attn.{n}_proj.weight"]
                 if cfg.use_qkv_bias:
                     w[p + f"attn.{n}_proj.bias"] = t[p + f"self_attn.{n}_proj.bias"]
+        if cfg.qk_norm:
+            for n in "qk":
+                w[p + f"attn.{n}_norm.weight"] = t[p + f"self_attn.{n}_norm.weight"]
     w["model.norm.weight"] = t["model.norm.weight"]
     if not cfg.tie_embeddings:
         head = t["lm_head.weight"]
@@ -183,16 +221,22 @@ def from_hf(cfg: ModelConfig, t: dict[str, np.ndarray], model_type: str) -> dict
 
 
 def import_hf(model_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """A directory with config.json and *.safetensors (sharded or not) -> (our config, our tensors)."""
-    from safetensors.numpy import load_file
+    """A Hugging Face model directory -> (our config, our tensors): config.json and the safetensors
+    weights (one file or shards with their index; F32, F16 or BF16). A missing tensor names the
+    tensor and the directory."""
+    from .safetensors_io import CheckpointError, read_checkpoint_dir
 
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no .safetensors files")
-    tensors: dict[str, np.ndarray] = {}
-    for f in files:
-        tensors.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
-    cfg = config_from_hf(config)
-    return cfg, from_hf(cfg, tensors, config["model_type"])
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{model_dir}: no config.json (a Hugging Face model directory has one)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: not valid JSON ({e})") from None
+    cfg = config_from_hf(config, str(model_dir / "config.json"))
+    tensors = read_checkpoint_dir(model_dir)
+    try:
+        return cfg, from_hf(cfg, tensors, config["model_type"])
+    except KeyError as e:
+        raise CheckpointError(f"{model_dir}: tensor {e.args[0]} is missing for a {config['model_type']} "
+                              f"model of {cfg.n_layers} layers") from None

@@ -26,7 +26,6 @@ from ..data.store import ArtifactStore, atomic_write_bytes, fsync_dir
 from ..graphs import POOL
 from ..runtime import Dist, init_runtime
 
-
 KILL_AFTER_CKPT = "MINDRLHF_KILL_AFTER_CKPT"  # tests: the stage SIGKILLs itself once this step is saved
 
 
@@ -72,6 +71,14 @@ class StageContext:
         self.log(f"done in {result['seconds']}s -> {outputs}")
 
 
+def model_meta(cfg: Config) -> dict:
+    """The model section as a manifest records it: user files by their sha256 (keys.content_keyed),
+    not their path, so the same weights reached another way give the same artifact ids."""
+    from ..keys import content_keyed
+
+    return content_keyed({"model": cfg.to_dict()["model"]})["model"]
+
+
 def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True) -> StageContext:
     ap = argparse.ArgumentParser(prog=f"mindrlhf.stages.{name}")
     ap.add_argument("--spec", required=True, help="JSON with config, inputs, store_root, run_dir")
@@ -103,12 +110,21 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
 
 def stage_main(name: str, run, mindspore: bool = True) -> None:
     """Run ``run(ctx)``; a known failure exits non-zero with one clear line on stderr."""
+    from ..data.schema import DataError
+    from ..rewards import RewardError
+
     ctx = start_stage(name, mindspore=mindspore)
     try:
         run(ctx)
     except NumericalError as e:
         print(f"[{name}] numerical error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except RewardError as e:
+        print(f"[{name}] reward error: {e}; the last good checkpoint is kept", file=sys.stderr, flush=True)
+        sys.exit(4)
+    except DataError as e:
+        print(f"[{name}] bad data: {e}", file=sys.stderr, flush=True)
+        sys.exit(5)
 
 
 # ---- working checkpoints --------------------------------------------------------------------

@@ -17,8 +17,17 @@ from ..algos.dpo import dpo_loss, preference_accuracy, sequence_logps
 from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
-from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
-                     save_training_state, shard, stage_main)
+from .common import (
+    RunCheckpoints,
+    StageContext,
+    Trainer,
+    epoch_order,
+    model_meta,
+    resume_training_state,
+    save_training_state,
+    shard,
+    stage_main,
+)
 
 
 def pair_logps(model, table: pa.Table, pad_id: int, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +44,8 @@ def pair_logps(model, table: pa.Table, pad_id: int, batch: int = 32) -> tuple[np
         lp = sequence_logps(logits, ids, Tensor(bt["response_mask"])).asnumpy()
         chosen.append(lp[:len(idx)])
         rejected.append(lp[len(idx):])
+    if not chosen:  # no pairs (an online DPO round whose judge tied them all)
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
@@ -105,7 +116,7 @@ def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: 
 def run_reflogp(ctx: StageContext) -> None:
     from .ppo import load_policy
 
-    tok = load_tokenizer(ctx.cfg.tokenizer.kind)
+    tok = load_tokenizer(ctx.cfg.tokenizer)
     model = load_policy(ctx.store, ctx.inputs["model"], ctx.cfg.model, train=False)
     out = {}
     for split in ("train", "heldout"):
@@ -125,7 +136,7 @@ def run(ctx: StageContext) -> None:
     from .ppo import load_policy
 
     cfg, dc = ctx.cfg, ctx.cfg.dpo
-    tok = load_tokenizer(cfg.tokenizer.kind)
+    tok = load_tokenizer(cfg.tokenizer)
     train, heldout = ctx.store.read_dataset(ctx.inputs["train"]), ctx.store.read_dataset(ctx.inputs["heldout"])
     ref_train = ctx.store.read_dataset(ctx.inputs["ref_train"])
     ref_heldout = ctx.store.read_dataset(ctx.inputs["ref_heldout"])
@@ -148,7 +159,7 @@ def run(ctx: StageContext) -> None:
                "loss": dc.loss, "beta": dc.beta, "steps": dc.steps}
     parents = [ctx.inputs[k] for k in ("train", "heldout", "sft", "ref_train", "ref_heldout")]
     art = ctx.store.write_checkpoint(state_dict(policy), name=f"{cfg.name}-dpo", parents=parents,
-                                     meta={"stage": "dpo", "model": cfg.to_dict()["model"], "metrics": metrics,
+                                     meta={"stage": "dpo", "model": model_meta(cfg), "metrics": metrics,
                                            "history": history})
     ctx.finish({"checkpoint": art.id}, metrics, history=history)
 

@@ -11,33 +11,53 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algos.grpo import grpo_loss, group_advantages
-from ..data.recipes import load_recipe
+from ..algos.grpo import group_advantages, grpo_loss
+from ..config import GenerationConfig
+from .. import rewards
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
 from ..models.generation import Generation
-from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, gather_rows, minibatches,
-                     resume_training_state, save_training_state, shard, stage_main)
+from .common import (
+    NumericalError,
+    RunCheckpoints,
+    StageContext,
+    Trainer,
+    epoch_order,
+    gather_rows,
+    minibatches,
+    model_meta,
+    resume_training_state,
+    save_training_state,
+    shard,
+    stage_main,
+)
 from .metrics import publish_metrics
 from .ppo import load_policy
 from .rm import load_reward_model, score_sequences
-from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, rollout_config, sample,
-                      score_mask, score_rollout)
-from ..config import GenerationConfig
+from .rollout import (
+    RolloutLog,
+    decode_responses,
+    experience_table,
+    response_logprobs,
+    rollout_config,
+    sample,
+    score_mask,
+    score_rollout,
+)
 
 
 def make_reward_fn(ctx: StageContext, tok):
-    """(generation, prompt-table rows) -> per-sample rewards, from a recipe function or the RM."""
-    name = ctx.cfg.grpo.reward
-    if name == "rm":
+    """(generation, prompt-table rows) -> per-sample rewards: the reward model (``grpo.reward:
+    rm``) or reward functions (a recipe's, or the user's ``python:<file>:<fn>``, weighted)."""
+    gc = ctx.cfg.grpo
+    if gc.reward == "rm":
         if not ctx.inputs.get("rm"):
             raise ValueError("grpo.reward is 'rm' but no reward-model checkpoint was given")
         model, norm = load_reward_model(ctx.store, ctx.inputs["rm"], ctx.cfg.model)
         return lambda g, rows: score_sequences(model, g.sequences, score_mask(g, tok.eos_id), norm)
-    recipe = load_recipe(name)
-    if not hasattr(recipe, "reward"):
-        raise ValueError(f"recipe {name!r} has no reward function")
-    return lambda g, rows: np.array(recipe.reward(rows["prompt"], decode_responses(g, tok), rows), dtype=np.float64)
+    fn = rewards.load(gc.reward, gc.reward_weights)
+    return lambda g, rows: fn(rows["prompt"], decode_responses(g, tok),
+                              {k: v for k, v in rows.items() if k not in ("prompt_ids",)})
 
 
 def rows_of(table, idx) -> dict[str, list]:
@@ -64,7 +84,7 @@ def run(ctx: StageContext) -> None:
     from mindspore import Tensor
 
     cfg, gc = ctx.cfg, ctx.cfg.grpo
-    tok = load_tokenizer(cfg.tokenizer.kind)
+    tok = load_tokenizer(cfg.tokenizer)
     prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
@@ -156,7 +176,7 @@ def run(ctx: StageContext) -> None:
     mart = publish_metrics(ctx, history, ["reward_mean", "accuracy", "kl", "loss"], parents=sorted(set(experience_ids)))
     parents = [ctx.inputs["prompts"], ctx.inputs["heldout"], ctx.inputs["sft"], mart.id]
     art = ctx.store.write_checkpoint(state_dict(policy), name=f"{cfg.name}-grpo", parents=parents,
-                                     meta={"stage": "grpo", "model": cfg.to_dict()["model"], "metrics": metrics,
+                                     meta={"stage": "grpo", "model": model_meta(cfg), "metrics": metrics,
                                            "reward": gc.reward, "experience": experience_ids})
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history)
 

@@ -3,7 +3,7 @@
 Inputs: ``policy`` (this round's starting checkpoint), ``reference`` (the SFT checkpoint, fixed
 across rounds), ``prompts`` / ``heldout`` prompt datasets, ``rm`` and ``round``. The round samples
 two responses per prompt from the current policy with the KV cache, ranks them with the reward
-model (or a recipe's reward function), writes the pairs as a versioned dataset, computes the
+model or, with ``online_dpo.judge``, reward functions (the user's ``python:<file>:<fn>``), writes the pairs as a versioned dataset, computes the
 reference log-probs once, trains ``online_dpo.steps_per_round`` DPO steps on the pairs and reports
 the held-out reward-model score of the policy before and after. The flow chains rounds, so each
 round's pair dataset appears in the lineage between two checkpoints.
@@ -15,10 +15,11 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
+from .. import rewards
 from ..data.tokenize import IDS
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
-from .common import StageContext, epoch_order, stage_main
+from .common import StageContext, epoch_order, model_meta, stage_main
 from .dpo import pair_logps, reference_table, train_dpo
 from .ppo import load_policy
 from .rm import load_reward_model, score_sequences
@@ -57,24 +58,27 @@ def build_pairs(g, scores: np.ndarray, tok) -> tuple[pa.Table, dict]:
 def run(ctx: StageContext) -> None:
     cfg, oc, dc = ctx.cfg, ctx.cfg.online_dpo, ctx.cfg.dpo
     rnd = int(ctx.inputs["round"])
-    tok = load_tokenizer(cfg.tokenizer.kind)
+    tok = load_tokenizer(cfg.tokenizer)
     prompts, heldout = ctx.store.read_dataset(ctx.inputs["prompts"]), ctx.store.read_dataset(ctx.inputs["heldout"])
     policy = load_policy(ctx.store, ctx.inputs["policy"], cfg.model, train=False, parallel=cfg.parallel)
     reference = load_policy(ctx.store, ctx.inputs["reference"], cfg.model, train=False)
-    if oc.reward != "rm":
-        raise ValueError("online_dpo.reward currently supports 'rm' (reward-model ranking)")
-    reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
+    reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)  # the held-out score
+    judge = None if oc.judge == "rm" else rewards.load(oc.judge, oc.judge_weights)
     gen = rollout_config(cfg.generation)
     seed = cfg.seed * 1000 + 500 + rnd
 
     score_before = heldout_score(policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99)
-    idx = epoch_order(prompts.num_rows, rnd, oc.prompts_per_round, cfg.seed + 13)
-    rows = [r for i in idx for r in [prompts.column("prompt_ids")[int(i)].as_py()] * 2]
-    g = sample(policy, rows, gen, tok, seed=seed)
-    scores = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
+    idx = np.repeat(epoch_order(prompts.num_rows, rnd, oc.prompts_per_round, cfg.seed + 13), 2)
+    table = prompts.take(pa.array(idx))
+    g = sample(policy, table.column("prompt_ids").to_pylist(), gen, tok, seed=seed)
+    if judge is None:  # ranked by the reward model
+        scores = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
+    else:  # ranked by the user's (or a recipe's) reward functions, given the prompt table's columns
+        cols = {c: table.column(c).to_pylist() for c in table.column_names if c not in ("prompt_ids", "prompt")}
+        scores = judge(table.column("prompt").to_pylist(), decode_responses(g, tok), cols)
     pairs, info = build_pairs(g, scores, tok)
-    if pairs.num_rows == 0:
-        raise ValueError(f"round {rnd}: every sampled pair tied; nothing to train on")
+    if pairs.num_rows == 0:  # the judge could not tell any pair apart: this round teaches nothing
+        ctx.log(f"round {rnd}: every sampled pair tied under the judge; the policy goes on unchanged")
     pairs_art = ctx.store.write_dataset(pairs, name=f"{cfg.name}-online-dpo-pairs-{rnd}",
                                         parents=[ctx.inputs["prompts"], ctx.inputs["policy"], ctx.inputs["rm"]],
                                         meta={"stage": "online_dpo", "round": rnd, **info,
@@ -85,7 +89,7 @@ def run(ctx: StageContext) -> None:
                                       parents=[pairs_art.id, ctx.inputs["reference"]], meta={"round": rnd})
     policy.set_train(True)
     history = train_dpo(ctx, policy, pairs, ctx.store.read_dataset(ref_art.id), oc.steps_per_round,
-                        seed + 1, tok, dc=dataclasses.replace(dc, lr=oc.lr))
+                        seed + 1, tok, dc=dataclasses.replace(dc, lr=oc.lr)) if pairs.num_rows else []
     score_after = heldout_score(policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99)
     ctx.metric(step=rnd + 1, heldout_score_before=score_before, heldout_score_after=score_after, **info)
     if not ctx.dist.is_main:
@@ -95,7 +99,7 @@ def run(ctx: StageContext) -> None:
     art = ctx.store.write_checkpoint(
         state_dict(policy), name=f"{cfg.name}-online-dpo-{rnd}",
         parents=[ctx.inputs["policy"], pairs_art.id, ref_art.id, ctx.inputs["reference"]],
-        meta={"stage": "online_dpo", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history})
+        meta={"stage": "online_dpo", "model": model_meta(cfg), "metrics": metrics, "history": history})
     ctx.finish({"checkpoint": art.id, "pairs": pairs_art.id, "reference_logps": ref_art.id}, metrics,
                history=history)
 

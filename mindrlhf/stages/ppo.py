@@ -24,19 +24,48 @@ import dataclasses
 import numpy as np
 
 from ..algos.common import entropy_from_logits, masked_mean, token_logprobs
-from ..algos.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, policy_loss,
-                         value_loss, whiten)
+from ..algos.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalized_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from .. import rewards
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from ..models.generation import Generation
 from ..parallel import apply_parallel
-from .common import (NumericalError, RunCheckpoints, StageContext, Trainer, epoch_order, gather_rows,
-                     minibatches, resume_training_state, save_training_state, shard, stage_main)
+from .common import (
+    NumericalError,
+    RunCheckpoints,
+    StageContext,
+    Trainer,
+    epoch_order,
+    gather_rows,
+    minibatches,
+    model_meta,
+    resume_training_state,
+    save_training_state,
+    shard,
+    stage_main,
+)
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
-from .rollout import (RolloutLog, decode_responses, experience_table, response_logprobs, response_values,
-                      rollout_config, sample, score_mask, score_rollout)
+from .rollout import (
+    RolloutLog,
+    decode_responses,
+    experience_table,
+    response_logprobs,
+    response_values,
+    rollout_config,
+    sample,
+    score_mask,
+    score_rollout,
+)
 
 
 def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> CausalLM:
@@ -48,14 +77,19 @@ def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> C
     return m
 
 
-def load_gold_reward(name: str):
-    """(prompt texts, response texts) -> gold scores, from a recipe's ``gold_reward``; None if unset."""
-    if not name:
+def load_gold_reward(spec: str):
+    """(prompt texts, response texts, columns) -> gold scores from an independent judge: a recipe's
+    ``gold_reward`` (movie_reviews: VADER) or a user function ``python:<file>:<fn>``; None if unset."""
+    if not spec:
         return None
-    recipe = load_recipe(name)
+    if spec.startswith("python:"):
+        fn = rewards.load(spec)
+        return lambda prompts, responses, columns=None: fn(prompts, responses, columns)
+    recipe = load_recipe(spec)
     if not hasattr(recipe, "gold_reward"):
-        raise ValueError(f"ppo.gold_reward: recipe {name!r} has no gold_reward function")
-    return lambda prompts, responses: np.asarray(recipe.gold_reward(prompts, responses), dtype=np.float64)
+        raise ValueError(f"ppo.gold_reward: recipe {spec!r} has no gold_reward function")
+    return lambda prompts, responses, columns=None: rewards.check(recipe.gold_reward(prompts, responses), len(responses),
+                                                                  f"{spec}.gold_reward")
 
 
 def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, seed: int, gold=None) -> dict:
@@ -92,7 +126,7 @@ def run(ctx: StageContext) -> None:
     from mindspore import Tensor
 
     cfg, pc = ctx.cfg, ctx.cfg.ppo
-    tok = load_tokenizer(cfg.tokenizer.kind)
+    tok = load_tokenizer(cfg.tokenizer)
     prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     prompt_rows = prompts.column("prompt_ids").to_pylist()
@@ -225,7 +259,7 @@ def run(ctx: StageContext) -> None:
     art = ctx.store.write_checkpoint(
         state_dict(actor), name=f"{cfg.name}-ppo",
         parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"], mart.id],
-        meta={"stage": "ppo", "model": cfg.to_dict()["model"], "metrics": metrics, "eval": ev,
+        meta={"stage": "ppo", "model": model_meta(cfg), "metrics": metrics, "eval": ev,
               "gold_reward": pc.gold_reward, "experience": experience_ids})
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)
 

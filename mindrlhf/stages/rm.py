@@ -14,8 +14,17 @@ from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import ScalarHeadModel, backbone_state, load_state_dict, state_dict
 from ..parallel import apply_parallel
-from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
-                     save_training_state, shard, stage_main)
+from .common import (
+    RunCheckpoints,
+    StageContext,
+    Trainer,
+    epoch_order,
+    model_meta,
+    resume_training_state,
+    save_training_state,
+    shard,
+    stage_main,
+)
 
 
 def load_reward_model(store, ckpt_id: str, model_cfg) -> tuple[ScalarHeadModel, dict]:
@@ -58,7 +67,7 @@ def run(ctx: StageContext) -> None:
     from mindspore import Tensor
 
     cfg, rc = ctx.cfg, ctx.cfg.rm
-    tok = load_tokenizer(cfg.tokenizer.kind)
+    tok = load_tokenizer(cfg.tokenizer)
     train = ctx.store.read_dataset(ctx.inputs["train"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     model = ScalarHeadModel(cfg.model, seed=cfg.seed + 1)
@@ -108,7 +117,7 @@ def run(ctx: StageContext) -> None:
         return
     metrics = {"heldout_accuracy_before": history[0]["heldout_accuracy"], "heldout_accuracy": ev["accuracy"],
                "heldout_loss": ev["loss"], "steps": rc.steps}
-    meta = {"stage": "rm", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history}
+    meta = {"stage": "rm", "model": model_meta(cfg), "metrics": metrics, "history": history}
     if rc.normalize:
         meta["reward_norm"] = {"mean": ev["reward_mean"], "std": ev["reward_std"]}
     art = ctx.store.write_checkpoint(state_dict(model), name=f"{cfg.name}-rm",

@@ -18,8 +18,17 @@ from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, load_state_dict, state_dict
 from ..models.generation import generate, left_pad
 from ..parallel import apply_parallel
-from .common import (RunCheckpoints, StageContext, Trainer, epoch_order, resume_training_state,
-                     save_training_state, shard, stage_main)
+from .common import (
+    RunCheckpoints,
+    StageContext,
+    Trainer,
+    epoch_order,
+    model_meta,
+    resume_training_state,
+    save_training_state,
+    shard,
+    stage_main,
+)
 
 
 def heldout_loss(model, table, pad_id: int, batch: int, n_batches: int) -> float:
@@ -34,7 +43,7 @@ def heldout_loss(model, table, pad_id: int, batch: int, n_batches: int) -> float
 
 
 def sample_generations(ctx: StageContext, model, table, n: int = 3) -> list[dict]:
-    tok = load_tokenizer(ctx.cfg.tokenizer.kind)
+    tok = load_tokenizer(ctx.cfg.tokenizer)
     rows = table.slice(0, n)
     prompts = [ids[:pl] for ids, pl in zip(rows.column("input_ids").to_pylist(), rows.column("prompt_len").to_pylist())]
     ids, mask = left_pad(prompts, tok.pad_id)
@@ -50,7 +59,7 @@ def run(ctx: StageContext) -> None:
     train = ctx.store.read_dataset(ctx.inputs["train"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     validate_table(train, "sft_tokens", f"dataset {ctx.inputs['train'][:12]}")
-    tok = load_tokenizer(cfg.tokenizer.kind)
+    tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
 
@@ -109,7 +118,7 @@ def run(ctx: StageContext) -> None:
                "train_loss_last": history[-1].get("loss"), "workers": ctx.dist.size}
     art = ctx.store.write_checkpoint(
         state_dict(model), name=f"{cfg.name}-sft", parents=parents,
-        meta={"stage": "sft", "model": cfg.to_dict()["model"], "metrics": metrics, "history": history,
+        meta={"stage": "sft", "model": model_meta(cfg), "metrics": metrics, "history": history,
               "samples": samples, "tokenizer": cfg.tokenizer.kind})
     curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
     # timing goes in the result only: the manifest (and so the artifact id) must be reproducible
