@@ -35,7 +35,7 @@ demo: fetch
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 
-test: fetch system-deps
+test: fetch system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Each tests/mutants/*.patch is a realistic bug: applied to a copy of the checkout, the tests it

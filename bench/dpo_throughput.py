@@ -14,6 +14,7 @@ long stage converges to.
 
     make bench-peers && .venv/bin/python bench/dpo_throughput.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,13 @@ def make_pairs(n: int, target_tokens: int) -> list[dict]:
     words_per_resp = int(target_tokens * 0.7)
     out = []
     for _ in range(n):
+
         def resp():
             ws = []
             while len(ws) < words_per_resp:
                 ws += rows[int(rng.integers(len(rows)))]["text"].split()
             return " " + " ".join(ws[:words_per_resp])
+
         out.append({"prompt": "Review:", "chosen": resp(), "rejected": resp()})
     return out
 
@@ -52,7 +55,7 @@ def matmul_peak_gflops() -> float:
     t = time.perf_counter()
     for _ in range(5):
         ops.matmul(a, a).asnumpy()
-    return 2 * 2048 ** 3 * 5 / (time.perf_counter() - t) / 1e9
+    return 2 * 2048**3 * 5 / (time.perf_counter() - t) / 1e9
 
 
 def ours(pairs, args, compiled: bool) -> dict:
@@ -70,12 +73,22 @@ def ours(pairs, args, compiled: bool) -> dict:
 
     tok = load_tokenizer("gpt2_bpe")
     table = tokenize_pairs(pa.Table.from_pylist(pairs), tok, args.seq // 4, args.seq)
-    cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
-                      max_seq_len=args.seq)
+    cfg = ModelConfig(
+        family="gpt2",
+        vocab_size=50257,
+        d_model=args.d,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        max_seq_len=args.seq,
+    )
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
-    rc, rr = pair_logps(ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch)
+    rc, rr = pair_logps(
+        ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
+    )
     dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled)
-    trainer = Trainer(policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1)
+    trainer = Trainer(
+        policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
+    )
     policy.set_train(True)
     times, tokens, shapes = [], [], []
     for s in range(args.steps + 1):
@@ -83,22 +96,34 @@ def ours(pairs, args, compiled: bool) -> dict:
         bt = pair_batch(table, idx, tok.pad_id, dc.pad_to)
         shapes.append(bt["input_ids"].shape[1])
         t = time.perf_counter()
-        trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["response_mask"]),
-                     Tensor(rc[idx]), Tensor(rr[idx]))
+        trainer.step(
+            Tensor(bt["input_ids"]),
+            Tensor(bt["attention_mask"]),
+            Tensor(bt["response_mask"]),
+            Tensor(rc[idx]),
+            Tensor(rr[idx]),
+        )
         times.append(time.perf_counter() - t)
         tokens.append(int(bt["attention_mask"].sum()))
     timed, toks = times[1:], tokens[1:]
     new_shape = [compiled and x not in shapes[:i] for i, x in enumerate(shapes)][1:]
     steady = [t for t, new in zip(timed, new_shape) if not new]
     n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
-    flops = sum(6 * n_params * tk for tk, new in zip(toks, new_shape) if not new)  # dense part, fwd + bwd
-    return {"impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
-            "steps": len(timed), "padded_lengths": shapes, "compiles": int(sum(new_shape)),
-            "warmup_step_s": round(times[0], 2),
-            "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3),
-            "pairs_per_s_steady": round(args.batch * len(steady) / sum(steady), 3),
-            "achieved_gflops": round(flops / sum(steady) / 1e9, 2), "params": n_params,
-            "mean_tokens_per_step": round(float(np.mean(toks)), 1)}
+    flops = sum(
+        6 * n_params * tk for tk, new in zip(toks, new_shape) if not new
+    )  # dense part, fwd + bwd
+    return {
+        "impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
+        "steps": len(timed),
+        "padded_lengths": shapes,
+        "compiles": int(sum(new_shape)),
+        "warmup_step_s": round(times[0], 2),
+        "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3),
+        "pairs_per_s_steady": round(args.batch * len(steady) / sum(steady), 3),
+        "achieved_gflops": round(flops / sum(steady) / 1e9, 2),
+        "params": n_params,
+        "mean_tokens_per_step": round(float(np.mean(toks)), 1),
+    }
 
 
 def main() -> None:
@@ -109,7 +134,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--modes", default="compiled,pynative", help="our configurations to time (compiled = default)")
+    ap.add_argument(
+        "--modes",
+        default="compiled,pynative",
+        help="our configurations to time (compiled = default)",
+    )
     args = ap.parse_args()
     from mindrlhf.runtime import init_runtime
 
@@ -121,20 +150,53 @@ def main() -> None:
     runs = {m: ours(pairs, args, compiled=m == "compiled") for m in modes}
     for r in runs.values():
         r["fraction_of_peak"] = round(r["achieved_gflops"] / peak, 3)
-    result = {"bench": "dpo_throughput", "config": vars(args), "matmul_peak_gflops": round(peak, 1),
-              "ours": runs[modes[0]], "ours_by_mode": runs}
+    result = {
+        "bench": "dpo_throughput",
+        "config": vars(args),
+        "matmul_peak_gflops": round(peak, 1),
+        "ours": runs[modes[0]],
+        "ours_by_mode": runs,
+    }
     for key, extra in (("trl_precomputed_ref", ["--precompute-ref"]), ("trl_default", [])):
-        result[key] = run_peer("peer_trl_dpo.py", [
-            "--data", str(data), "--tokenizer-dir", str(tokdir), "--layers", str(args.layers), "--d", str(args.d),
-            "--heads", str(args.heads), "--seq", str(args.seq), "--batch", str(args.batch),
-            "--steps", str(args.steps), *extra])
-    result["ratio_vs_trl_precomputed_ref"] = round(result["ours"]["pairs_per_s"] / result["trl_precomputed_ref"]["pairs_per_s"], 3)
-    result["ratio_vs_trl_default"] = round(result["ours"]["pairs_per_s"] / result["trl_default"]["pairs_per_s"], 3)
-    result["ratios_by_mode"] = {m: {k: round(r[f"pairs_per_s{v}"] / result[t]["pairs_per_s"], 3)
-                                    for k, t, v in (("vs_trl_precomputed_ref", "trl_precomputed_ref", ""),
-                                                    ("vs_trl_default", "trl_default", ""),
-                                                    ("steady_vs_trl_precomputed_ref", "trl_precomputed_ref", "_steady"))}
-                                for m, r in runs.items()}
+        result[key] = run_peer(
+            "peer_trl_dpo.py",
+            [
+                "--data",
+                str(data),
+                "--tokenizer-dir",
+                str(tokdir),
+                "--layers",
+                str(args.layers),
+                "--d",
+                str(args.d),
+                "--heads",
+                str(args.heads),
+                "--seq",
+                str(args.seq),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                *extra,
+            ],
+        )
+    result["ratio_vs_trl_precomputed_ref"] = round(
+        result["ours"]["pairs_per_s"] / result["trl_precomputed_ref"]["pairs_per_s"], 3
+    )
+    result["ratio_vs_trl_default"] = round(
+        result["ours"]["pairs_per_s"] / result["trl_default"]["pairs_per_s"], 3
+    )
+    result["ratios_by_mode"] = {
+        m: {
+            k: round(r[f"pairs_per_s{v}"] / result[t]["pairs_per_s"], 3)
+            for k, t, v in (
+                ("vs_trl_precomputed_ref", "trl_precomputed_ref", ""),
+                ("vs_trl_default", "trl_default", ""),
+                ("steady_vs_trl_precomputed_ref", "trl_precomputed_ref", "_steady"),
+            )
+        }
+        for m, r in runs.items()
+    }
     print(json.dumps(result))
 
 

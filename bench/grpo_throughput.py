@@ -1,4 +1,5 @@
-"""GRPO iteration throughput, this project (MindSpore, CPU; compiled and PyNative) vs TRL's GRPOTrainer
+"""GRPO iteration throughput, this project (MindSpore, CPU; compiled and PyNative) vs TRL's
+GRPOTrainer
 (PyTorch CPU), measured one after the other in one run. One iteration = sample ``group``
 responses for each of ``prompts`` prompts (temperature 1.0, no top-k/top-p, exactly
 ``new_tokens`` tokens each: eos ignored here, held back with min_new_tokens in TRL), score them
@@ -11,7 +12,8 @@ reasoning-gym recipe in the same order, the same reward (``bench_reward`` in pee
 
 Our iteration mirrors mindrlhf/stages/grpo.py: ``rollout.sample`` (prompts left-padded to a
 multiple of 8, the KV-cache decoder, responses padded to the training step's multiple),
-``score_rollout(response_logprobs)`` of policy and reference over the whole batch, ``group_advantages``,
+``score_rollout(response_logprobs)`` of policy and reference over the whole batch,
+``group_advantages``,
 the experience table round trip, ``Trainer`` steps on mini-batches with ``grpo_loss``; the
 artifact-store write of the rollout and the evaluation passes are left out. It runs once per
 ``--modes`` entry: ``compiled`` is the default configuration (decode step and training step as
@@ -21,6 +23,7 @@ reported as ``warmup_iter_s``.
 
     make bench-peers && .venv/bin/python bench/grpo_throughput.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +32,9 @@ import time
 
 import numpy as np
 from benchlib import run_peer, write_inputs
-from peer_trl_grpo import bench_reward  # pure Python at import time; the peer uses the same function
+from peer_trl_grpo import (
+    bench_reward,
+)  # pure Python at import time; the peer uses the same function
 
 
 def make_prompts(n: int, seed: int = 0, max_digits: int = 3) -> list[dict]:
@@ -47,40 +52,73 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
     import mindspore as ms  # noqa: F401
     from mindspore import Tensor
 
-    from mindrlhf.algos.grpo import grpo_loss, group_advantages
+    from mindrlhf.algos.grpo import group_advantages, grpo_loss
     from mindrlhf.config import GenerationConfig, GRPOConfig, ModelConfig
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
-    from mindrlhf.stages.rollout import (decode_responses, experience_table, response_logprobs, rollout_config,
-                                         sample, score_rollout, table_arrays)
+    from mindrlhf.stages.rollout import (
+        decode_responses,
+        experience_table,
+        response_logprobs,
+        rollout_config,
+        sample,
+        score_rollout,
+        table_arrays,
+    )
 
     tok = load_tokenizer("gpt2_bpe")
-    cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
-                      max_seq_len=args.seq)
+    cfg = ModelConfig(
+        family="gpt2",
+        vocab_size=50257,
+        d_model=args.d,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        max_seq_len=args.seq,
+    )
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     ref.set_train(False)
     batch = args.prompts * args.group
-    gc = GRPOConfig(lr=args.lr, prompts_per_iter=args.prompts, group_size=args.group, mini_batch=args.mini_batch,
-                    epochs=args.epochs, beta=args.beta, clip_range=args.clip, max_new_tokens=args.new_tokens,
-                    iterations=args.iters + 1, compiled=compiled)
+    gc = GRPOConfig(
+        lr=args.lr,
+        prompts_per_iter=args.prompts,
+        group_size=args.group,
+        mini_batch=args.mini_batch,
+        epochs=args.epochs,
+        beta=args.beta,
+        clip_range=args.clip,
+        max_new_tokens=args.new_tokens,
+        iterations=args.iters + 1,
+        compiled=compiled,
+    )
     gc.validate()
-    gen = rollout_config(GenerationConfig(compiled=compiled), max_new_tokens=args.new_tokens)  # as the stage
-    no_eos = SimpleNamespace(pad_id=tok.pad_id, eos_id=-1)  # every sample runs new_tokens tokens, as TRL's
+    gen = rollout_config(
+        GenerationConfig(compiled=compiled), max_new_tokens=args.new_tokens
+    )  # as the stage
+    no_eos = SimpleNamespace(
+        pad_id=tok.pad_id, eos_id=-1
+    )  # every sample runs new_tokens tokens, as TRL's
 
     def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
         lp = response_logprobs(policy, seq, am, p)
         return grpo_loss(lp, old_lp, ref_lp, adv, mask, gc.clip_range, gc.beta)
 
-    trainer = Trainer(policy.trainable_params(), loss_fn, gc, Dist(),
-                      gc.iterations * gc.epochs * (batch // gc.mini_batch))
+    trainer = Trainer(
+        policy.trainable_params(),
+        loss_fn,
+        gc,
+        Dist(),
+        gc.iterations * gc.epochs * (batch // gc.mini_batch),
+    )
     phases = {"iter": [], "generation": [], "score": [], "update": []}
     new_tokens, prompt_lens, rewards_seen = [], [], []
     for it in range(args.iters + 1):
-        chunk = prompts[it * args.prompts:(it + 1) * args.prompts]
-        rows = {"prompt": [r["prompt"] for r in chunk for _ in range(args.group)],
-                "answer": [r["answer"] for r in chunk for _ in range(args.group)]}  # each group consecutive
+        chunk = prompts[it * args.prompts : (it + 1) * args.prompts]
+        rows = {
+            "prompt": [r["prompt"] for r in chunk for _ in range(args.group)],
+            "answer": [r["answer"] for r in chunk for _ in range(args.group)],
+        }  # each group consecutive
         prompt_ids = tok.encode_batch(rows["prompt"])
         t0 = time.perf_counter()
         policy.set_train(False)
@@ -90,9 +128,20 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
         rmask = g.response_mask.astype(np.float32)
         old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled) * rmask
         ref_lp = score_rollout(response_logprobs, ref, seq, am, p, compiled) * rmask
-        rewards = np.array([bench_reward(c, a) for c, a in zip(decode_responses(g, tok), rows["answer"])])
-        ex = table_arrays(experience_table(g, {"logprobs": old_lp, "ref_logprobs": ref_lp, "reward": rewards,
-                                               "advantage": group_advantages(rewards, gc.group_size)}))
+        rewards = np.array(
+            [bench_reward(c, a) for c, a in zip(decode_responses(g, tok), rows["answer"])]
+        )
+        ex = table_arrays(
+            experience_table(
+                g,
+                {
+                    "logprobs": old_lp,
+                    "ref_logprobs": ref_lp,
+                    "reward": rewards,
+                    "advantage": group_advantages(rewards, gc.group_size),
+                },
+            )
+        )
         t2 = time.perf_counter()
         policy.set_train(True)
         seqs, ams, p = ex["sequence"], ex["attention_mask"], int(ex["prompt_len"][0])
@@ -101,42 +150,78 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
         for epoch in range(gc.epochs):
             order = np.random.default_rng([0, it, epoch]).permutation(n)
             for s in range(0, n - mb + 1, mb):
-                b = order[s:s + mb]
-                trainer.step(Tensor(seqs[b]), Tensor(ams[b]), Tensor(ex["logprobs"][b]), Tensor(ex["ref_logprobs"][b]),
-                             Tensor(ex["advantage"][b]), Tensor(rm[b]), p)
+                b = order[s : s + mb]
+                trainer.step(
+                    Tensor(seqs[b]),
+                    Tensor(ams[b]),
+                    Tensor(ex["logprobs"][b]),
+                    Tensor(ex["ref_logprobs"][b]),
+                    Tensor(ex["advantage"][b]),
+                    Tensor(rm[b]),
+                    p,
+                )
         t3 = time.perf_counter()
-        for k, v in (("iter", t3 - t0), ("generation", t1 - t0), ("score", t2 - t1), ("update", t3 - t2)):
+        for k, v in (
+            ("iter", t3 - t0),
+            ("generation", t1 - t0),
+            ("score", t2 - t1),
+            ("update", t3 - t2),
+        ):
             phases[k].append(v)
         new_tokens.append(float(rmask.sum(1).mean()))
         prompt_lens.append(int(p))
         rewards_seen.append(float(rewards.mean()))
-    steady = {k: v[1:] for k, v in phases.items()}  # the first iteration pays one-off costs on both sides
+    steady = {
+        k: v[1:] for k, v in phases.items()
+    }  # the first iteration pays one-off costs on both sides
     n_params = sum(int(np.prod(q.shape)) for q in policy.trainable_params())
-    return {"impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
-            "iterations": len(steady["iter"]), "warmup_iter_s": round(phases["iter"][0], 2),
-            "samples_per_iter": batch, "updates_per_iter": gc.epochs * (batch // gc.mini_batch),
-            "samples_per_s": round(batch * len(steady["iter"]) / sum(steady["iter"]), 3),
-            **{f"{k}_s": round(float(np.mean(v)), 3) for k, v in steady.items()},
-            "new_tokens_per_sample": new_tokens[-1], "prompt_len_padded": prompt_lens,
-            "old_logps_recomputed": True, "mean_reward": round(float(np.mean(rewards_seen)), 4), "params": n_params}
+    return {
+        "impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
+        "iterations": len(steady["iter"]),
+        "warmup_iter_s": round(phases["iter"][0], 2),
+        "samples_per_iter": batch,
+        "updates_per_iter": gc.epochs * (batch // gc.mini_batch),
+        "samples_per_s": round(batch * len(steady["iter"]) / sum(steady["iter"]), 3),
+        **{f"{k}_s": round(float(np.mean(v)), 3) for k, v in steady.items()},
+        "new_tokens_per_sample": new_tokens[-1],
+        "prompt_len_padded": prompt_lens,
+        "old_logps_recomputed": True,
+        "mean_reward": round(float(np.mean(rewards_seen)), 4),
+        "params": n_params,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128, help="max_seq_len / n_positions (prompt + new tokens must fit)")
+    ap.add_argument(
+        "--seq",
+        type=int,
+        default=128,
+        help="max_seq_len / n_positions (prompt + new tokens must fit)",
+    )
     ap.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
     ap.add_argument("--group", type=int, default=4, help="samples per prompt")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--mini-batch", type=int, default=8, help="samples per optimizer update")
-    ap.add_argument("--epochs", type=int, default=1, help="passes over each rollout (TRL's num_iterations)")
-    ap.add_argument("--iters", type=int, default=3, help="timed iterations; one more runs first as warm-up")
+    ap.add_argument(
+        "--epochs", type=int, default=1, help="passes over each rollout (TRL's num_iterations)"
+    )
+    ap.add_argument(
+        "--iters", type=int, default=3, help="timed iterations; one more runs first as warm-up"
+    )
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--clip", type=float, default=0.2)
-    ap.add_argument("--modes", default="compiled,pynative", help="our configurations to time (compiled = default)")
+    ap.add_argument(
+        "--modes",
+        default="compiled,pynative",
+        help="our configurations to time (compiled = default)",
+    )
     ap.add_argument("--skip-peer", action="store_true", help="only our side")
     args = ap.parse_args()
     from mindrlhf.runtime import init_runtime
@@ -146,19 +231,43 @@ def main() -> None:
     data, tokdir = write_inputs(prompts, "bench-grpo-")
     modes = args.modes.split(",")
     runs = {m: ours(prompts, args, compiled=m == "compiled") for m in modes}
-    result = {"bench": "grpo_throughput", "config": vars(args), "ours": runs[modes[0]], "ours_by_mode": runs}
+    result = {
+        "bench": "grpo_throughput",
+        "config": vars(args),
+        "ours": runs[modes[0]],
+        "ours_by_mode": runs,
+    }
     if not args.skip_peer:
         cmd = ["--data", str(data), "--tokenizer-dir", str(tokdir)]
-        for k in ("layers", "d", "heads", "seq", "prompts", "group", "new_tokens", "mini_batch", "epochs", "iters",
-                  "lr", "beta", "clip"):
+        for k in (
+            "layers",
+            "d",
+            "heads",
+            "seq",
+            "prompts",
+            "group",
+            "new_tokens",
+            "mini_batch",
+            "epochs",
+            "iters",
+            "lr",
+            "beta",
+            "clip",
+        ):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         trl = result["trl"] = run_peer("peer_trl_grpo.py", cmd)
         o = result["ours"]
-        result["ratio_vs_trl"] = round(o["samples_per_s"] / trl["samples_per_s"], 3)  # >1: ours faster
-        result["ratio_vs_trl_by_mode"] = {m: round(r["samples_per_s"] / trl["samples_per_s"], 3)
-                                          for m, r in runs.items()}
+        result["ratio_vs_trl"] = round(
+            o["samples_per_s"] / trl["samples_per_s"], 3
+        )  # >1: ours faster
+        result["ratio_vs_trl_by_mode"] = {
+            m: round(r["samples_per_s"] / trl["samples_per_s"], 3) for m, r in runs.items()
+        }
         result["phase_time_ratio_ours_over_trl"] = {  # >1: ours slower in that phase
-            k: round(o[f"{k}_s"] / trl[f"{k}_s"], 3) for k in ("generation", "score", "update") if trl[f"{k}_s"] > 0}
+            k: round(o[f"{k}_s"] / trl[f"{k}_s"], 3)
+            for k in ("generation", "score", "update")
+            if trl[f"{k}_s"] > 0
+        }
     print(json.dumps(result))
 
 

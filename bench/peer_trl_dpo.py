@@ -1,6 +1,7 @@
 """The peer side of bench/dpo_throughput.py: TRL's DPOTrainer on PyTorch CPU, the same
 GPT-2-shaped model config, the same pairs, the same number of steps. Runs in .venv-bench
 (`make bench-peers`); prints one JSON object."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    from datasets import Dataset
+    from benchlib import peer_tokenizer_and_config, step_timer
     from transformers import GPT2LMHeadModel
 
-    from benchlib import peer_tokenizer_and_config, step_timer
+    from datasets import Dataset
 
     torch.manual_seed(0)
     tok, cfg = peer_tokenizer_and_config(args)
@@ -36,29 +37,58 @@ def main() -> None:
     ds = Dataset.from_list(rows)
 
     times: list[float] = []
-    conf = trl.DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=args.batch,
-                         max_steps=args.steps + 1, max_length=args.seq,
-                         learning_rate=5e-4, beta=0.1, logging_steps=1000, save_strategy="no", report_to=[],
-                         use_cpu=True, dataloader_num_workers=0, precompute_ref_log_probs=args.precompute_ref,
-                         gradient_checkpointing=False, seed=0,
-                         bf16=False)  # TRL turns bf16 on by default, even on CPU; ours is fp32
+    conf = trl.DPOConfig(
+        output_dir="/tmp/trl-dpo-bench",
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + 1,
+        max_length=args.seq,
+        learning_rate=5e-4,
+        beta=0.1,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        precompute_ref_log_probs=args.precompute_ref,
+        gradient_checkpointing=False,
+        seed=0,
+        bf16=False,
+    )  # TRL turns bf16 on by default, even on CPU; ours is fp32
     import copy
 
-    ref = None if args.precompute_ref else copy.deepcopy(model)  # a model built in code has no hub id to reload
-    trainer = trl.DPOTrainer(model=model, ref_model=ref, args=conf, train_dataset=ds, processing_class=tok,
-                             callbacks=[step_timer(times)])
+    ref = (
+        None if args.precompute_ref else copy.deepcopy(model)
+    )  # a model built in code has no hub id to reload
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=conf,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[step_timer(times)],
+    )
     t0 = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - t0
     batch = next(iter(trainer.get_train_dataloader()))
     mean_tokens = int(batch["attention_mask"].sum())
     steady = times[1:]  # the first step pays one-off costs on both sides
-    print(json.dumps({"impl": f"trl {trl.__version__} / torch {torch.__version__} / transformers {transformers.__version__}",
-                      "precompute_ref": args.precompute_ref, "steps": len(steady),
-                      "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
-                      "torch_threads": torch.get_num_threads(),
-                      "mixed_precision": str(trainer.accelerator.mixed_precision), "train_wall_s": round(wall, 2),
-                      "train_runtime_s": out.metrics.get("train_runtime"), "tokens_per_step": mean_tokens}))
+    print(
+        json.dumps(
+            {
+                "impl": f"trl {trl.__version__} / torch {torch.__version__} / "
+                f"transformers {transformers.__version__}",
+                "precompute_ref": args.precompute_ref,
+                "steps": len(steady),
+                "pairs_per_s": round(args.batch * len(steady) / sum(steady), 3),
+                "torch_threads": torch.get_num_threads(),
+                "mixed_precision": str(trainer.accelerator.mixed_precision),
+                "train_wall_s": round(wall, 2),
+                "train_runtime_s": out.metrics.get("train_runtime"),
+                "tokens_per_step": mean_tokens,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

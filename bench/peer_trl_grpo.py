@@ -13,6 +13,7 @@ mini-batch per epoch) is exactly ``steps_per_generation * epochs`` TRL steps.
 
 This module's top level imports nothing heavy, so our side can import ``bench_reward`` from it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--mini-batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=3, help="timed iterations (one more runs first as warm-up)")
+    ap.add_argument(
+        "--iters", type=int, default=3, help="timed iterations (one more runs first as warm-up)"
+    )
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--clip", type=float, default=0.2)
@@ -57,14 +60,16 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    from datasets import Dataset
+    from benchlib import peer_tokenizer_and_config, step_timer
     from transformers import GPT2LMHeadModel
 
-    from benchlib import peer_tokenizer_and_config, step_timer
+    from datasets import Dataset
 
     batch = args.prompts * args.group
     if batch % args.mini_batch:
-        raise SystemExit(f"prompts*group ({batch}) must be divisible by mini-batch ({args.mini_batch})")
+        raise SystemExit(
+            f"prompts*group ({batch}) must be divisible by mini-batch ({args.mini_batch})"
+        )
     spg = batch // args.mini_batch  # TRL steps per generation = our updates per rollout per epoch
     steps_per_iter = spg * args.epochs
 
@@ -88,19 +93,48 @@ def main() -> None:
     step_times: list[float] = []
     conf = trl.GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-grpo-bench-"),
-        per_device_train_batch_size=args.mini_batch, gradient_accumulation_steps=1, steps_per_generation=spg,
-        num_generations=args.group, num_iterations=args.epochs, max_steps=steps_per_iter * (args.iters + 1),
+        per_device_train_batch_size=args.mini_batch,
+        gradient_accumulation_steps=1,
+        steps_per_generation=spg,
+        num_generations=args.group,
+        num_iterations=args.epochs,
+        max_steps=steps_per_iter * (args.iters + 1),
         max_completion_length=args.new_tokens,
         # exactly new-tokens per completion, as ours with eos ignored: eos is masked until then
         generation_kwargs={"min_new_tokens": args.new_tokens},
-        temperature=1.0, top_p=1.0, top_k=0, use_vllm=False,
-        beta=args.beta, epsilon=args.clip, loss_type="grpo", scale_rewards="group",
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        shuffle_dataset=False, disable_dropout=True, gradient_checkpointing=False, bf16=False,
-        logging_steps=1000, save_strategy="no", report_to=[], log_completions=False,
-        use_cpu=True, dataloader_num_workers=0, seed=0)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_func, args=conf, train_dataset=ds,
-                              processing_class=tok, callbacks=[step_timer(step_times)])
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        use_vllm=False,
+        beta=args.beta,
+        epsilon=args.clip,
+        loss_type="grpo",
+        scale_rewards="group",
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        shuffle_dataset=False,
+        disable_dropout=True,
+        gradient_checkpointing=False,
+        bf16=False,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        log_completions=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward_func,
+        args=conf,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[step_timer(step_times)],
+    )
 
     # Phase timers: generation = model.generate on the left-padded prompts (the sampling loop);
     # score = the rest of _generate_and_score_completions (tokenize/decode, old log-probs when
@@ -119,6 +153,7 @@ def main() -> None:
             if after:
                 after(a, out)
             return out
+
         return wrapper
 
     def after_gen_score(a, out):
@@ -127,8 +162,9 @@ def main() -> None:
         old_logps_computed.append(out.get("old_per_token_logps") is not None)
 
     trainer._generate_single_turn = timed(trainer._generate_single_turn, gen_times)
-    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, gs_times,
-                                                    after_gen_score)
+    trainer._generate_and_score_completions = timed(
+        trainer._generate_and_score_completions, gs_times, after_gen_score
+    )
     t0 = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - t0
@@ -138,22 +174,41 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
     n_iter = len(step_times) // steps_per_iter
-    assert len(gen_times) == n_iter == len(gs_times) == args.iters + 1, (len(step_times), gen_times, gs_times)
-    iters = [sum(step_times[i * steps_per_iter:(i + 1) * steps_per_iter]) for i in range(n_iter)]
+    assert len(gen_times) == n_iter == len(gs_times) == args.iters + 1, (
+        len(step_times),
+        gen_times,
+        gs_times,
+    )
+    iters = [sum(step_times[i * steps_per_iter : (i + 1) * steps_per_iter]) for i in range(n_iter)]
     steady = slice(1, None)  # the first iteration pays one-off costs on both sides
     it_s, gen_s, gs_s = iters[steady], gen_times[steady], gs_times[steady]
     score_s = [b - a for a, b in zip(gen_s, gs_s)]
     upd_s = [i - b for i, b in zip(it_s, gs_s)]
     mean = lambda xs: round(sum(xs) / len(xs), 3)  # noqa: E731
-    print(json.dumps({
-        "impl": f"trl {trl.__version__} / torch {torch.__version__} / transformers {transformers.__version__}",
-        "iterations": len(it_s), "samples_per_iter": batch, "trl_steps_per_iter": steps_per_iter,
-        "samples_per_s": round(batch * len(it_s) / sum(it_s), 3),
-        "iter_s": mean(it_s), "generation_s": mean(gen_s), "score_s": mean(score_s), "update_s": mean(upd_s),
-        "new_tokens_per_sample": completion_lens[-1], "prompt_len_padded": prompt_lens,
-        "old_logps_recomputed": old_logps_computed[-1], "loss_type": conf.loss_type,
-        "mixed_precision": str(trainer.accelerator.mixed_precision), "torch_threads": torch.get_num_threads(),
-        "train_wall_s": round(wall, 2), "train_runtime_s": out.metrics.get("train_runtime")}))
+    print(
+        json.dumps(
+            {
+                "impl": f"trl {trl.__version__} / torch {torch.__version__} / "
+                f"transformers {transformers.__version__}",
+                "iterations": len(it_s),
+                "samples_per_iter": batch,
+                "trl_steps_per_iter": steps_per_iter,
+                "samples_per_s": round(batch * len(it_s) / sum(it_s), 3),
+                "iter_s": mean(it_s),
+                "generation_s": mean(gen_s),
+                "score_s": mean(score_s),
+                "update_s": mean(upd_s),
+                "new_tokens_per_sample": completion_lens[-1],
+                "prompt_len_padded": prompt_lens,
+                "old_logps_recomputed": old_logps_computed[-1],
+                "loss_type": conf.loss_type,
+                "mixed_precision": str(trainer.accelerator.mixed_precision),
+                "torch_threads": torch.get_num_threads(),
+                "train_wall_s": round(wall, 2),
+                "train_runtime_s": out.metrics.get("train_runtime"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Then the costs a real run pays:
 
     .venv/bin/python bench/train_step_modes.py [--configs demo,gpt2] [--steps 5] [--real-steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,18 @@ def model_cfg(name: str, args):
 
     if name == "demo":
         return load_config("demo").model, 16, 48  # batch 16, padded length 48 (data.max_len)
-    return ModelConfig(family="gpt2", vocab_size=50257, d_model=args.d, n_layers=args.layers, n_heads=args.heads,
-                       max_seq_len=args.seq), args.batch, args.len
+    return (
+        ModelConfig(
+            family="gpt2",
+            vocab_size=50257,
+            d_model=args.d,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            max_seq_len=args.seq,
+        ),
+        args.batch,
+        args.len,
+    )
 
 
 def synthetic_batch(rng, kind: str, b: int, t: int, vocab: int, prompt: int = 16):
@@ -57,7 +68,12 @@ def synthetic_batch(rng, kind: str, b: int, t: int, vocab: int, prompt: int = 16
     resp = (am * (np.arange(t)[None] >= prompt)).astype(np.float32)
     ids[am == 0] = 0
     if kind == "sft":
-        return (Tensor(ids), Tensor(am), Tensor(resp), Tensor(np.float32(max(resp[:, 1:].sum(), 1.0))))
+        return (
+            Tensor(ids),
+            Tensor(am),
+            Tensor(resp),
+            Tensor(np.float32(max(resp[:, 1:].sum(), 1.0))),
+        )
     return Tensor(ids), Tensor(am), Tensor(resp)
 
 
@@ -73,6 +89,7 @@ def make_loss(kind: str, model):
         logits, _ = model(input_ids, attention_mask)
         loss = sft_loss(logits, input_ids, loss_mask, denom)
         return loss, loss
+
     return loss_fn
 
 
@@ -88,14 +105,23 @@ def runners(cfg, kind: str, lr: float, warmup: int, modes=("pynative", "jit"), l
         m = CausalLM(cfg, seed=0)
         m.set_train(True)
         fn = loss(m) if loss else make_loss(kind, m)
-        tr = Trainer(m.trainable_params(), fn, OptimConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0,
-                                                           compiled="jit" in mode), Dist(), 1000)
+        tr = Trainer(
+            m.trainable_params(),
+            fn,
+            OptimConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0, compiled="jit" in mode),
+            Dist(),
+            1000,
+        )
         out[mode] = (m, tr.step)
     return out
 
 
 def max_abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if len(a) else 0.0
+    return (
+        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+        if len(a)
+        else 0.0
+    )
 
 
 def param_diff(m1, m2) -> tuple[float, float]:
@@ -139,7 +165,9 @@ def fixed_shape(name: str, kind: str, args) -> dict:
         full = []
         for bt in batches:
             lp = sequence_logps(m0(bt[0], bt[1])[0], bt[0], bt[2]).asnumpy()
-            full.append((*bt, Tensor(lp[:b] + rng.normal(0, 1, b).astype(np.float32)), Tensor(lp[b:])))
+            full.append(
+                (*bt, Tensor(lp[:b] + rng.normal(0, 1, b).astype(np.float32)), Tensor(lp[b:]))
+            )
         batches = full
     res = run_pair(runs, batches)
     py, jt = res["pynative"], res["jit"]
@@ -147,17 +175,27 @@ def fixed_shape(name: str, kind: str, args) -> dict:
     compile_s = jt["t"][0] - jt_s
     pdiff, pscale = param_diff(runs["pynative"][0], runs["jit"][0])
     return {
-        "config": name, "loss": kind, "batch": b, "seq_len": t,
+        "config": name,
+        "loss": kind,
+        "batch": b,
+        "seq_len": t,
         "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "vocab": cfg.vocab_size},
-        "steps": steps, "pynative_step_s": round(py_s, 4), "jit_step_s": round(jt_s, 4),
+        "steps": steps,
+        "pynative_step_s": round(py_s, 4),
+        "jit_step_s": round(jt_s, 4),
         "speedup_jit": round(py_s / jt_s, 3),
-        "pynative_first_call_s": round(py["t"][0], 3), "jit_first_call_s": round(jt["t"][0], 3),
+        "pynative_first_call_s": round(py["t"][0], 3),
+        "jit_first_call_s": round(jt["t"][0], 3),
         "jit_compile_s": round(compile_s, 3),
         "breakeven_steps": round(compile_s / (py_s - jt_s), 1) if py_s > jt_s else None,
         "total_s": {"pynative": round(sum(py["t"]), 2), "jit": round(sum(jt["t"]), 2)},
-        "max_abs_diff": {"loss": max_abs(py["loss"], jt["loss"]), "grad_norm": max_abs(py["gnorm"], jt["gnorm"]),
-                         "params": pdiff},
-        "max_abs_param": pscale, "final_loss": {"pynative": py["loss"][-1], "jit": jt["loss"][-1]},
+        "max_abs_diff": {
+            "loss": max_abs(py["loss"], jt["loss"]),
+            "grad_norm": max_abs(py["gnorm"], jt["gnorm"]),
+            "params": pdiff,
+        },
+        "max_abs_param": pscale,
+        "final_loss": {"pynative": py["loss"][-1], "jit": jt["loss"][-1]},
     }
 
 
@@ -172,17 +210,23 @@ def demo_sft_table():
 
     cfg = load_config("demo")
     dc, tok = cfg.data, load_tokenizer(cfg.tokenizer)
-    parts = [tokenize_sft(t, tok, dc.max_prompt_len, dc.max_len)
-             for name in dc.recipes for tn, t in load_recipe(name).build(dc).items() if tn == "sft_train"]
+    parts = [
+        tokenize_sft(t, tok, dc.max_prompt_len, dc.max_len)
+        for name in dc.recipes
+        for tn, t in load_recipe(name).build(dc).items()
+        if tn == "sft_train"
+    ]
     return cfg, pa.concat_tables(parts, promote_options="permissive"), tok
 
 
 def pad_to(bt: dict, length: int, pad_id: int) -> dict:
     """A right-padded SFT batch padded further to ``length`` (pad tokens, masks 0)."""
     extra = length - bt["input_ids"].shape[1]
-    return {"input_ids": np.pad(bt["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id),
-            "attention_mask": np.pad(bt["attention_mask"], ((0, 0), (0, extra))),
-            "loss_mask": np.pad(bt["loss_mask"], ((0, 0), (0, extra)))}
+    return {
+        "input_ids": np.pad(bt["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id),
+        "attention_mask": np.pad(bt["attention_mask"], ((0, 0), (0, extra))),
+        "loss_mask": np.pad(bt["loss_mask"], ((0, 0), (0, extra))),
+    }
 
 
 def real_shapes(args) -> dict:
@@ -196,18 +240,35 @@ def real_shapes(args) -> dict:
     sc = cfg.sft
     bucket = lambda n: -(-n // 8) * 8  # noqa: E731
     lengths = np.array([len(r) for r in table.column("input_ids").to_pylist()])
-    full_run = [int(lengths[epoch_order(table.num_rows, s, sc.batch_size, cfg.seed)].max()) for s in range(sc.steps)]
+    full_run = [
+        int(lengths[epoch_order(table.num_rows, s, sc.batch_size, cfg.seed)].max())
+        for s in range(sc.steps)
+    ]
     modes = ("pynative", "jit", "jit_bucket8")
     runs = runners(cfg.model, "sft", lr=sc.lr, warmup=sc.warmup_steps, modes=modes)
     batches, seen = [], []
     for step in range(args.real_steps):
-        bt = sft_batch(table, epoch_order(table.num_rows, step, sc.batch_size, cfg.seed), tok.pad_id)
+        bt = sft_batch(
+            table, epoch_order(table.num_rows, step, sc.batch_size, cfg.seed), tok.pad_id
+        )
         denom = Tensor(np.float32(max(int(bt["loss_mask"][:, 1:].sum()), 1)))
-        as_args = lambda b: (Tensor(b["input_ids"]), Tensor(b["attention_mask"]),  # noqa: E731
-                             Tensor(b["loss_mask"]), denom)
+
+        def as_args(b, denom=denom):
+            return (
+                Tensor(b["input_ids"]),
+                Tensor(b["attention_mask"]),
+                Tensor(b["loss_mask"]),
+                denom,
+            )
+
         t = bt["input_ids"].shape[1]
-        batches.append({"pynative": as_args(bt), "jit": as_args(bt),
-                        "jit_bucket8": as_args(pad_to(bt, bucket(t), tok.pad_id))})
+        batches.append(
+            {
+                "pynative": as_args(bt),
+                "jit": as_args(bt),
+                "jit_bucket8": as_args(pad_to(bt, bucket(t), tok.pad_id)),
+            }
+        )
         seen.append(t)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = run_pair(runs, batches)
@@ -216,10 +277,18 @@ def real_shapes(args) -> dict:
     bseen = [bucket(x) for x in seen]
     new["jit_bucket8"] = np.array([x not in bseen[:i] for i, x in enumerate(bseen)])
     py_mean = float(t["pynative"].mean())  # no compiles: the mean over the stage's length mix
-    out = {"config": "demo", "loss": "sft", "case": "sft_real_shapes", "steps": args.real_steps,
-           "lr": sc.lr, "warmup_steps": sc.warmup_steps,
-           "total_s": {m: round(float(v.sum()), 2) for m, v in t.items()},
-           "speedup_incl_compiles": {m: round(float(t["pynative"].sum() / t[m].sum()), 3) for m in new}}
+    out = {
+        "config": "demo",
+        "loss": "sft",
+        "case": "sft_real_shapes",
+        "steps": args.real_steps,
+        "lr": sc.lr,
+        "warmup_steps": sc.warmup_steps,
+        "total_s": {m: round(float(v.sum()), 2) for m, v in t.items()},
+        "speedup_incl_compiles": {
+            m: round(float(t["pynative"].sum() / t[m].sum()), 3) for m in new
+        },
+    }
     full = {"steps": len(full_run), "pynative_s": round(py_mean * len(full_run), 1)}
     for m, nw in new.items():
         rep = ~nw
@@ -232,17 +301,29 @@ def real_shapes(args) -> dict:
         ratio = float(np.median(t["pynative"][rep] / t[m][rep]))
         compile_each = float(np.median(t[m][nw] - t["pynative"][nw] / ratio))
         est = py_mean / ratio * len(full_run) + compile_each * distinct
-        out[m] = {"compiles": int(nw.sum()), "steady_speedup_on_compiled_shapes": round(ratio, 3),
-                  "compile_s_per_new_shape": round(compile_each, 2)}
-        full[m] = {"distinct_shapes": distinct, "estimated_s": round(est, 1),
-                   "estimated_speedup": round(py_mean * len(full_run) / est, 3)}
+        out[m] = {
+            "compiles": int(nw.sum()),
+            "steady_speedup_on_compiled_shapes": round(ratio, 3),
+            "compile_s_per_new_shape": round(compile_each, 2),
+        }
+        full[m] = {
+            "distinct_shapes": distinct,
+            "estimated_s": round(est, 1),
+            "estimated_speedup": round(py_mean * len(full_run) / est, 3),
+        }
     out["full_stage_estimate"] = full
     out["max_abs_diff_vs_pynative"] = {
-        m: {"loss_first_10_steps": max_abs(res["pynative"]["loss"][:10], res[m]["loss"][:10]),
+        m: {
+            "loss_first_10_steps": max_abs(res["pynative"]["loss"][:10], res[m]["loss"][:10]),
             "loss_all": max_abs(res["pynative"]["loss"], res[m]["loss"]),
-            "params": param_diff(runs["pynative"][0], runs[m][0])[0]} for m in new}
+            "params": param_diff(runs["pynative"][0], runs[m][0])[0],
+        }
+        for m in new
+    }
     out["final_loss"] = {m: round(r["loss"][-1], 4) for m, r in res.items()}
-    out["maxrss_mb_growth"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
+    out["maxrss_mb_growth"] = round(
+        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1
+    )
     return out
 
 
@@ -261,6 +342,7 @@ def grpo_int_arg(args) -> dict:
         def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
             lp = response_logprobs(model, seq, am, p)
             return grpo_loss(lp, old_lp, ref_lp, adv, mask, gc.clip_range, gc.beta)
+
         return loss_fn
 
     runs = runners(cfg.model, "grpo", lr=gc.lr, warmup=0, loss=loss)
@@ -272,21 +354,40 @@ def grpo_int_arg(args) -> dict:
         t = p + new_tokens
         seq = rng.integers(0, 1000, (b, t)).astype(np.int32)
         am = np.ones((b, t), np.int32)
-        am[: b // 2, : 2] = 0  # left padding on some prompts
+        am[: b // 2, :2] = 0  # left padding on some prompts
         n = np.full((b, new_tokens), -2.0, np.float32)
-        batches.append((Tensor(seq), Tensor(am), Tensor(n), Tensor(n + 0.1), Tensor(rng.normal(0, 1, b).astype(np.float32)),
-                        Tensor(np.ones((b, new_tokens), np.float32)), p))
+        batches.append(
+            (
+                Tensor(seq),
+                Tensor(am),
+                Tensor(n),
+                Tensor(n + 0.1),
+                Tensor(rng.normal(0, 1, b).astype(np.float32)),
+                Tensor(np.ones((b, new_tokens), np.float32)),
+                p,
+            )
+        )
     res = run_pair(runs, batches)
     pdiff, _ = param_diff(runs["pynative"][0], runs["jit"][0])
-    return {"config": "demo", "loss": "grpo", "case": "grpo_int_arg", "batch": b, "prompt_lens": plens,
-            "step_s": {m: [round(x, 3) for x in r["t"]] for m, r in res.items()},
-            "max_abs_diff": {"loss": max_abs(res["pynative"]["loss"], res["jit"]["loss"]), "params": pdiff}}
+    return {
+        "config": "demo",
+        "loss": "grpo",
+        "case": "grpo_int_arg",
+        "batch": b,
+        "prompt_lens": plens,
+        "step_s": {m: [round(x, 3) for x in r["t"]] for m, r in res.items()},
+        "max_abs_diff": {
+            "loss": max_abs(res["pynative"]["loss"], res["jit"]["loss"]),
+            "params": pdiff,
+        },
+    }
 
 
 def linear_loss(w):
     def loss_fn(x):
         loss = (w * x).sum()
         return loss, loss
+
     return loss_fn
 
 
@@ -303,7 +404,13 @@ def trainer_warmup() -> dict:
     out = {}
     for name in ("Trainer(compiled=False)", "Trainer(compiled=True)"):
         w = Parameter(Tensor(np.zeros(1, np.float32)), name="w")
-        tr = Trainer([w], linear_loss(w), dataclasses.replace(oc, compiled=name.endswith("True)")), Dist(), 10)
+        tr = Trainer(
+            [w],
+            linear_loss(w),
+            dataclasses.replace(oc, compiled=name.endswith("True)")),
+            Dist(),
+            10,
+        )
         step = tr.step
         deltas = []
         for _ in range(8):
@@ -311,28 +418,52 @@ def trainer_warmup() -> dict:
             step(Tensor(np.ones(1, np.float32)))
             deltas.append(before - float(w.asnumpy()[0]))
         out[name] = deltas
-    # AdamWeightDecay without bias correction, constant gradient: step t moves lr_t * (1 - b1^t) / sqrt(1 - b2^t)
-    want = [oc.lr * min(1.0, (i + 1) / oc.warmup_steps) * (1 - 0.9 ** (i + 1)) / np.sqrt(1 - 0.999 ** (i + 1))
-            for i in range(8)]
-    return {"case": "trainer_warmup", "lr": oc.lr, "warmup_steps": oc.warmup_steps,
-            "expected_deltas": [round(x, 5) for x in want],
-            **{k: [round(x, 5) for x in v] for k, v in out.items()},
-            "warmup_applied": {k: bool(np.allclose(v, want, rtol=1e-4)) for k, v in out.items()}}
+    # AdamWeightDecay without bias correction, constant gradient: step t moves lr_t * (1 - b1^t) /
+    # sqrt(1 - b2^t)
+    want = [
+        oc.lr
+        * min(1.0, (i + 1) / oc.warmup_steps)
+        * (1 - 0.9 ** (i + 1))
+        / np.sqrt(1 - 0.999 ** (i + 1))
+        for i in range(8)
+    ]
+    return {
+        "case": "trainer_warmup",
+        "lr": oc.lr,
+        "warmup_steps": oc.warmup_steps,
+        "expected_deltas": [round(x, 5) for x in want],
+        **{k: [round(x, 5) for x in v] for k, v in out.items()},
+        "warmup_applied": {k: bool(np.allclose(v, want, rtol=1e-4)) for k, v in out.items()},
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="demo,gpt2", help="demo (load_config('demo').model) and/or gpt2")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs", default="demo,gpt2", help="demo (load_config('demo').model) and/or gpt2"
+    )
     ap.add_argument("--losses", default="sft,dpo")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps after the first call, demo model")
-    ap.add_argument("--gpt2-steps", type=int, default=2, help="timed steps after the first call, GPT-2 shape")
+    ap.add_argument(
+        "--steps", type=int, default=5, help="timed steps after the first call, demo model"
+    )
+    ap.add_argument(
+        "--gpt2-steps", type=int, default=2, help="timed steps after the first call, GPT-2 shape"
+    )
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256, help="GPT-2 shape: max_seq_len")
-    ap.add_argument("--len", type=int, default=128,
-                    help="GPT-2 shape: padded batch length (dpo_throughput's real pairs: ~109 tokens)")
-    ap.add_argument("--batch", type=int, default=8, help="GPT-2 shape: sequences (SFT) / pairs (DPO)")
+    ap.add_argument(
+        "--len",
+        type=int,
+        default=128,
+        help="GPT-2 shape: padded batch length (dpo_throughput's real pairs: ~109 tokens)",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=8, help="GPT-2 shape: sequences (SFT) / pairs (DPO)"
+    )
     ap.add_argument("--real-steps", type=int, default=20, help="sft_real_shapes steps (0 skips it)")
     ap.add_argument("--no-grpo", action="store_true", help="skip the grpo_int_arg case")
     args = ap.parse_args()
@@ -349,7 +480,10 @@ def main() -> None:
         print(json.dumps(real_shapes(args)), flush=True)
     if not args.no_grpo:
         print(json.dumps(grpo_int_arg(args)), flush=True)
-    print(json.dumps({"bench": "train_step_modes", "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    print(
+        json.dumps({"bench": "train_step_modes", "wall_s": round(time.perf_counter() - t0, 1)}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Problems are split by a hash of their text, so no held-out problem occurs in tra
 answers run to ~70 GPT-2 tokens and questions to ~60 (up to ~140 and ~175): give ``data.max_len``
 room (e.g. 320) where this recipe is used.
 """
+
 from __future__ import annotations
 
 import re
@@ -57,8 +58,12 @@ def build(data_cfg) -> dict[str, pa.Table]:
         rows[split].append((q + SUFFIX, " " + solution, item["answer"]))
     tables = {}
     for split, rs in rows.items():
-        tables[f"sft_{split}"] = pa.table({"prompt": [p for p, _, _ in rs], "response": [r for _, r, _ in rs]})
-        tables[f"prompts_{split}"] = pa.table({"prompt": [p for p, _, _ in rs], "answer": [a for _, _, a in rs]})
+        tables[f"sft_{split}"] = pa.table(
+            {"prompt": [p for p, _, _ in rs], "response": [r for _, r, _ in rs]}
+        )
+        tables[f"prompts_{split}"] = pa.table(
+            {"prompt": [p for p, _, _ in rs], "answer": [a for _, _, a in rs]}
+        )
     return tables
 
 
@@ -72,6 +77,10 @@ def final_answer(response: str) -> str | None:
 
 
 def reward(prompts: list[str], responses: list[str], rows: dict[str, list]) -> list[float]:
-    """reasoning-gym's gsm_symbolic score of each response's final answer against ``rows['answer']``."""
+    """reasoning-gym's gsm_symbolic score of each response's final answer against
+    ``rows['answer']``."""
     ds = generator(1, 0)
-    return [float(ds.score_answer(final_answer(r), {"answer": a})) for r, a in zip(responses, rows["answer"])]
+    return [
+        float(ds.score_answer(final_answer(r), {"answer": a}))
+        for r, a in zip(responses, rows["answer"])
+    ]

@@ -19,6 +19,7 @@ flat or down) shows in the figures.
 Every sentence appears in the split its id hashes to, so held-out pairs and prompts contain only
 sentences that no training table contains.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,12 +55,17 @@ def parse(raw: bytes, source: str) -> list[dict]:
             continue
         parts = line.split("\t")
         if len(parts) != 3:
-            raise DataError(f"{source}: row {n}: expected 3 tab-separated fields (id, rating, text), got {len(parts)}")
+            raise DataError(
+                f"{source}: row {n}: expected 3 tab-separated fields (id, rating, text), got "
+                f"{len(parts)}"
+            )
         rid, rating, sentence = parts
         try:
             r = float(rating)
         except ValueError:
-            raise DataError(f"{source}: row {n}: field 'rating': {rating!r} is not a number") from None
+            raise DataError(
+                f"{source}: row {n}: field 'rating': {rating!r} is not a number"
+            ) from None
         if not math.isfinite(r) or not -4.0 <= r <= 4.0:
             raise DataError(f"{source}: row {n}: field 'rating': {r} outside -4..4")
         sentence = " ".join(sentence.replace("''", '"').split())
@@ -73,7 +79,9 @@ def to_sft(text: str) -> tuple[str, str] | None:
     words = text.split()
     if len(words) < MIN_WORDS:
         return None
-    return PROMPT_PREFIX + " " + " ".join(words[:PROMPT_WORDS]), " " + " ".join(words[PROMPT_WORDS:])
+    return PROMPT_PREFIX + " " + " ".join(words[:PROMPT_WORDS]), " " + " ".join(
+        words[PROMPT_WORDS:]
+    )
 
 
 def make_pairs(rows: list[dict], n_pairs: int, margin: float, seed: int) -> list[dict]:
@@ -87,8 +95,14 @@ def make_pairs(rows: list[dict], n_pairs: int, margin: float, seed: int) -> list
         if abs(ratings[i] - ratings[j]) < margin:
             continue
         hi, lo = (i, j) if ratings[i] > ratings[j] else (j, i)
-        out.append({"prompt": PROMPT_PREFIX, "chosen": " " + rows[hi]["text"], "rejected": " " + rows[lo]["text"],
-                    "margin": float(ratings[hi] - ratings[lo])})
+        out.append(
+            {
+                "prompt": PROMPT_PREFIX,
+                "chosen": " " + rows[hi]["text"],
+                "rejected": " " + rows[lo]["text"],
+                "margin": float(ratings[hi] - ratings[lo]),
+            }
+        )
     return out
 
 
@@ -102,19 +116,31 @@ def build(data_cfg) -> dict[str, pa.Table]:
         part = [r for r in rows if r["split"] == split]
         sft = [(p, r["rating"]) for r in part if (p := to_sft(r["text"]))]
         if split == "train" and data_cfg.limit:
-            sft = sft[:data_cfg.limit]
-        tables[f"sft_{split}"] = pa.table({"prompt": [p for (p, _), _ in sft], "response": [s for (_, s), _ in sft]})
-        tables[f"prompts_{split}"] = pa.table({"prompt": [p for (p, _), _ in sft], "rating": [r for _, r in sft]})
-        n_pairs = data_cfg.pairs if split == "train" else max(64, int(data_cfg.pairs * data_cfg.heldout_fraction * 2))
-        tables[f"pairs_{split}"] = pa.Table.from_pylist(make_pairs(part, n_pairs, data_cfg.pair_margin, 7 + k))
+            sft = sft[: data_cfg.limit]
+        tables[f"sft_{split}"] = pa.table(
+            {"prompt": [p for (p, _), _ in sft], "response": [s for (_, s), _ in sft]}
+        )
+        tables[f"prompts_{split}"] = pa.table(
+            {"prompt": [p for (p, _), _ in sft], "rating": [r for _, r in sft]}
+        )
+        n_pairs = (
+            data_cfg.pairs
+            if split == "train"
+            else max(64, int(data_cfg.pairs * data_cfg.heldout_fraction * 2))
+        )
+        tables[f"pairs_{split}"] = pa.Table.from_pylist(
+            make_pairs(part, n_pairs, data_cfg.pair_margin, 7 + k)
+        )
     return tables
 
 
 @lru_cache(maxsize=1)
 def vader():
     """VADER's SentimentIntensityAnalyzer, imported from the pinned sdist's own files."""
-    src, lex, emoji = (registry.extract_to_cache(PIN, VADER + f)
-                       for f in ("vaderSentiment.py", "vader_lexicon.txt", "emoji_utf8_lexicon.txt"))
+    src, lex, emoji = (
+        registry.extract_to_cache(PIN, VADER + f)
+        for f in ("vaderSentiment.py", "vader_lexicon.txt", "emoji_utf8_lexicon.txt")
+    )
     spec = importlib.util.spec_from_file_location("mindrlhf_vader_sentiment", src)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -122,12 +148,16 @@ def vader():
 
 
 def review_text(prompt: str, response: str) -> str:
-    """The review a prompt + response spell: the opening words after "Review:" and the continuation."""
-    opening = prompt[len(PROMPT_PREFIX):] if prompt.startswith(PROMPT_PREFIX) else prompt
+    """The review a prompt + response spell: the opening words after "Review:" and the
+    continuation."""
+    opening = prompt[len(PROMPT_PREFIX) :] if prompt.startswith(PROMPT_PREFIX) else prompt
     return " ".join((opening + response).split())
 
 
 def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """VADER compound sentiment (-1..1) of each whole review: the independent "gold" judge."""
     analyzer = vader()
-    return [float(analyzer.polarity_scores(review_text(p, r))["compound"]) for p, r in zip(prompts, responses)]
+    return [
+        float(analyzer.polarity_scores(review_text(p, r))["compound"])
+        for p, r in zip(prompts, responses)
+    ]

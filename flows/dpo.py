@@ -1,6 +1,7 @@
 """DPO only: prepare -> sft -> reference log-probs -> dpo, for users who want preference
 optimisation without a reward model. The same cached tasks as the full pipeline, so a DPO run
 after a pipeline run reuses its prepared data, SFT checkpoint and reference log-probs."""
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@
 Each box is a cached Prefect task running one stage process; ``pipeline.stages`` in the config
 chooses which run.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,33 @@ from prefect import flow, get_run_logger
 
 from mindrlhf.config import load_config
 from tasks.assets import record_lineage
-from tasks.stages import (dpo_task, grpo_task, import_task, online_dpo_task, ppo_task, prepare_task,
-                          reflogp_task, rm_task, sft_task)
+from tasks.stages import (
+    dpo_task,
+    grpo_task,
+    import_task,
+    online_dpo_task,
+    ppo_task,
+    prepare_task,
+    reflogp_task,
+    rm_task,
+    sft_task,
+)
 
 
-def call(task, stage: str, c: dict, inputs: dict | None, run: dict, label: str | None = None) -> dict:
+def call(
+    task, stage: str, c: dict, inputs: dict | None, run: dict, label: str | None = None
+) -> dict:
     """Run a stage task, record its outputs as Prefect assets (inputs upstream) and, in ``run``, its
     final state (Completed / Cached) and the peak resident memory of its process; the result."""
     state = task(stage, c, inputs, return_state=True)
     result = state.result()
-    record_lineage(stage, c["store"]["root"], result.get("outputs", {}), inputs or {},
-                   result.get("sources", []))
+    record_lineage(
+        stage,
+        c["store"]["root"],
+        result.get("outputs", {}),
+        inputs or {},
+        result.get("sources", []),
+    )
     label = label or stage
     run["states"][label] = state.name
     if result.get("peak_rss_mb") is not None:
@@ -35,11 +52,26 @@ def call(task, stage: str, c: dict, inputs: dict | None, run: dict, label: str |
 
 
 def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, run: dict) -> dict:
-    ref = call(reflogp_task, "reflogp", c,
-               {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft_ckpt}, run)
-    dpo = call(dpo_task, "dpo", c, {
-        "train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft_ckpt,
-        "ref_train": ref["outputs"]["train"], "ref_heldout": ref["outputs"]["heldout"]}, run)
+    ref = call(
+        reflogp_task,
+        "reflogp",
+        c,
+        {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft_ckpt},
+        run,
+    )
+    dpo = call(
+        dpo_task,
+        "dpo",
+        c,
+        {
+            "train": d["pairs_train"],
+            "heldout": d["pairs_heldout"],
+            "sft": sft_ckpt,
+            "ref_train": ref["outputs"]["train"],
+            "ref_heldout": ref["outputs"]["heldout"],
+        },
+        run,
+    )
     return {"checkpoint": dpo["outputs"]["checkpoint"], **dpo["metrics"]}
 
 
@@ -47,16 +79,31 @@ def run_online_dpo(c: dict, cfg, d: dict, sft_ckpt: str, rm_ckpt: str, run: dict
     oc = cfg.online_dpo
     policy, scores, pairs = sft_ckpt, [], []
     for r in range(oc.rounds):
-        res = call(online_dpo_task, "online_dpo", c, {
-            "policy": policy, "reference": sft_ckpt, "rm": rm_ckpt, "round": r,
-            "prompts": d[f"prompts_{oc.prompts}_train"], "heldout": d[f"prompts_{oc.prompts}_heldout"]},
-            run, f"online_dpo_{r}")
+        res = call(
+            online_dpo_task,
+            "online_dpo",
+            c,
+            {
+                "policy": policy,
+                "reference": sft_ckpt,
+                "rm": rm_ckpt,
+                "round": r,
+                "prompts": d[f"prompts_{oc.prompts}_train"],
+                "heldout": d[f"prompts_{oc.prompts}_heldout"],
+            },
+            run,
+            f"online_dpo_{r}",
+        )
         if r == 0:
             scores.append(res["metrics"]["heldout_score_before"])
         scores.append(res["metrics"]["heldout_score_after"])
         policy = res["outputs"]["checkpoint"]
         pairs.append(res["outputs"]["pairs"])
-    return {"checkpoint": policy, "heldout_score_by_round": [round(s, 4) for s in scores], "pair_datasets": pairs}
+    return {
+        "checkpoint": policy,
+        "heldout_score_by_round": [round(s, 4) for s in scores],
+        "pair_datasets": pairs,
+    }
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
@@ -74,29 +121,56 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     if cfg.model.init.startswith("artifact:"):  # a stored checkpoint (a previous run's SFT, say)
         from mindrlhf.data.store import ArtifactStore
 
-        sft_inputs["init"] = ArtifactStore(cfg.store.root).resolve(cfg.model.init[len("artifact:"):])
-    elif cfg.model.init:  # pretrained weights (a Hugging Face directory, a GGUF file) as SFT's start
+        sft_inputs["init"] = ArtifactStore(cfg.store.root).resolve(
+            cfg.model.init[len("artifact:") :]
+        )
+    elif (
+        cfg.model.init
+    ):  # pretrained weights (a Hugging Face directory, a GGUF file) as SFT's start
         imp = call(import_task, "import_weights", c, None, summary, "import")
         sft_inputs["init"] = imp["outputs"]["checkpoint"]
         summary["import"] = {"checkpoint": sft_inputs["init"], **imp["metrics"]}
     sft = call(sft_task, "sft", c, sft_inputs, summary)
     sft_ckpt = sft["outputs"]["checkpoint"]
-    summary["sft"] = {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", []),
-                      "loss_curve": sft.get("loss_curve", [])}
+    summary["sft"] = {
+        "checkpoint": sft_ckpt,
+        **sft["metrics"],
+        "samples": sft.get("samples", []),
+        "loss_curve": sft.get("loss_curve", []),
+    }
     rm_ckpt = None
     if "rm" in stages:
-        rm = call(rm_task, "rm", c, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft_ckpt},
-                  summary)
+        rm = call(
+            rm_task,
+            "rm",
+            c,
+            {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft_ckpt},
+            summary,
+        )
         rm_ckpt = rm["outputs"]["checkpoint"]
         summary["rm"] = {"checkpoint": rm_ckpt, **rm["metrics"]}
     if "ppo" in stages:
         p = cfg.ppo.prompts
-        ppo = call(ppo_task, "ppo", c, {"prompts": d[f"prompts_{p}_train"], "heldout": d[f"prompts_{p}_heldout"],
-                                        "sft": sft_ckpt, "rm": rm_ckpt}, summary)
+        ppo = call(
+            ppo_task,
+            "ppo",
+            c,
+            {
+                "prompts": d[f"prompts_{p}_train"],
+                "heldout": d[f"prompts_{p}_heldout"],
+                "sft": sft_ckpt,
+                "rm": rm_ckpt,
+            },
+            summary,
+        )
         summary["ppo"] = {"checkpoint": ppo["outputs"]["checkpoint"], **ppo["metrics"]}
     if "grpo" in stages:
         g = cfg.grpo.prompts
-        inputs = {"prompts": d[f"prompts_{g}_train"], "heldout": d[f"prompts_{g}_heldout"], "sft": sft_ckpt}
+        inputs = {
+            "prompts": d[f"prompts_{g}_train"],
+            "heldout": d[f"prompts_{g}_heldout"],
+            "sft": sft_ckpt,
+        }
         if cfg.grpo.reward == "rm":
             inputs["rm"] = rm_ckpt
         grpo = call(grpo_task, "grpo", c, inputs, summary)
@@ -105,7 +179,10 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
         summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)
     if "online_dpo" in stages:
         summary["online_dpo"] = run_online_dpo(c, cfg, d, sft_ckpt, rm_ckpt, summary)
-    logger.info("pipeline summary:\n" + json.dumps({k: v for k, v in summary.items() if k != "datasets"}, indent=1))
+    logger.info(
+        "pipeline summary:\n"
+        + json.dumps({k: v for k, v in summary.items() if k != "datasets"}, indent=1)
+    )
     return summary
 
 

@@ -1,5 +1,6 @@
 """One stage as a flow, for running stages on a Prefect work pool (``runner.work_pool``): the
 pipeline's task submits this deployment and waits; the worker launches the stage process."""
+
 from __future__ import annotations
 
 from prefect import flow

@@ -1,15 +1,16 @@
 """``mindrlhf``: run the pipeline or one stage, and look into the artifact store.
 
-    mindrlhf run [CONFIG] [--set sft.lr=0.001 ...]       the Prefect pipeline flow
-    mindrlhf stage NAME [CONFIG] --input train=ID ...    one stage process, no Prefect
-    mindrlhf artifacts [--kind dataset|checkpoint]       what the store holds
-    mindrlhf lineage REF                                 an artifact and its ancestors
-    mindrlhf show REF [--rows 5]                         a dataset's schema and first rows
-    mindrlhf import FILE --kind sft|pairs [--name N]     JSONL / Parquet user data -> dataset
-    mindrlhf export REF --out DIR                        checkpoint -> HF safetensors + config.json
-    mindrlhf verify                                      re-hash every artifact, check refs and staging
-    mindrlhf init-config --model hf:DIR                  a starting config derived from a model
+mindrlhf run [CONFIG] [--set sft.lr=0.001 ...]       the Prefect pipeline flow
+mindrlhf stage NAME [CONFIG] --input train=ID ...    one stage process, no Prefect
+mindrlhf artifacts [--kind dataset|checkpoint]       what the store holds
+mindrlhf lineage REF                                 an artifact and its ancestors
+mindrlhf show REF [--rows 5]                         a dataset's schema and first rows
+mindrlhf import FILE --kind sft|pairs [--name N]     JSONL / Parquet user data -> dataset
+mindrlhf export REF --out DIR                        checkpoint -> HF safetensors + config.json
+mindrlhf verify                                      re-hash every artifact, check refs and staging
+mindrlhf init-config --model hf:DIR                  a starting config derived from a model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,17 @@ from .data.store import ArtifactNotFound, ArtifactStore, IntegrityError, atomic_
 from .launch import StageFailed
 from .prefect_api import PrefectUnavailable
 
-STAGE_NAMES = ("prepare", "import_weights", "sft", "rm", "ppo", "grpo", "reflogp", "dpo", "online_dpo")
+STAGE_NAMES = (
+    "prepare",
+    "import_weights",
+    "sft",
+    "rm",
+    "ppo",
+    "grpo",
+    "reflogp",
+    "dpo",
+    "online_dpo",
+)
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -43,13 +54,20 @@ def parse_sets(items: list[str]) -> dict:
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})"
+            ) from None
     return out
 
 
 def total_steps(cfg, stage: str) -> int | None:
-    return {"sft": cfg.sft.steps, "rm": cfg.rm.steps, "ppo": cfg.ppo.iterations, "grpo": cfg.grpo.iterations,
-            "dpo": cfg.dpo.steps}.get(stage)
+    return {
+        "sft": cfg.sft.steps,
+        "rm": cfg.rm.steps,
+        "ppo": cfg.ppo.iterations,
+        "grpo": cfg.grpo.iterations,
+        "dpo": cfg.dpo.steps,
+    }.get(stage)
 
 
 def cmd_run(args) -> int:
@@ -70,8 +88,10 @@ def cmd_run(args) -> int:
         if lost is None:
             raise
         raise PrefectUnavailable(
-            f"lost the Prefect API during the run ({lost}); the stages that finished have their outputs in "
-            "the store, verified, and a rerun reuses them") from None
+            f"lost the Prefect API during the run ({lost}); the stages that finished have their "
+            "outputs in "
+            "the store, verified, and a rerun reuses them"
+        ) from None
     print(format_summary(summary))
     return 0
 
@@ -115,8 +135,13 @@ def cmd_stage(args) -> int:
     root = cfg.store.root
     from .keys import stage_key
 
-    run_dir = args.run_dir or f"{root}/runs/cli-{args.name}-{stage_key(args.name, cfg.to_dict(), inputs)[:16]}"
-    result = run_stage(args.name, cfg, inputs, root, run_dir, log=log, config_source=str(args.config))
+    run_dir = (
+        args.run_dir
+        or f"{root}/runs/cli-{args.name}-{stage_key(args.name, cfg.to_dict(), inputs)[:16]}"
+    )
+    result = run_stage(
+        args.name, cfg, inputs, root, run_dir, log=log, config_source=str(args.config)
+    )
     if bar is not None:
         bar.close()
     print(json.dumps({"outputs": result["outputs"], "metrics": result["metrics"]}, indent=1))
@@ -133,8 +158,11 @@ def cmd_artifacts(args) -> int:
 
 def cmd_lineage(args) -> int:
     store = ArtifactStore(args.store)
-    for depth, a in enumerate(store.lineage(args.ref)):
-        print(f"{a.id[:16]}  {a.kind:10s}  {a.name}  <- {', '.join(p[:12] for p in a.parents) or '(source)'}")
+    for a in store.lineage(args.ref):
+        print(
+            f"{a.id[:16]}  {a.kind:10s}  {a.name}  <- "
+            f"{', '.join(p[:12] for p in a.parents) or '(source)'}"
+        )
     return 0
 
 
@@ -163,7 +191,9 @@ def cmd_export(args) -> int:
     art = store.get(args.ref)
     if "model" not in art.meta:
         raise ValueError(f"artifact {art.id[:12]} ({art.name}) has no model config in its manifest")
-    cfg = section_from_dict(ModelConfig, art.meta["model"], "model", f"artifact {art.id[:12]} ({art.name}) manifest")
+    cfg = section_from_dict(
+        ModelConfig, art.meta["model"], "model", f"artifact {art.id[:12]} ({art.name}) manifest"
+    )
     tensors = store.read_checkpoint(art.id)
     if "score.weight" in tensors:
         raise ValueError(f"{art.name} is a reward/value model; export takes a policy checkpoint")
@@ -179,7 +209,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-INIT_TEMPLATE = """# A starting config for {spec}: mindrlhf run this.yaml (paths are relative to this file).
+INIT_TEMPLATE = """# A starting config for {spec}: mindrlhf run this.yaml
+# (paths are relative to this file).
 # The model section's sizes come from the source when the config loads (a key set here must agree):
 #   {derived}
 name: {name}
@@ -190,10 +221,10 @@ data:
   recipes: []
   max_prompt_len: {prompt}
   max_len: {seq}
-  sources:                    # jsonl / parquet / arrow / csv / datasets directories; fields maps columns
-    - {{kind: sft, path: data/sft.jsonl, format: chat}}          # {{"messages": [{{"role", "content"}}, ...]}}
+  sources:  # jsonl / parquet / arrow / csv / datasets directories; fields maps columns
+    - {{kind: sft, path: data/sft.jsonl, format: chat}}  # {{"messages": [{{"role", "content"}}]}}
     - {{kind: pairs, path: data/pairs.jsonl}}                    # prompt, chosen, rejected
-    - {{kind: prompts, path: data/prompts.jsonl, name: prompts}} # prompt (+ answer, ... for rewards)
+    - {{kind: prompts, path: data/prompts.jsonl, name: prompts}}  # prompt (+ answer, ...)
 pipeline:
   stages: [prepare, sft, rm, ppo, grpo, dpo, online_dpo]
 ppo: {{prompts: prompts}}
@@ -208,12 +239,27 @@ def cmd_init_config(args) -> int:
     from .models import sources
 
     src = sources.parse(args.model)
-    where = src.where if src.kind == "artifact" or src.where == "smollm2" else str(Path(src.where).resolve())
+    where = (
+        src.where
+        if src.kind == "artifact" or src.where == "smollm2"
+        else str(Path(src.where).resolve())
+    )
     d = sources.derive_config(sources.Source(src.kind, where), args.store)
-    derived = "  ".join(f"{k}: {getattr(d, k)}" for k in sources.DERIVED if getattr(d, k) not in (None, ""))
+    derived = "  ".join(
+        f"{k}: {getattr(d, k)}" for k in sources.DERIVED if getattr(d, k) not in (None, "")
+    )
     seq = min(d.max_seq_len, 512)
-    print(INIT_TEMPLATE.format(spec=args.model, derived=derived, name=args.name, seq=seq, src_seq=d.max_seq_len,
-                               prompt=seq // 2), end="")
+    print(
+        INIT_TEMPLATE.format(
+            spec=args.model,
+            derived=derived,
+            name=args.name,
+            seq=seq,
+            src_seq=d.max_seq_len,
+            prompt=seq // 2,
+        ),
+        end="",
+    )
     return 0
 
 
@@ -223,16 +269,23 @@ def cmd_verify(args) -> int:
     n = len(store.ids())
     for p in problems:
         print(p)
-    print(f"{n} artifacts in {store.root}: " + (f"{len(problems)} problem(s)" if problems else "all verified"))
+    print(
+        f"{n} artifacts in {store.root}: "
+        + (f"{len(problems)} problem(s)" if problems else "all verified")
+    )
     return 1 if problems else 0
 
 
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds: a running stage's process tree is stopped on the way out
+    raise SystemExit(
+        128 + signum
+    )  # unwinds: a running stage's process tree is stopped on the way out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mindrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="mindrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="run the pipeline flow")
     p.add_argument("config", nargs="?", default="demo")
@@ -245,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir")
     p.set_defaults(fn=cmd_stage)
-    for name, fn, help_ in (("artifacts", cmd_artifacts, "list artifacts"), ("lineage", cmd_lineage, "ancestors"),
-                            ("show", cmd_show, "dataset rows"), ("verify", cmd_verify, "check the whole store")):
+    for name, fn, help_ in (
+        ("artifacts", cmd_artifacts, "list artifacts"),
+        ("lineage", cmd_lineage, "ancestors"),
+        ("show", cmd_show, "dataset rows"),
+        ("verify", cmd_verify, "check the whole store"),
+    ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--store", default="artifacts")
         if name == "artifacts":
@@ -262,12 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--store", default="artifacts")
     p.set_defaults(fn=cmd_import)
-    p = sub.add_parser("init-config", help="print a starting config for a model (hf:DIR, gguf:FILE, ...)")
+    p = sub.add_parser(
+        "init-config", help="print a starting config for a model (hf:DIR, gguf:FILE, ...)"
+    )
     p.add_argument("--model", required=True, metavar="SOURCE")
     p.add_argument("--name", default="my-run")
     p.add_argument("--store", default="artifacts")
     p.set_defaults(fn=cmd_init_config)
-    p = sub.add_parser("export", help="export a checkpoint as Hugging Face safetensors + config.json")
+    p = sub.add_parser(
+        "export", help="export a checkpoint as Hugging Face safetensors + config.json"
+    )
     p.add_argument("ref")
     p.add_argument("--out", required=True)
     p.add_argument("--store", default="artifacts")

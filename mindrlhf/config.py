@@ -4,6 +4,7 @@ Every section is a dataclass whose defaults are the project's defaults. Loading 
 against the dataclasses: an unknown key, a wrong type or a bad value raises :class:`ConfigError`
 naming the file and the dotted key (``sft.lr``), before any training starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,26 +55,36 @@ class ModelConfig:
     init_std: float = 0.02
     attn_head_dim: Optional[int] = None  # None: d_model / n_heads (Qwen3 sets its own)
     qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
-    arch: str = ""  # the source's architecture (gpt2, llama, mistral, qwen2, qwen3, baichuan): export keeps it
-    # where the weights come from: "" a seeded random init; "hf:<dir>" a Hugging Face model directory;
+    # the source's architecture (gpt2, llama, mistral, qwen2, qwen3, baichuan): export keeps it
+    arch: str = ""
+    # where the weights come from: "" a seeded random init; "hf:<dir>" a Hugging Face model
+    # directory;
     # "gguf:<path>" a GGUF file ("gguf:smollm2" the pinned SmolLM2); "artifact:<id or ref>" a stored
     # checkpoint. With a source, the sizes above are read from it (see models/sources.py).
     init: str = ""
 
     def validate(self, p: str = ""):
         if self.init and not self.init.startswith(("hf:", "gguf:", "artifact:")):
-            raise ValueError(f"{p}init must be '', 'hf:<dir>', 'gguf:<path>', 'gguf:smollm2' or "
-                             f"'artifact:<id or ref>', got {self.init!r}")
+            raise ValueError(
+                f"{p}init must be '', 'hf:<dir>', 'gguf:<path>', 'gguf:smollm2' or "
+                f"'artifact:<id or ref>', got {self.init!r}"
+            )
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _positive(getattr(self, k), p + k)
         if self.attn_head_dim is not None:
             _positive(self.attn_head_dim, p + "attn_head_dim")
         elif self.d_model % self.n_heads:
-            raise ValueError(f"{p}d_model ({self.d_model}) must be divisible by {p}n_heads ({self.n_heads})")
+            raise ValueError(
+                f"{p}d_model ({self.d_model}) must be divisible by {p}n_heads ({self.n_heads})"
+            )
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"{p}n_heads ({self.n_heads}) must be divisible by {p}n_kv_heads ({self.kv_heads})")
+            raise ValueError(
+                f"{p}n_heads ({self.n_heads}) must be divisible by {p}n_kv_heads ({self.kv_heads})"
+            )
         if self.family == "llama" and self.head_dim % 2:
-            raise ValueError(f"{p}d_model / {p}n_heads (head_dim {self.head_dim}) must be even for RoPE")
+            raise ValueError(
+                f"{p}d_model / {p}n_heads (head_dim {self.head_dim}) must be even for RoPE"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -105,8 +116,10 @@ class TokenizerConfig:
 
     def validate(self, p: str = ""):
         if self.kind in ("hf", "gguf") and not self.path:
-            raise ValueError(f"{p}path must name the {'directory' if self.kind == 'hf' else 'file'} of a "
-                             f"{self.kind} tokenizer (or model.init a source to take it from)")
+            raise ValueError(
+                f"{p}path must name the {'directory' if self.kind == 'hf' else 'file'} of a "
+                f"{self.kind} tokenizer (or model.init a source to take it from)"
+            )
 
 
 RECIPES = ("movie_reviews", "arithmetic", "gsm_symbolic")  # the modules in datasets/
@@ -115,19 +128,28 @@ RECIPES = ("movie_reviews", "arithmetic", "gsm_symbolic")  # the modules in data
 @dataclass
 class DataSource:
     """One source of rows: a user file (``path``) or a built-in recipe (``recipe``)."""
+
     kind: Literal["", "sft", "pairs", "prompts"] = ""  # what the file holds ("" for a recipe)
-    path: str = ""  # .jsonl/.json, .parquet, .arrow/.feather, .csv or a datasets save_to_disk directory
+    path: str = (
+        ""  # .jsonl/.json, .parquet, .arrow/.feather, .csv or a datasets save_to_disk directory
+    )
     recipe: str = ""
-    format: Literal["text", "chat"] = "text"  # chat: a messages list per row, rendered by the chat template
+    format: Literal["text", "chat"] = (
+        "text"  # chat: a messages list per row, rendered by the chat template
+    )
     fields: dict[str, str] = field(default_factory=dict)  # our column -> the file's column
     split_field: str = ""  # a column saying train / test per row (else a stable hash of the prompt)
-    name: str = ""  # names its tables and prompt datasets (ppo.prompts: <name>); default: the file's stem
+    name: str = (
+        ""  # names its tables and prompt datasets (ppo.prompts: <name>); default: the file's stem
+    )
 
     def validate(self, p: str = ""):
         if bool(self.path) == bool(self.recipe):
             raise ValueError(f"{p[:-1]} needs exactly one of path (a file) or recipe (a built-in)")
         if self.recipe and self.recipe not in RECIPES:
-            raise ValueError(f"{p}recipe: unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
+            raise ValueError(
+                f"{p}recipe: unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})"
+            )
         if self.path and not self.kind:
             raise ValueError(f"{p}kind must be sft, pairs or prompts for a file source")
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", self.name):
@@ -138,13 +160,19 @@ class DataSource:
         """The name its tables and prompt datasets go by."""
         if self.recipe:
             return self.recipe
-        return self.name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(self.path).stem.split(".")[0])[:64] or "data"
+        return (
+            self.name
+            or re.sub(r"[^A-Za-z0-9_-]", "_", Path(self.path).stem.split(".")[0])[:64]
+            or "data"
+        )
 
 
 @dataclass
 class DataConfig:
     recipes: list[str] = field(default_factory=lambda: ["movie_reviews", "arithmetic"])
-    sources: list[DataSource] = field(default_factory=list)  # user files (and recipes), beside recipes
+    sources: list[DataSource] = field(
+        default_factory=list
+    )  # user files (and recipes), beside recipes
     max_prompt_len: int = 24
     max_len: int = 64  # prompt + response tokens
     heldout_fraction: float = 0.05
@@ -159,7 +187,10 @@ class DataConfig:
 
     @property
     def all_recipes(self) -> list[str]:
-        return [*self.recipes, *(s.recipe for s in self.sources if s.recipe and s.recipe not in self.recipes)]
+        return [
+            *self.recipes,
+            *(s.recipe for s in self.sources if s.recipe and s.recipe not in self.recipes),
+        ]
 
     @property
     def files(self) -> list[DataSource]:
@@ -186,7 +217,9 @@ class DataConfig:
         _positive(self.arithmetic_digits, p + "arithmetic_digits")
         _positive(self.gsm_size, p + "gsm_size")
         if self.max_len <= self.max_prompt_len:
-            raise ValueError(f"{p}max_len ({self.max_len}) must exceed {p}max_prompt_len ({self.max_prompt_len})")
+            raise ValueError(
+                f"{p}max_len ({self.max_len}) must exceed {p}max_prompt_len ({self.max_prompt_len})"
+            )
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"{p}heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _non_negative(self.limit, p + "limit")
@@ -275,12 +308,21 @@ class PPOConfig(OptimConfig):
     def validate(self, p: str = ""):
         super().validate(p)
         _positive(self.critic_lr, p + "critic_lr")
-        for k in ("iterations", "rollout_batch", "mini_batch", "ppo_epochs", "ckpt_every", "eval_prompts",
-                  "kl_horizon"):
+        for k in (
+            "iterations",
+            "rollout_batch",
+            "mini_batch",
+            "ppo_epochs",
+            "ckpt_every",
+            "eval_prompts",
+            "kl_horizon",
+        ):
             _positive(getattr(self, k), p + k)
         if self.rollout_batch % self.mini_batch:
-            raise ValueError(f"{p}rollout_batch ({self.rollout_batch}) must be divisible by {p}mini_batch "
-                             f"({self.mini_batch})")
+            raise ValueError(
+                f"{p}rollout_batch ({self.rollout_batch}) must be divisible by {p}mini_batch "
+                f"({self.mini_batch})"
+            )
         _unit(self.gamma, p + "gamma")
         _unit(self.lam, p + "lam")
         _positive(self.clip_range, p + "clip_range")
@@ -311,13 +353,23 @@ class GRPOConfig(OptimConfig):
 
     def validate(self, p: str = ""):
         super().validate(p)
-        for k in ("iterations", "prompts_per_iter", "group_size", "mini_batch", "epochs", "max_new_tokens",
-                  "ckpt_every", "eval_prompts"):
+        for k in (
+            "iterations",
+            "prompts_per_iter",
+            "group_size",
+            "mini_batch",
+            "epochs",
+            "max_new_tokens",
+            "ckpt_every",
+            "eval_prompts",
+        ):
             _positive(getattr(self, k), p + k)
         if self.group_size < 2:
             raise ValueError(f"{p}group_size must be >= 2 (advantages are relative within a group)")
         if (self.prompts_per_iter * self.group_size) % self.mini_batch:
-            raise ValueError(f"{p}prompts_per_iter * {p}group_size must be divisible by {p}mini_batch")
+            raise ValueError(
+                f"{p}prompts_per_iter * {p}group_size must be divisible by {p}mini_batch"
+            )
         _positive(self.clip_range, p + "clip_range")
         _non_negative(self.beta, p + "beta")
 
@@ -346,7 +398,9 @@ class DPOConfig(OptimConfig):
 class OnlineDPOConfig:
     rounds: int = 3
     prompts: str = "movie_reviews"
-    judge: Union[str, list[str]] = "rm"  # ranks each pair: "rm" or reward functions (as grpo.reward)
+    judge: Union[str, list[str]] = (
+        "rm"  # ranks each pair: "rm" or reward functions (as grpo.reward)
+    )
     judge_weights: list[float] = field(default_factory=list)
     prompts_per_round: int = 64
     steps_per_round: int = 8  # DPO steps (dpo.batch_size pairs each) on the round's pairs
@@ -386,6 +440,7 @@ class ParallelConfig:
     pipeline_stages must equal worker_num; weights of the attention and MLP matmuls are sharded
     model_parallel ways, layers split into pipeline stages, optimizer state sharded across data
     parallel ranks (``optimizer_shard``), activations recomputed in backward (``recompute``)."""
+
     worker_num: int = 1  # total processes (devices) across all nodes
     local_worker_num: int = 1  # processes on this node
     master_addr: str = "127.0.0.1"
@@ -407,22 +462,31 @@ class ParallelConfig:
         if self.local_worker_num > self.worker_num:
             raise ValueError(f"{p}local_worker_num must be <= {p}worker_num")
         if self.worker_num % self.local_worker_num:
-            raise ValueError(f"{p}worker_num ({self.worker_num}) must be a multiple of {p}local_worker_num "
-                             f"({self.local_worker_num}): every node runs the same number of workers")
+            raise ValueError(
+                f"{p}worker_num ({self.worker_num}) must be a multiple of {p}local_worker_num "
+                f"({self.local_worker_num}): every node runs the same number of workers"
+            )
         if self.node_rank >= self.worker_num // self.local_worker_num:
-            raise ValueError(f"{p}node_rank ({self.node_rank}) must be below the node count "
-                             f"({self.worker_num // self.local_worker_num})")
+            raise ValueError(
+                f"{p}node_rank ({self.node_rank}) must be below the node count "
+                f"({self.worker_num // self.local_worker_num})"
+            )
         for k in ("data_parallel", "model_parallel", "pipeline_stages", "micro_batches"):
             _positive(getattr(self, k), p + k)
         if self.mode == "semi_auto":
             prod = self.data_parallel * self.model_parallel * self.pipeline_stages
             if prod != self.worker_num:
                 raise ValueError(
-                    f"{p}data_parallel ({self.data_parallel}) x {p}model_parallel ({self.model_parallel}) x "
-                    f"{p}pipeline_stages ({self.pipeline_stages}) = {prod} must equal {p}worker_num ({self.worker_num})")
+                    f"{p}data_parallel ({self.data_parallel}) x {p}model_parallel "
+                    f"({self.model_parallel}) x "
+                    f"{p}pipeline_stages ({self.pipeline_stages}) = {prod} must equal "
+                    f"{p}worker_num ({self.worker_num})"
+                )
             if self.pipeline_stages > 1 and self.micro_batches < self.pipeline_stages:
-                raise ValueError(f"{p}micro_batches ({self.micro_batches}) must be >= {p}pipeline_stages "
-                                 f"({self.pipeline_stages}) to keep every stage busy")
+                raise ValueError(
+                    f"{p}micro_batches ({self.micro_batches}) must be >= {p}pipeline_stages "
+                    f"({self.pipeline_stages}) to keep every stage busy"
+                )
         elif (self.model_parallel, self.pipeline_stages) != (1, 1):
             raise ValueError(f"{p}model_parallel and {p}pipeline_stages need {p}mode: semi_auto")
         if not 0 < self.master_port < 65536:
@@ -431,7 +495,14 @@ class ParallelConfig:
 
 
 STAGES = ("prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo")
-NEEDS = {"sft": "prepare", "rm": "sft", "ppo": "rm", "grpo": "sft", "dpo": "sft", "online_dpo": "rm"}
+NEEDS = {
+    "sft": "prepare",
+    "rm": "sft",
+    "ppo": "rm",
+    "grpo": "sft",
+    "dpo": "sft",
+    "online_dpo": "rm",
+}
 
 
 @dataclass
@@ -452,6 +523,7 @@ class RunnerConfig:
     A work pool name: each stage task submits the ``stage-runner`` deployment (deployments/
     prefect.yaml) to that pool and waits; a worker there (e.g. the NPU cluster's head node,
     sharing the artifact store's filesystem) launches the stage, msrun included."""
+
     work_pool: str = ""
     deployment: str = "stage-runner/stage-runner"
     timeout_s: int = 7 * 24 * 3600
@@ -466,7 +538,10 @@ class StoreConfig:
 class ResourcesConfig:
     """What a stage process may use on its host. None of it changes what a stage computes (a
     graph evicted and compiled again is the same graph), so none of it is in a cache key."""
-    memory_gb: float = 0.0  # 0: this host's physical RAM; stages that cannot fit are refused before starting
+
+    memory_gb: float = (
+        0.0  # 0: this host's physical RAM; stages that cannot fit are refused before starting
+    )
     # compiled graphs are released, least recently used first, when a stage process's resident
     # memory would pass this fraction of memory_gb with one more
     graph_memory_fraction: float = 0.6
@@ -475,7 +550,9 @@ class ResourcesConfig:
     def validate(self, p: str = ""):
         _non_negative(self.memory_gb, p + "memory_gb")
         if not 0.0 < self.graph_memory_fraction <= 1.0:
-            raise ValueError(f"{p}graph_memory_fraction must be in (0, 1], got {self.graph_memory_fraction}")
+            raise ValueError(
+                f"{p}graph_memory_fraction must be in (0, 1], got {self.graph_memory_fraction}"
+            )
         _positive(self.max_graphs, p + "max_graphs")
 
 
@@ -509,40 +586,75 @@ class Config:
             raise ValueError(f"name: {e}") from None
         seq, prompt = self.model.max_seq_len, self.data.max_prompt_len
         if self.data.max_len > seq:
-            raise ValueError(f"data.max_len ({self.data.max_len}) must be <= model.max_seq_len ({seq}): "
-                             "training rows are that long")
-        for key, new in (("generation.max_new_tokens", self.generation.max_new_tokens),
-                         ("grpo.max_new_tokens", self.grpo.max_new_tokens)):
+            raise ValueError(
+                f"data.max_len ({self.data.max_len}) must be <= model.max_seq_len ({seq}): "
+                "training rows are that long"
+            )
+        for key, new in (
+            ("generation.max_new_tokens", self.generation.max_new_tokens),
+            ("grpo.max_new_tokens", self.grpo.max_new_tokens),
+        ):
             if key.startswith("grpo") and "grpo" not in self.pipeline.stages:
                 continue
             if prompt + new > seq:
-                raise ValueError(f"data.max_prompt_len ({prompt}) + {key} ({new}) = {prompt + new} must be <= "
-                                 f"model.max_seq_len ({seq}): a prompt and its sampled response must fit the model")
+                raise ValueError(
+                    f"data.max_prompt_len ({prompt}) + {key} ({new}) = {prompt + new} must be <= "
+                    f"model.max_seq_len ({seq}): a prompt and its sampled response must fit the "
+                    "model"
+                )
         if self.parallel.mode == "semi_auto" and self.device_target != "Ascend":
-            raise ValueError("parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "
-                             "on CPU use data_parallel")
+            raise ValueError(
+                "parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "
+                "on CPU use data_parallel"
+            )
         if self.parallel.mode == "semi_auto":
-            if self.model.n_heads % self.parallel.model_parallel or self.model.ffn_dim % self.parallel.model_parallel:
-                raise ValueError(f"model.n_heads ({self.model.n_heads}) and the FFN width ({self.model.ffn_dim}) "
-                                 f"must be divisible by parallel.model_parallel ({self.parallel.model_parallel})")
+            if (
+                self.model.n_heads % self.parallel.model_parallel
+                or self.model.ffn_dim % self.parallel.model_parallel
+            ):
+                raise ValueError(
+                    f"model.n_heads ({self.model.n_heads}) and the FFN width "
+                    f"({self.model.ffn_dim}) "
+                    f"must be divisible by parallel.model_parallel ({self.parallel.model_parallel})"
+                )
             if self.model.n_layers % self.parallel.pipeline_stages:
-                raise ValueError(f"model.n_layers ({self.model.n_layers}) must be divisible by "
-                                 f"parallel.pipeline_stages ({self.parallel.pipeline_stages})")
-        w = self.parallel.worker_num if self.parallel.mode == "data_parallel" else self.parallel.data_parallel
-        for key, batch in (("sft.batch_size", self.sft.batch_size), ("rm.batch_size", self.rm.batch_size),
-                           ("ppo.mini_batch", self.ppo.mini_batch), ("grpo.mini_batch", self.grpo.mini_batch),
-                           ("dpo.batch_size", self.dpo.batch_size)):
+                raise ValueError(
+                    f"model.n_layers ({self.model.n_layers}) must be divisible by "
+                    f"parallel.pipeline_stages ({self.parallel.pipeline_stages})"
+                )
+        w = (
+            self.parallel.worker_num
+            if self.parallel.mode == "data_parallel"
+            else self.parallel.data_parallel
+        )
+        for key, batch in (
+            ("sft.batch_size", self.sft.batch_size),
+            ("rm.batch_size", self.rm.batch_size),
+            ("ppo.mini_batch", self.ppo.mini_batch),
+            ("grpo.mini_batch", self.grpo.mini_batch),
+            ("dpo.batch_size", self.dpo.batch_size),
+        ):
             if batch % w:
-                raise ValueError(f"{key} ({batch}) must be divisible by the data-parallel size "
-                                 f"(parallel.worker_num or parallel.data_parallel: {w})")
-        for key, name in (("ppo.prompts", self.ppo.prompts), ("grpo.prompts", self.grpo.prompts),
-                          ("online_dpo.prompts", self.online_dpo.prompts)):
+                raise ValueError(
+                    f"{key} ({batch}) must be divisible by the data-parallel size "
+                    f"(parallel.worker_num or parallel.data_parallel: {w})"
+                )
+        for key, name in (
+            ("ppo.prompts", self.ppo.prompts),
+            ("grpo.prompts", self.grpo.prompts),
+            ("online_dpo.prompts", self.online_dpo.prompts),
+        ):
             stage = key.split(".")[0]
             if stage in self.pipeline.stages and name not in self.data.names:
-                raise ValueError(f"{key} {name!r} must name a recipe or a data source ({', '.join(self.data.names)})")
-        for key, spec, weights in (("grpo.reward", self.grpo.reward, self.grpo.reward_weights),
-                                   ("online_dpo.judge", self.online_dpo.judge, self.online_dpo.judge_weights),
-                                   ("ppo.gold_reward", self.ppo.gold_reward or [], [])):
+                raise ValueError(
+                    f"{key} {name!r} must name a recipe or a data source "
+                    f"({', '.join(self.data.names)})"
+                )
+        for key, spec, weights in (
+            ("grpo.reward", self.grpo.reward, self.grpo.reward_weights),
+            ("online_dpo.judge", self.online_dpo.judge, self.online_dpo.judge_weights),
+            ("ppo.gold_reward", self.ppo.gold_reward or [], []),
+        ):
             if spec == "rm":
                 continue
             specs = spec if isinstance(spec, list) else [spec]
@@ -550,8 +662,10 @@ class Config:
                 raise ValueError(f"{key}: {len(specs)} functions but {len(weights)} weights")
             for s in specs:
                 if not (s.startswith("python:") or s in RECIPES):
-                    raise ValueError(f"{key} must be 'rm', a recipe ({', '.join(RECIPES)}) or "
-                                     f"python:<file.py or module>:<function>, got {s!r}")
+                    raise ValueError(
+                        f"{key} must be 'rm', a recipe ({', '.join(RECIPES)}) or "
+                        f"python:<file.py or module>:<function>, got {s!r}"
+                    )
             if any(s.startswith("python:") for s in specs):  # loads the user's file now: a syntax
                 from .rewards import RewardError, load  # error fails here, before any stage runs
 
@@ -603,7 +717,9 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, dict):
             raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
         kt, vt = typing.get_args(tp)
-        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {
+            _coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()
+        }
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1]
         if not isinstance(value, list):
@@ -648,7 +764,9 @@ def _build(cls, data: dict, prefix: str = ""):
         where = f"{prefix}.{k}" if prefix else k
         kwargs[k] = _coerce(v, hints[k], where)
     obj = cls(**kwargs)
-    if prefix and hasattr(obj, "validate"):  # a section: its messages name each key as <section>.<key>
+    if prefix and hasattr(
+        obj, "validate"
+    ):  # a section: its messages name each key as <section>.<key>
         obj.validate(f"{prefix}.")
     elif hasattr(obj, "validate"):
         obj.validate()
@@ -715,14 +833,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 def _resolve(v, base: Path):
-    return str((base / v).resolve()) if isinstance(v, str) and v and not Path(v).is_absolute() else v
+    return (
+        str((base / v).resolve()) if isinstance(v, str) and v and not Path(v).is_absolute() else v
+    )
 
 
 def _resolve_reward(v, base: Path):
     if isinstance(v, list):
         return [_resolve_reward(x, base) for x in v]
     if isinstance(v, str) and v.startswith("python:"):
-        target, _, fn = v[len("python:"):].rpartition(":")
+        target, _, fn = v[len("python:") :].rpartition(":")
         if target.endswith(".py"):
             return f"python:{_resolve(target, base)}:{fn}"
     return v
@@ -741,8 +861,10 @@ def resolve_paths(data: dict, base: Path) -> dict:
     if isinstance(data.get("tokenizer"), dict) and data["tokenizer"].get("path"):
         data["tokenizer"]["path"] = _resolve(data["tokenizer"]["path"], base)
     if isinstance(data.get("data"), dict) and isinstance(data["data"].get("sources"), list):
-        data["data"]["sources"] = [{**s, "path": _resolve(s["path"], base)} if isinstance(s, dict) and "path" in s
-                                   else s for s in data["data"]["sources"]]
+        data["data"]["sources"] = [
+            {**s, "path": _resolve(s["path"], base)} if isinstance(s, dict) and "path" in s else s
+            for s in data["data"]["sources"]
+        ]
     for section, key in (("grpo", "reward"), ("ppo", "gold_reward"), ("online_dpo", "judge")):
         if isinstance(data.get(section), dict) and key in data[section]:
             data[section][key] = _resolve_reward(data[section][key], base)
@@ -767,6 +889,10 @@ def derive_from_sources(data: dict) -> dict:
         if src.kind == "hf":
             tok = {"kind": "hf", "path": src.where, **tok}
         elif src.kind == "gguf":
-            tok = {"kind": "smollm2"} if src.where == "smollm2" else {"kind": "gguf", "path": src.where, **tok}
+            tok = (
+                {"kind": "smollm2"}
+                if src.where == "smollm2"
+                else {"kind": "gguf", "path": src.where, **tok}
+            )
         data["tokenizer"] = tok
     return data

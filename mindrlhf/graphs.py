@@ -13,6 +13,7 @@ family seen so far) would pass ``resources.graph_memory_fraction`` of the host's
 live graphs would exceed ``resources.max_graphs``. A released graph that is needed again is
 compiled again: the same graph, the same numbers.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -83,7 +84,9 @@ class GraphPool:
         self.released = 0
         self.log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
 
-    def configure(self, max_graphs: int, ceiling_bytes: int | None, log: Callable[[str], None] | None = None):
+    def configure(
+        self, max_graphs: int, ceiling_bytes: int | None, log: Callable[[str], None] | None = None
+    ):
         self.max_graphs, self.ceiling = max_graphs, ceiling_bytes
         if log is not None:
             self.log = log
@@ -91,7 +94,9 @@ class GraphPool:
     def live_bytes(self) -> int:
         return sum(g.cost for g in self.live.values())
 
-    def call(self, family: str, key: tuple, fn, *args, on_release: Callable[[], None] | None = None):
+    def call(
+        self, family: str, key: tuple, fn, *args, on_release: Callable[[], None] | None = None
+    ):
         """``fn(*args)``, ``fn`` being a ``mindspore.jit`` function whose graph for these inputs is
         named by ``(family, key)``; a new graph is made room for first, then measured."""
         name = (family, key)
@@ -106,7 +111,9 @@ class GraphPool:
         cache = _compile_cache()
         before, r0 = set(cache), rss_bytes()
         out = fn(*args)
-        _synchronize(out)  # a graph runs asynchronously: what it allocates shows once it has finished
+        _synchronize(
+            out
+        )  # a graph runs asynchronously: what it allocates shows once it has finished
         phases = set(cache) - before
         cost = max(rss_bytes() - r0, 0)
         self.family_cost[family] = max(self.family_cost.get(family, 0), cost)
@@ -115,18 +122,29 @@ class GraphPool:
             self.release_oldest()  # it was larger than expected: make room behind it
         self.compiles[name] += 1
         if self.compiles[name] == 3:
-            self.log(f"graph pool: the {family} graph for {key} was compiled 3 times; the memory for live "
-                     f"graphs ({self._budget_text()}) holds too few graphs of ~{cost / 2**30:.2f} GB for this "
-                     "stage's shapes -- a larger resources.graph_memory_fraction, fewer shapes, or compiled: false")
+            self.log(
+                f"graph pool: the {family} graph for {key} was compiled 3 times; the memory for "
+                "live "
+                f"graphs ({self._budget_text()}) holds too few graphs of ~{cost / 2**30:.2f} GB "
+                "for this "
+                "stage's shapes -- a larger resources.graph_memory_fraction, fewer shapes, or "
+                "compiled: false"
+            )
         return out
 
     def _budget_text(self) -> str:
-        mem = f"resident memory under {self.ceiling / 2**30:.1f} GB" if self.ceiling else "no memory limit"
+        mem = (
+            f"resident memory under {self.ceiling / 2**30:.1f} GB"
+            if self.ceiling
+            else "no memory limit"
+        )
         return f"{mem}, at most {self.max_graphs} graphs"
 
     def _make_room(self, incoming: int) -> None:
-        while self.live and (len(self.live) >= self.max_graphs or
-                             (self.ceiling is not None and rss_bytes() + incoming > self.ceiling)):
+        while self.live and (
+            len(self.live) >= self.max_graphs
+            or (self.ceiling is not None and rss_bytes() + incoming > self.ceiling)
+        ):
             self.release_oldest()
 
     def release_oldest(self) -> None:
@@ -142,13 +160,18 @@ class GraphPool:
             self.release_oldest()
 
     def stats(self) -> dict:
-        return {"compiled": sum(self.compiles.values()), "released": self.released, "live": len(self.live),
-                "live_gb": round(self.live_bytes() / 2**30, 2)}
+        return {
+            "compiled": sum(self.compiles.values()),
+            "released": self.released,
+            "live": len(self.live),
+            "live_gb": round(self.live_bytes() / 2**30, 2),
+        }
 
 
 POOL = GraphPool()
 
 
 def configure_from(resources, host_bytes: int, log: Callable[[str], None] | None = None) -> None:
-    """Bound :data:`POOL` by a config's ``resources`` section on a host with ``host_bytes`` of memory."""
+    """Bound :data:`POOL` by a config's ``resources`` section on a host with ``host_bytes`` of
+    memory."""
     POOL.configure(resources.max_graphs, int(resources.graph_memory_fraction * host_bytes), log)

@@ -8,6 +8,7 @@ sha256, not their path or mtime: moving a project re-runs nothing, editing one b
 file re-runs what reads it. Hashes are remembered per (path, size, mtime), so a 500 MB weight
 file is read once, not at every key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,7 +71,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _files_digest(paths, named: bool = True) -> str:
-    """One digest of several files' bytes; ``named``: their names count too (a sharded directory)."""
+    """One digest of several files' bytes; ``named``: their names count too (a sharded
+    directory)."""
     h = hashlib.sha256()
     for p in sorted(Path(x) for x in paths):
         h.update((p.name.encode() if named else b"") + b"\0" + file_sha256(p).encode())
@@ -85,17 +87,30 @@ def content_keyed(cfg_dict: dict) -> dict:
         from .models import sources
 
         src = sources.parse(model["init"])
-        if src.kind in ("hf", "gguf"):  # a GGUF file by its bytes alone: the pinned alias = the same file by path
-            model["init"] = f"{src.kind}:sha256:{_files_digest(sources.files_of(src), named=src.kind == 'hf')}"
+        if src.kind in (
+            "hf",
+            "gguf",
+        ):  # a GGUF file by its bytes alone: the pinned alias = the same file by path
+            model["init"] = (
+                f"{src.kind}:sha256:{_files_digest(sources.files_of(src), named=src.kind == 'hf')}"
+            )
     tok = out.get("tokenizer")
     if isinstance(tok, dict) and tok.get("path"):
         p = Path(tok["path"])
-        files = [p / n for n in ("tokenizer.json", "tokenizer_config.json") if (p / n).is_file()] if p.is_dir() else [p]
+        files = (
+            [p / n for n in ("tokenizer.json", "tokenizer_config.json") if (p / n).is_file()]
+            if p.is_dir()
+            else [p]
+        )
         tok["path"] = f"sha256:{_files_digest(files)}"
     data = out.get("data")
     if isinstance(data, dict) and isinstance(data.get("sources"), list):
-        data["sources"] = [{**s, "path": f"sha256:{_files_digest(_source_files(s['path']))}"}
-                           if isinstance(s, dict) and s.get("path") else s for s in data["sources"]]
+        data["sources"] = [
+            {**s, "path": f"sha256:{_files_digest(_source_files(s['path']))}"}
+            if isinstance(s, dict) and s.get("path")
+            else s
+            for s in data["sources"]
+        ]
     for section, key in (("grpo", "reward"), ("ppo", "gold_reward"), ("online_dpo", "judge")):
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section][key] = _reward_keyed(out[section][key])
@@ -111,7 +126,7 @@ def _reward_keyed(v):
     if isinstance(v, list):
         return [_reward_keyed(x) for x in v]
     if isinstance(v, str) and v.startswith("python:"):
-        target, _, fn = v[len("python:"):].rpartition(":")
+        target, _, fn = v[len("python:") :].rpartition(":")
         if target.endswith(".py") and Path(target).is_file():
             return f"python:sha256:{file_sha256(target)}:{fn}"
     return v
@@ -120,8 +135,12 @@ def _reward_keyed(v):
 def stage_key(stage: str, cfg_dict: dict, inputs: dict) -> str:
     cfg_dict = content_keyed(cfg_dict)
     sections = {k: cfg_dict[k] for k in STAGE_SECTIONS[stage]}
-    if "parallel" in sections:  # where it runs does not change what it computes; how many ranks does
+    if (
+        "parallel" in sections
+    ):  # where it runs does not change what it computes; how many ranks does
         sections["parallel"] = {"worker_num": cfg_dict["parallel"]["worker_num"]}
-    blob = json.dumps({"stage": stage, "config": sections, "inputs": inputs, "code": code_version()},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"stage": stage, "config": sections, "inputs": inputs, "code": code_version()},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,9 +1,9 @@
 """Launch a stage process and stream its output.
 
 One worker: ``python -m mindrlhf.stages.<stage> --spec S --out O``. More workers: MindSpore's own
-launcher, ``msrun --worker_num=N --local_worker_num=M ... mindrlhf/stages/<stage>.py --spec S --out O``;
-msrun writes each worker's output to ``<log_dir>/worker_<i>.log`` and echoes rank 0's on stdout,
-which is streamed.
+launcher, ``msrun --worker_num=N --local_worker_num=M ... mindrlhf/stage_entry.py <stage> --spec S
+--out O``; msrun writes each worker's output to ``<log_dir>/worker_<i>.log`` and echoes rank 0's
+on stdout, which is streamed.
 
 A run directory has one owner at a time: :func:`run_dir_lock` (an ``flock`` on ``run_dir/lock``,
 released by the kernel when its holder dies, so a lock is never stale). The launcher owns the
@@ -12,6 +12,7 @@ the launcher stops the whole tree (msrun, its scheduler and workers) when it is 
 cancelled, and before a stage starts, processes still running from a dead launcher's attempt in
 the same run directory are found by their spec path and stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,10 +37,19 @@ LAUNCHER_ENV = "MINDRLHF_LAUNCHER"  # "<pid>:<start time>" of the process that o
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, tail: list[str], peak_rss_mb: float | None = None):
-        self.stage, self.returncode, self.tail, self.peak_rss_mb = stage, returncode, tail, peak_rss_mb
-        super().__init__(f"stage {stage} {describe_exit(returncode, peak_rss_mb)}; last output:\n"
-                         + "\n".join(tail[-20:]))
+    def __init__(
+        self, stage: str, returncode: int, tail: list[str], peak_rss_mb: float | None = None
+    ):
+        self.stage, self.returncode, self.tail, self.peak_rss_mb = (
+            stage,
+            returncode,
+            tail,
+            peak_rss_mb,
+        )
+        super().__init__(
+            f"stage {stage} {describe_exit(returncode, peak_rss_mb)}; last output:\n"
+            + "\n".join(tail[-20:])
+        )
 
 
 def describe_exit(returncode: int, peak_rss_mb: float | None) -> str:
@@ -48,8 +58,10 @@ def describe_exit(returncode: int, peak_rss_mb: float | None) -> str:
 
         total = psutil.virtual_memory().total / 2**30
         peak = f"peak RSS {peak_rss_mb / 1024:.1f} GB" if peak_rss_mb else "peak RSS unknown"
-        return (f"was killed by SIGKILL, probably by the kernel's out-of-memory killer ({peak} of "
-                f"{total:.1f} GB RAM)")
+        return (
+            f"was killed by SIGKILL, probably by the kernel's out-of-memory killer ({peak} of "
+            f"{total:.1f} GB RAM)"
+        )
     if returncode < 0:
         return f"was killed by signal {-returncode} ({signal.Signals(-returncode).name})"
     return f"exited with code {returncode}"
@@ -65,15 +77,27 @@ def msrun_log_dir(parallel: ParallelConfig, run_dir: Path) -> Path:
     return log_dir if log_dir.is_absolute() else Path(run_dir) / log_dir
 
 
-def stage_command(stage: str, spec: Path, out: Path, parallel: ParallelConfig, run_dir: Path) -> list[str]:
+def stage_command(
+    stage: str, spec: Path, out: Path, parallel: ParallelConfig, run_dir: Path
+) -> list[str]:
     args = ["--spec", str(spec), "--out", str(out)]
     if parallel.worker_num <= 1:
         return [sys.executable, "-m", f"mindrlhf.stages.{stage}", *args]
     log_dir = msrun_log_dir(parallel, run_dir)
-    return [msrun_bin(), f"--worker_num={parallel.worker_num}", f"--local_worker_num={parallel.local_worker_num}",
-            f"--master_addr={parallel.master_addr}", f"--master_port={parallel.master_port}",
-            f"--node_rank={parallel.node_rank}", f"--log_dir={log_dir}", "--join=True",
-            f"--cluster_time_out={parallel.cluster_time_out}", str(ENTRY), stage, *args]
+    return [
+        msrun_bin(),
+        f"--worker_num={parallel.worker_num}",
+        f"--local_worker_num={parallel.local_worker_num}",
+        f"--master_addr={parallel.master_addr}",
+        f"--master_port={parallel.master_port}",
+        f"--node_rank={parallel.node_rank}",
+        f"--log_dir={log_dir}",
+        "--join=True",
+        f"--cluster_time_out={parallel.cluster_time_out}",
+        str(ENTRY),
+        stage,
+        *args,
+    ]
 
 
 def stage_env(env: dict | None = None) -> dict:
@@ -82,14 +106,20 @@ def stage_env(env: dict | None = None) -> dict:
     first on PATH (msrun starts workers with the ``python`` it finds), the launcher's identity."""
     import psutil
 
-    penv = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOG_v": os.environ.get("GLOG_v", "3"), **(env or {})}
+    penv = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "GLOG_v": os.environ.get("GLOG_v", "3"),
+        **(env or {}),
+    }
     penv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), penv.get("PATH", "")])
     penv["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), penv.get("PYTHONPATH", "")] if p)
     penv[LAUNCHER_ENV] = f"{os.getpid()}:{psutil.Process().create_time()}"
     return penv
 
 
-# ---- ownership of a run directory -----------------------------------------------------------------
+# ---- ownership of a run directory ----------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path, log: Callable[[str], None] = print, poll_s: float = 60.0):
@@ -107,10 +137,17 @@ def run_dir_lock(run_dir: str | Path, log: Callable[[str], None] = print, poll_s
                 break
             except BlockingIOError:
                 if waited % poll_s == 0:
-                    log(f"run directory {run_dir} is in use by {_lock_owner(path)}; waiting for it to finish")
+                    log(
+                        f"run directory {run_dir} is in use by {_lock_owner(path)}; waiting for "
+                        "it to finish"
+                    )
                 time.sleep(1.0)
                 waited += 1.0
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner).encode(), 0)
         yield
@@ -172,18 +209,29 @@ def process_tree(pid: int) -> list:
         return []
 
 
-# ---- running a stage -------------------------------------------------------------------------------
+# ---- running a stage -----------------------------------------------------------------------------
 
-def run_stage(stage: str, cfg: Config, inputs: dict, store_root: str | Path, run_dir: str | Path,
-              log: Callable[[str], None] = print, env: dict | None = None,
-              config_source: str = "<config>", lock: bool = True) -> dict:
+
+def run_stage(
+    stage: str,
+    cfg: Config,
+    inputs: dict,
+    store_root: str | Path,
+    run_dir: str | Path,
+    log: Callable[[str], None] = print,
+    env: dict | None = None,
+    config_source: str = "<config>",
+    lock: bool = True,
+) -> dict:
     """Run one stage to completion; returns its result JSON (outputs, metrics, peak_rss_mb, ...).
     ``lock=False`` when the caller already holds :func:`run_dir_lock` on ``run_dir``."""
     from .preflight import preflight
 
     preflight(cfg, stage, config_source)
-    run_dir = Path(run_dir).resolve()  # absolute: the spec path also identifies the stage's processes
-    with (run_dir_lock(run_dir, log) if lock else contextlib.nullcontext()):
+    run_dir = Path(
+        run_dir
+    ).resolve()  # absolute: the spec path also identifies the stage's processes
+    with run_dir_lock(run_dir, log) if lock else contextlib.nullcontext():
         return _run_locked(stage, cfg, inputs, store_root, run_dir, log, env, config_source)
 
 
@@ -193,9 +241,17 @@ def _run_locked(stage, cfg, inputs, store_root, run_dir: Path, log, env, config_
     orphans = stage_processes(spec_path)
     if orphans:
         pids = stop_processes(orphans)
-        log(f"stopped {len(pids)} process(es) left running by an earlier launcher in {run_dir}: {pids}")
-    spec = {"config": cfg.to_dict(), "config_source": config_source, "inputs": inputs,
-            "store_root": str(Path(store_root).resolve()), "run_dir": str(run_dir.resolve())}
+        log(
+            f"stopped {len(pids)} process(es) left running by an earlier launcher in {run_dir}: "
+            f"{pids}"
+        )
+    spec = {
+        "config": cfg.to_dict(),
+        "config_source": config_source,
+        "inputs": inputs,
+        "store_root": str(Path(store_root).resolve()),
+        "run_dir": str(run_dir.resolve()),
+    }
     atomic_write_bytes(spec_path, json.dumps(spec, indent=1).encode())
     if out_path.exists():
         out_path.unlink()
@@ -210,8 +266,15 @@ def _run_locked(stage, cfg, inputs, store_root, run_dir: Path, log, env, config_
             del tail[:-200]
             log(line)
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(env),
-                            errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=stage_env(env),
+        errors="replace",
+        start_new_session=True,
+    )
     try:  # under msrun --join, msrun itself echoes rank 0's log on stdout
         for line in proc.stdout:
             emit(line)
@@ -244,5 +307,9 @@ def watch_launcher() -> None:
         return
     _watching.append(owner)
     pid, created = owner.split(":", 1)
-    subprocess.Popen([sys.executable, "-m", "mindrlhf.watchdog", pid, created, str(os.getpid())],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.Popen(
+        [sys.executable, "-m", "mindrlhf.watchdog", pid, created, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

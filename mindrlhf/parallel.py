@@ -5,6 +5,7 @@ Data parallel (CPU and NPU) is set up in :mod:`mindrlhf.runtime`. For Ascend clu
 parallel context (pipeline stages, optimizer sharding), shard strategies on the model's matmuls
 (column-parallel q/k/v/up/gate, row-parallel o/down, Megatron style) and recompute per block.
 """
+
 from __future__ import annotations
 
 from .config import ParallelConfig
@@ -16,19 +17,32 @@ def auto_parallel_context(p: ParallelConfig) -> dict:
 
     if p.mode == "data_parallel":
         return {"parallel_mode": ms.ParallelMode.DATA_PARALLEL, "gradients_mean": True}
-    return {"parallel_mode": ms.ParallelMode.SEMI_AUTO_PARALLEL, "gradients_mean": True,
-            "device_num": p.worker_num, "pipeline_stages": p.pipeline_stages,
-            "enable_parallel_optimizer": p.optimizer_shard, "full_batch": False}
+    return {
+        "parallel_mode": ms.ParallelMode.SEMI_AUTO_PARALLEL,
+        "gradients_mean": True,
+        "device_num": p.worker_num,
+        "pipeline_stages": p.pipeline_stages,
+        "enable_parallel_optimizer": p.optimizer_shard,
+        "full_batch": False,
+    }
 
 
 def matmul_strategies(p: ParallelConfig) -> dict[str, tuple]:
     """Shard strategy per projection for ``MatMul(transpose_b=True)`` on (tokens, d) x (out, d):
-    activations split by data parallel; weights split on out (column) or in (row) by model parallel."""
+    activations split by data parallel; weights split on out (column) or in (row) by model
+    parallel."""
     dp, mp = p.data_parallel, p.model_parallel
     column = ((dp, 1), (mp, 1))
     row = ((dp, mp), (1, mp))
-    return {"q_proj": column, "k_proj": column, "v_proj": column, "up_proj": column, "gate_proj": column,
-            "o_proj": row, "down_proj": row}
+    return {
+        "q_proj": column,
+        "k_proj": column,
+        "v_proj": column,
+        "up_proj": column,
+        "gate_proj": column,
+        "o_proj": row,
+        "down_proj": row,
+    }
 
 
 def apply_parallel(model, p: ParallelConfig) -> None:

@@ -5,6 +5,7 @@ flow starts (an address that accepts connections and never answers would otherwi
 in silence), and bounds what the Prefect client may wait per request; without ``PREFECT_API_URL``
 Prefect runs its own ephemeral server and there is nothing to check.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,11 @@ def check_api(timeout: float = HEALTH_TIMEOUT_S) -> None:
         r = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
         r.raise_for_status()
     except httpx.TimeoutException:
-        raise PrefectUnavailable(f"the Prefect API at {url} did not answer within {timeout:.0f} s "
-                                 "(PREFECT_API_URL); is the server up and is that its address?") from None
+        raise PrefectUnavailable(
+            f"the Prefect API at {url} did not answer within {timeout:.0f} s "
+            "(PREFECT_API_URL); is the server up and is that its address?"
+        ) from None
     except httpx.HTTPError as e:
-        raise PrefectUnavailable(f"the Prefect API at {url} is not reachable (PREFECT_API_URL): {e}") from None
+        raise PrefectUnavailable(
+            f"the Prefect API at {url} is not reachable (PREFECT_API_URL): {e}"
+        ) from None

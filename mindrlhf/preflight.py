@@ -8,6 +8,7 @@ and a few activations per layer, fp32): a stage refused here could not have run;
 passes may still need more (compiled graphs, the allocator's pools), which the launcher reports
 as peak RSS.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,30 @@ from .config import Config, ConfigError, ModelConfig
 
 F32 = 4
 # per stage: (models trained with AdamW, frozen models held for inference)
-STAGE_MODELS = {"sft": (1, 0), "rm": (1, 0), "ppo": (2, 2), "grpo": (1, 1), "dpo": (1, 0), "reflogp": (0, 1),
-                "online_dpo": (1, 2), "import_weights": (0, 2), "prepare": (0, 0)}
+STAGE_MODELS = {
+    "sft": (1, 0),
+    "rm": (1, 0),
+    "ppo": (2, 2),
+    "grpo": (1, 1),
+    "dpo": (1, 0),
+    "reflogp": (0, 1),
+    "online_dpo": (1, 2),
+    "import_weights": (0, 2),
+    "prepare": (0, 0),
+}
 
 
 def param_count(m: ModelConfig) -> int:
     """Parameters of ``CausalLM(m)`` (models/decoder.py), counted from the config."""
     d, f, hd = m.d_model, m.ffn_dim, m.head_dim
     q, kv = m.n_heads * hd, m.kv_heads * hd
-    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if m.use_qkv_bias else 0) + (2 * hd if m.qk_norm else 0)
+    attn = (
+        d * q
+        + 2 * d * kv
+        + q * d
+        + (q + 2 * kv if m.use_qkv_bias else 0)
+        + (2 * hd if m.qk_norm else 0)
+    )
     if m.family == "gpt2":
         per_layer = attn + d + 2 * d * f + f + d + 4 * d  # o bias, MLP with biases, two LayerNorms
         extra = m.max_seq_len * d + 2 * d
@@ -48,13 +64,21 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         gb = 2**30
-        return (f"{self.total / gb:.1f} GB = {self.workers} worker(s) x ({self.weights / gb:.1f} GB of weights, "
-                f"gradients and optimizer moments + {self.activations / gb:.1f} GB of activations for one batch)")
+        return (
+            f"{self.total / gb:.1f} GB = {self.workers} worker(s) x ({self.weights / gb:.1f} GB "
+            "of weights, "
+            f"gradients and optimizer moments + {self.activations / gb:.1f} GB of activations for "
+            "one batch)"
+        )
 
 
 def stage_batch(cfg: Config, stage: str) -> tuple[int, int]:
     """(sequences per step in one process, tokens per sequence) of a stage's largest forward."""
-    w = cfg.parallel.worker_num if cfg.parallel.mode == "data_parallel" else cfg.parallel.data_parallel
+    w = (
+        cfg.parallel.worker_num
+        if cfg.parallel.mode == "data_parallel"
+        else cfg.parallel.data_parallel
+    )
     prompt = cfg.data.max_prompt_len
     if stage == "sft":
         return cfg.sft.batch_size // w, cfg.data.max_len
@@ -64,7 +88,9 @@ def stage_batch(cfg: Config, stage: str) -> tuple[int, int]:
     if stage == "ppo":
         return max(cfg.ppo.rollout_batch // w, 32), prompt + cfg.generation.max_new_tokens
     if stage == "grpo":
-        return max(cfg.grpo.prompts_per_iter * cfg.grpo.group_size // w, 32), prompt + cfg.grpo.max_new_tokens
+        return max(
+            cfg.grpo.prompts_per_iter * cfg.grpo.group_size // w, 32
+        ), prompt + cfg.grpo.max_new_tokens
     if stage == "online_dpo":
         return max(2 * cfg.online_dpo.prompts_per_round, 32), prompt + cfg.generation.max_new_tokens
     return 1, min(cfg.model.max_seq_len, 8)
@@ -74,7 +100,9 @@ def estimate_memory(cfg: Config, stage: str) -> MemoryEstimate:
     m = cfg.model
     trained, frozen = STAGE_MODELS.get(stage, (1, 0))
     params = param_count(m)
-    weights = params * F32 * (4 * trained + frozen)  # trained: weights, gradients, two AdamW moments
+    weights = (
+        params * F32 * (4 * trained + frozen)
+    )  # trained: weights, gradients, two AdamW moments
     b, t = stage_batch(cfg, stage)
     tokens = b * t
     # the vocabulary projection and its softmax (and, when training, their gradient), plus a few
@@ -87,7 +115,11 @@ def estimate_memory(cfg: Config, stage: str) -> MemoryEstimate:
 def host_memory_bytes(cfg: Config) -> int:
     import psutil
 
-    return int(cfg.resources.memory_gb * 2**30) if cfg.resources.memory_gb else psutil.virtual_memory().total
+    return (
+        int(cfg.resources.memory_gb * 2**30)
+        if cfg.resources.memory_gb
+        else psutil.virtual_memory().total
+    )
 
 
 def preflight(cfg: Config, stage: str, source: str = "<config>") -> None:
@@ -95,12 +127,17 @@ def preflight(cfg: Config, stage: str, source: str = "<config>") -> None:
     if cfg.device_target == "CPU":
         cores = os.cpu_count() or 1
         if cfg.parallel.local_worker_num > cores:
-            raise ConfigError(f"{source}: parallel.local_worker_num ({cfg.parallel.local_worker_num}) is more than "
-                              f"this host's {cores} CPU cores; on device_target CPU every worker is a process "
-                              "with its own copy of every model")
+            raise ConfigError(
+                f"{source}: parallel.local_worker_num ({cfg.parallel.local_worker_num}) is more "
+                "than "
+                f"this host's {cores} CPU cores; on device_target CPU every worker is a process "
+                "with its own copy of every model"
+            )
     est = estimate_memory(cfg, stage)
     have = host_memory_bytes(cfg)
     if est.total > have:
-        raise ConfigError(f"{source}: stage {stage} needs at least {est.describe()}, but "
-                          f"{'resources.memory_gb allows' if cfg.resources.memory_gb else 'this host has'} "
-                          f"{have / 2**30:.1f} GB; lower the batch size, the sequence lengths or the model size")
+        raise ConfigError(
+            f"{source}: stage {stage} needs at least {est.describe()}, but "
+            f"{'resources.memory_gb allows' if cfg.resources.memory_gb else 'this host has'} "
+            f"{have / 2**30:.1f} GB; lower the batch size, the sequence lengths or the model size"
+        )

@@ -15,6 +15,7 @@ value per completion. A reward is named in the config (``grpo.reward``, ``ppo.go
 is checked: one finite number per completion, else :class:`RewardError` naming the function and
 the row, which stops the stage with the last good checkpoint kept.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,7 @@ class Term:
 
 
 def _load_python(spec: str):
-    target, _, fn_name = spec[len("python:"):].rpartition(":")
+    target, _, fn_name = spec[len("python:") :].rpartition(":")
     if not target or not fn_name:
         raise RewardError(f"{spec!r}: expected python:<file.py or module>:<function>")
     if target.endswith(".py"):
@@ -55,9 +56,13 @@ def _load_python(spec: str):
             try:
                 loader.loader.exec_module(mod)
             except SyntaxError as e:
-                raise RewardError(f"{path}:{e.lineno}: syntax error in the reward file: {e.msg}") from None
+                raise RewardError(
+                    f"{path}:{e.lineno}: syntax error in the reward file: {e.msg}"
+                ) from None
             except Exception as e:  # noqa: BLE001 - whatever the user's module raises on import
-                raise RewardError(f"{path}: importing the reward file raised {type(e).__name__}: {e}") from None
+                raise RewardError(
+                    f"{path}: importing the reward file raised {type(e).__name__}: {e}"
+                ) from None
             sys.modules[mod_name] = mod
         mod = sys.modules[mod_name]
     else:
@@ -77,7 +82,9 @@ def _load_recipe(name: str):
     try:
         recipe = load_recipe(name)
     except FileNotFoundError:
-        raise RewardError(f"{name!r}: neither 'rm', python:<file>:<function> nor a recipe") from None
+        raise RewardError(
+            f"{name!r}: neither 'rm', python:<file>:<function> nor a recipe"
+        ) from None
     if not hasattr(recipe, "reward"):
         raise RewardError(f"recipe {name!r} has no reward function")
 
@@ -103,15 +110,23 @@ def load(spec, weights: list[float] | None = None) -> "Reward":
 class Reward:
     terms: list[Term]
 
-    def __call__(self, prompts: list[str], completions: list[str], columns: dict | None = None) -> np.ndarray:
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict | None = None
+    ) -> np.ndarray:
         n = len(completions)
-        cols = {k: v for k, v in (columns or {}).items() if k not in ("prompt", "completion", "prompts", "completions")}
+        cols = {
+            k: v
+            for k, v in (columns or {}).items()
+            if k not in ("prompt", "completion", "prompts", "completions")
+        }
         total = np.zeros(n, dtype=np.float64)
         for t in self.terms:
             try:
                 out = t.fn(list(prompts), list(completions), **cols)
             except Exception as e:  # noqa: BLE001 - the user's function may raise anything
-                raise RewardError(f"reward function {t.name} raised {type(e).__name__}: {e}") from None
+                raise RewardError(
+                    f"reward function {t.name} raised {type(e).__name__}: {e}"
+                ) from None
             total += t.weight * check(out, n, t.name)
         return total
 
@@ -120,9 +135,13 @@ def check(out, n: int, name: str) -> np.ndarray:
     try:
         values = list(out)
     except TypeError:
-        raise RewardError(f"reward function {name} returned {type(out).__name__}, not a list of numbers") from None
+        raise RewardError(
+            f"reward function {name} returned {type(out).__name__}, not a list of numbers"
+        ) from None
     if len(values) != n:
-        raise RewardError(f"reward function {name} returned {len(values)} rewards for {n} completions")
+        raise RewardError(
+            f"reward function {name} returned {len(values)} rewards for {n} completions"
+        )
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise RewardError(f"reward function {name}: row {i}: {v!r} is not a number")

@@ -1,4 +1,5 @@
 """MindSpore process set-up shared by every stage entry point."""
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,8 @@ def init_runtime(device_target: str = "CPU", seed: int = 0, parallel=None) -> Di
         ms.set_auto_parallel_context(**auto_parallel_context(parallel))
         size = get_group_size()
         if parallel.mode == "semi_auto":  # ranks that share a data shard count as one data rank
-            return Dist(get_rank() // (size // parallel.data_parallel), parallel.data_parallel, get_rank())
+            return Dist(
+                get_rank() // (size // parallel.data_parallel), parallel.data_parallel, get_rank()
+            )
         return Dist(get_rank(), size, get_rank())
     return Dist()

@@ -4,13 +4,16 @@
 The launcher watch starts before the stage module is imported: msrun runs this same script as
 its scheduler, which blocks inside MindSpore from import on and must still exit with the
 launcher."""
+
 import os
 import runpy
 import sys
 
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # no shadowing by our own files
+    sys.path[:] = [
+        p for p in sys.path if os.path.abspath(p or ".") != here
+    ]  # no shadowing by our own files
     from mindrlhf.launch import watch_launcher
 
     watch_launcher()

@@ -4,6 +4,7 @@ Cache key = sha256(stage, the config sections the stage reads, input artifact id
 The run directory (working checkpoints) is derived from the same key, so a retry of a failed
 stage finds the checkpoints its previous attempt left and resumes from them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,6 +20,7 @@ from mindrlhf.config import Config, from_dict
 from mindrlhf.data.store import ArtifactStore, atomic_write_bytes
 from mindrlhf.keys import stage_key
 from mindrlhf.launch import run_dir_lock, run_stage
+
 
 def _index_path(root: str, base: str) -> Path:
     return Path(root) / "cache" / f"{base}.json"
@@ -92,15 +94,24 @@ def execute(stage: str, cfg_dict: dict, inputs: dict) -> dict:
         with run_dir_lock(run_dir, logger.info):
             result = finished_result(root, run_dir)
             if result is not None:
-                logger.info(f"{stage}: outputs of an identical run are in the store and verified; reusing them")
+                logger.info(
+                    f"{stage}: outputs of an identical run are in the store and verified; reusing "
+                    "them"
+                )
             else:
-                result = run_stage(stage, cfg, inputs, cfg.store.root, run_dir, log=logger.info, lock=False)
-            atomic_write_bytes(_index_path(root, base),
-                               json.dumps({"gen": gen, "outputs": result.get("outputs", {})}).encode())
+                result = run_stage(
+                    stage, cfg, inputs, cfg.store.root, run_dir, log=logger.info, lock=False
+                )
+            atomic_write_bytes(
+                _index_path(root, base),
+                json.dumps({"gen": gen, "outputs": result.get("outputs", {})}).encode(),
+            )
     try:  # the figures are a view of the result; losing the API must not lose the stage
         publish_prefect_artifacts(stage, cfg, result)
     except Exception as e:  # noqa: BLE001 - httpx / Prefect client errors of every kind
-        logger.warning(f"{stage}: could not publish its figures to the Prefect API ({type(e).__name__}: {e})")
+        logger.warning(
+            f"{stage}: could not publish its figures to the Prefect API ({type(e).__name__}: {e})"
+        )
     return result
 
 
@@ -111,36 +122,64 @@ def finished_result(root: str, run_dir: Path) -> dict | None:
         result = json.loads((run_dir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    return result if isinstance(result, dict) and outputs_valid(root, result.get("outputs")) else None
+    return (
+        result if isinstance(result, dict) and outputs_valid(root, result.get("outputs")) else None
+    )
 
 
-def run_on_work_pool(stage: str, cfg: Config, cfg_dict: dict, inputs: dict, run_dir: Path, logger) -> dict:
+def run_on_work_pool(
+    stage: str, cfg: Config, cfg_dict: dict, inputs: dict, run_dir: Path, logger
+) -> dict:
     """Submit the stage-runner deployment to ``cfg.runner.work_pool`` and wait for it. The stage
     writes result.json into its run directory in the shared store, which is read back here."""
     from prefect.deployments import run_deployment
 
-    local = {**cfg_dict, "runner": {**cfg_dict["runner"], "work_pool": ""}}  # the worker runs it in place
-    fr = run_deployment(name=cfg.runner.deployment, parameters={"stage": stage, "cfg_dict": local, "inputs": inputs},
-                        work_queue_name=None, timeout=cfg.runner.timeout_s, tags=[f"stage:{stage}"])
-    logger.info(f"{stage} ran on work pool {cfg.runner.work_pool} as flow run {fr.name} ({fr.id}): {fr.state.name}")
+    local = {
+        **cfg_dict,
+        "runner": {**cfg_dict["runner"], "work_pool": ""},
+    }  # the worker runs it in place
+    fr = run_deployment(
+        name=cfg.runner.deployment,
+        parameters={"stage": stage, "cfg_dict": local, "inputs": inputs},
+        work_queue_name=None,
+        timeout=cfg.runner.timeout_s,
+        tags=[f"stage:{stage}"],
+    )
+    logger.info(
+        f"{stage} ran on work pool {cfg.runner.work_pool} as flow run {fr.name} ({fr.id}): "
+        f"{fr.state.name}"
+    )
     if not fr.state.is_completed():
-        raise RuntimeError(f"stage {stage} on work pool {cfg.runner.work_pool}: flow run {fr.id} ended {fr.state.name}")
+        raise RuntimeError(
+            f"stage {stage} on work pool {cfg.runner.work_pool}: flow run {fr.id} ended "
+            f"{fr.state.name}"
+        )
     return json.loads((run_dir / "result.json").read_text())
 
 
 def publish_prefect_artifacts(stage: str, cfg: Config, result: dict) -> None:
     """A markdown table of the stage's figures (with the reward/KL plot embedded for RL stages)
     and, for stages that log per-step history, that history as a table artifact."""
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                      for k, v in result.get("metrics", {}).items())
+    rows = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in result.get("metrics", {}).items()
+    )
     outs = "\n".join(f"| {k} | `{v[:16]}` |" for k, v in result.get("outputs", {}).items())
-    md = f"## {stage}\n\n| metric | value |\n|---|---|\n{rows}\n\n| output | artifact id |\n|---|---|\n{outs}\n"
+    md = (
+        f"## {stage}\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        f"| output | artifact id |\n|---|---|\n{outs}\n"
+    )
     metrics_id = result.get("outputs", {}).get("metrics")
     if metrics_id:
         art = ArtifactStore(cfg.store.root).get(metrics_id)
         png = base64.b64encode(art.file("plot.png").read_bytes()).decode()
         md += f"\n![{stage} metrics](data:image/png;base64,{png})\n"
-    create_markdown_artifact(key=f"{stage.replace('_', '-')}-summary", description=f"{stage} stage figures", markdown=md)
+    create_markdown_artifact(
+        key=f"{stage.replace('_', '-')}-summary", description=f"{stage} stage figures", markdown=md
+    )
     if result.get("history"):
-        create_table_artifact(key=f"{stage.replace('_', '-')}-history", table=result["history"],
-                              description=f"{stage} per-step metrics")
+        create_table_artifact(
+            key=f"{stage.replace('_', '-')}-history",
+            table=result["history"],
+            description=f"{stage} per-step metrics",
+        )

@@ -1,6 +1,7 @@
 """One thin Prefect task per pipeline stage. Each is cached on (stage config, input artifact ids,
 code version) with a JSON result (no pickle), and retried: a retry resumes from the stage's last
 working checkpoint because the run directory is derived from the same key."""
+
 from __future__ import annotations
 
 from prefect import task
@@ -9,8 +10,14 @@ from .common import cache_key_fn, execute
 
 
 def stage_task(name: str):
-    @task(name=name, cache_key_fn=cache_key_fn, persist_result=True, result_serializer="json",
-          retries=2, retry_delay_seconds=2)
+    @task(
+        name=name,
+        cache_key_fn=cache_key_fn,
+        persist_result=True,
+        result_serializer="json",
+        retries=2,
+        retry_delay_seconds=2,
+    )
     def run(stage: str, cfg_dict: dict, inputs: dict | None = None) -> dict:
         return execute(stage, cfg_dict, inputs or {})
 

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 import numpy as np
 import pytest
 
@@ -73,9 +72,23 @@ def tiny_overrides(root, **sft):
         "name": "tiny",
         "store": {"root": str(root)},
         "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
-        "data": {"limit": 64, "max_prompt_len": 12, "max_len": 32, "pairs": 64, "arithmetic_size": 40},
-        "sft": {"steps": 6, "batch_size": 4, "ckpt_every": 2, "log_every": 2, "eval_batches": 1,
-                "warmup_steps": 0, "lr": 0.01, **sft},
+        "data": {
+            "limit": 64,
+            "max_prompt_len": 12,
+            "max_len": 32,
+            "pairs": 64,
+            "arithmetic_size": 40,
+        },
+        "sft": {
+            "steps": 6,
+            "batch_size": 4,
+            "ckpt_every": 2,
+            "log_every": 2,
+            "eval_batches": 1,
+            "warmup_steps": 0,
+            "lr": 0.01,
+            **sft,
+        },
         "generation": {"max_new_tokens": 6},
         "pipeline": {"stages": ["prepare", "sft"]},
     }
@@ -84,16 +97,36 @@ def tiny_overrides(root, **sft):
 def tiny_full_overrides(root):
     """Every stage, each a few steps: the whole chain in a couple of minutes."""
     o = tiny_overrides(root)
-    o.update({
-        "pipeline": {"stages": ["prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo"]},
-        "rm": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2},
-        "ppo": {"iterations": 2, "rollout_batch": 8, "mini_batch": 4, "ppo_epochs": 1, "ckpt_every": 1,
-                "eval_prompts": 8},
-        "grpo": {"iterations": 2, "prompts_per_iter": 2, "group_size": 4, "mini_batch": 4, "ckpt_every": 1,
-                 "eval_prompts": 8, "max_new_tokens": 4},
-        "dpo": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2},
-        "online_dpo": {"rounds": 2, "prompts_per_round": 8, "steps_per_round": 2, "eval_prompts": 8},
-    })
+    o.update(
+        {
+            "pipeline": {"stages": ["prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo"]},
+            "rm": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2},
+            "ppo": {
+                "iterations": 2,
+                "rollout_batch": 8,
+                "mini_batch": 4,
+                "ppo_epochs": 1,
+                "ckpt_every": 1,
+                "eval_prompts": 8,
+            },
+            "grpo": {
+                "iterations": 2,
+                "prompts_per_iter": 2,
+                "group_size": 4,
+                "mini_batch": 4,
+                "ckpt_every": 1,
+                "eval_prompts": 8,
+                "max_new_tokens": 4,
+            },
+            "dpo": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2},
+            "online_dpo": {
+                "rounds": 2,
+                "prompts_per_round": 8,
+                "steps_per_round": 2,
+                "eval_prompts": 8,
+            },
+        }
+    )
     return o
 
 
@@ -113,12 +146,30 @@ def tiny_chain(tmp_path_factory):
     cfg = load_config("demo", over)
     quiet = dict(log=lambda s: None)
     d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", **quiet)["outputs"]
-    sft = run_stage("sft", cfg, {"train": d["sft_train"], "heldout": d["sft_heldout"]}, root,
-                    root / "runs" / "sft", **quiet)["outputs"]["checkpoint"]
-    rm = run_stage("rm", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft}, root,
-                   root / "runs" / "rm", **quiet)["outputs"]["checkpoint"]
-    ref = run_stage("reflogp", cfg, {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft},
-                    root, root / "runs" / "reflogp", **quiet)["outputs"]
+    sft = run_stage(
+        "sft",
+        cfg,
+        {"train": d["sft_train"], "heldout": d["sft_heldout"]},
+        root,
+        root / "runs" / "sft",
+        **quiet,
+    )["outputs"]["checkpoint"]
+    rm = run_stage(
+        "rm",
+        cfg,
+        {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
+        root,
+        root / "runs" / "rm",
+        **quiet,
+    )["outputs"]["checkpoint"]
+    ref = run_stage(
+        "reflogp",
+        cfg,
+        {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft},
+        root,
+        root / "runs" / "reflogp",
+        **quiet,
+    )["outputs"]
     return SimpleNamespace(root=root, data=d, sft=sft, rm=rm, ref=ref)
 
 
@@ -141,11 +192,19 @@ def prefect_server():
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     prefect = str(Path(sys.executable).parent / "prefect")
-    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -160,5 +219,3 @@ def server(tmp_path_factory):
     yield url, env
     proc.terminate()
     proc.wait(timeout=30)
-
-

@@ -8,6 +8,7 @@ per stage across all runs and rounds (no forked ids); `mindrlhf verify` finds th
 after each round; no process of a stage, msrun or the watchdog is left running. Exits 1 if any
 check fails. Not part of `make test` (about 10 minutes); `make soak` runs it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,9 @@ def stage_procs(root: Path) -> list:
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(m in cmd for m in STAGE_MARKERS) and (str(root) in cmd or "mindrlhf.watchdog" in cmd):
+        if any(m in cmd for m in STAGE_MARKERS) and (
+            str(root) in cmd or "mindrlhf.watchdog" in cmd
+        ):
             out.append(p)
     return out
 
@@ -74,10 +77,19 @@ def main() -> int:
     cfg_path.write_text(yaml.safe_dump(load_config("demo", over).to_dict()))
 
     home, port = work / "prefect", free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     report: dict = {"rounds": [], "config": str(cfg_path)}
     ok = True
     try:
@@ -94,14 +106,26 @@ def main() -> int:
             runs = []
             for i in range(args.runs):
                 log = open(work / f"round{r}-run{i}.log", "w")
-                runs.append((subprocess.Popen([str(BIN / "mindrlhf"), "run", str(cfg_path)], env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, cwd=REPO), log))
+                runs.append(
+                    (
+                        subprocess.Popen(
+                            [str(BIN / "mindrlhf"), "run", str(cfg_path)],
+                            env=env,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            cwd=REPO,
+                        ),
+                        log,
+                    )
+                )
                 time.sleep(rnd.uniform(0.0, 2.0))
             killed = None
             kill_at = t0 + rnd.uniform(10.0, 60.0)
             while time.time() < kill_at and any(p.poll() is None for p, _ in runs):
                 time.sleep(0.2)
-            victims = [p for p in stage_procs(root) if "mindrlhf.watchdog" not in " ".join(p.cmdline())]
+            victims = [
+                p for p in stage_procs(root) if "mindrlhf.watchdog" not in " ".join(p.cmdline())
+            ]
             if victims:
                 v = rnd.choice(victims)
                 killed = " ".join(v.cmdline())[:120]
@@ -122,15 +146,31 @@ def main() -> int:
                 for stage, art in SUMMARY_ID.findall(text):
                     ids.setdefault(stage, set()).add(art)
                     ids_seen.setdefault(stage, set()).add(art)
-            verify = subprocess.run([str(BIN / "mindrlhf"), "verify", "--store", str(root)], capture_output=True,
-                                    text=True)
+            verify = subprocess.run(
+                [str(BIN / "mindrlhf"), "verify", "--store", str(root)],
+                capture_output=True,
+                text=True,
+            )
             time.sleep(3)  # watchdogs notice within a second
             orphans = [" ".join(p.cmdline())[:120] for p in stage_procs(root)]
-            rec = {"round": r, "killed": killed, "runs": ends, "ids": {k: sorted(v) for k, v in ids.items()},
-                   "verify": verify.stdout.strip().splitlines()[-1] if verify.stdout.strip() else verify.stderr,
-                   "verify_rc": verify.returncode, "orphans": orphans}
-            rec["ok"] = (all(e["rc"] == 0 for e in ends) and all(len(v) == 1 for v in ids.values())
-                         and set(ids) == {"SFT", "RM", "DPO"} and verify.returncode == 0 and not orphans)
+            rec = {
+                "round": r,
+                "killed": killed,
+                "runs": ends,
+                "ids": {k: sorted(v) for k, v in ids.items()},
+                "verify": verify.stdout.strip().splitlines()[-1]
+                if verify.stdout.strip()
+                else verify.stderr,
+                "verify_rc": verify.returncode,
+                "orphans": orphans,
+            }
+            rec["ok"] = (
+                all(e["rc"] == 0 for e in ends)
+                and all(len(v) == 1 for v in ids.values())
+                and set(ids) == {"SFT", "RM", "DPO"}
+                and verify.returncode == 0
+                and not orphans
+            )
             ok &= rec["ok"]
             report["rounds"].append(rec)
             print(json.dumps(rec), flush=True)

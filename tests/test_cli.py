@@ -7,7 +7,10 @@ from mindrlhf.cli import main, parse_sets
 
 def test_parse_sets():
     assert parse_sets(["sft.lr=0.001", "pipeline.stages=[prepare, sft]", "name=x"]) == {
-        "sft": {"lr": 0.001}, "pipeline": {"stages": ["prepare", "sft"]}, "name": "x"}
+        "sft": {"lr": 0.001},
+        "pipeline": {"stages": ["prepare", "sft"]},
+        "name": "x",
+    }
 
 
 def test_import_list_show_lineage(tmp_path, capsys):
@@ -33,20 +36,26 @@ def test_bad_input_exits_2_with_reason(tmp_path, capsys):
 
 
 def test_export_checkpoint(tmp_path, capsys):
+    import dataclasses
+
+    import numpy as np
+
+    from conftest import tiny_model_cfg
     from mindrlhf.data.store import ArtifactStore
     from mindrlhf.models.decoder import CausalLM, state_dict
     from mindrlhf.models.hf import import_hf
-    from conftest import tiny_model_cfg
-    import dataclasses
-    import numpy as np
 
     cfg = tiny_model_cfg("llama")
     store = ArtifactStore(tmp_path / "s")
     w = state_dict(CausalLM(cfg, 0))
     store.write_checkpoint(w, name="pol", meta={"model": dataclasses.asdict(cfg)})
-    assert main(["export", "pol", "--out", str(tmp_path / "hf"), "--store", str(tmp_path / "s")]) == 0
+    assert (
+        main(["export", "pol", "--out", str(tmp_path / "hf"), "--store", str(tmp_path / "s")]) == 0
+    )
     cfg2, w2 = import_hf(tmp_path / "hf")
-    assert cfg2.n_layers == cfg.n_layers and np.array_equal(w2["model.embed_tokens"], w["model.embed_tokens"])
+    assert cfg2.n_layers == cfg.n_layers and np.array_equal(
+        w2["model.embed_tokens"], w["model.embed_tokens"]
+    )
 
 
 def cli(args, capsys):
@@ -62,7 +71,9 @@ def test_messages_not_tracebacks(tmp_path, capsys):
 
     store = str(tmp_path / "s")
     sur = tmp_path / "sur.jsonl"
-    sur.write_text('{"prompt": "p", "response": "ok"}\n{"prompt": "p", "response": "bad \\ud800 text"}\n')
+    sur.write_text(
+        '{"prompt": "p", "response": "ok"}\n{"prompt": "p", "response": "bad \\ud800 text"}\n'
+    )
     rc, _, err = cli(["import", str(sur), "--kind", "sft", "--store", store], capsys)
     assert rc == 2 and "sur.jsonl: row 2: field 'response'" in err and "lone surrogate" in err
     rc, _, err = cli(["import", str(tmp_path), "--kind", "sft", "--store", store], capsys)
@@ -86,8 +97,19 @@ def test_bad_name_fails_before_anything_is_written(tmp_path, capsys):
 
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Q", "chosen": " yes", "rejected": " no"}) + "\n")
-    rc, _, err = cli(["import", str(data), "--kind", "pairs", "--store", str(tmp_path / "s"), "--name", "../evil"],
-                     capsys)
+    rc, _, err = cli(
+        [
+            "import",
+            str(data),
+            "--kind",
+            "pairs",
+            "--store",
+            str(tmp_path / "s"),
+            "--name",
+            "../evil",
+        ],
+        capsys,
+    )
     assert rc == 2 and "bad artifact name '../evil'" in err
     s = ArtifactStore(tmp_path / "s")
     assert not s.ids() and not list(s.refs.iterdir())
@@ -119,19 +141,51 @@ def test_huge_single_line_is_refused_without_reading_it_whole(tmp_path):
 
 
 def test_stage_failure_is_one_message_with_the_stage_output(tmp_path, capsys):
+    from conftest import tiny_overrides
     from mindrlhf.config import load_config
     from mindrlhf.launch import run_stage
-    from conftest import tiny_overrides
 
     root = tmp_path / "store"
     cfg = load_config("demo", tiny_overrides(root))
-    d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)["outputs"]
-    rc, out, err = cli(["stage", "sft", "demo", "--input", f"train={d['sft_train']}",
-                        "--input", f"heldout={d['sft_heldout']}", "--set", f"store.root={root}",
-                        "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
-                        "--set", "model.max_seq_len=64", "--set", "data.max_len=32", "--set", "data.max_prompt_len=12",
-                        "--set", "sft.lr=1e9", "--set", "sft.grad_clip=0", "--set", "sft.steps=20",
-                        "--set", "sft.batch_size=4", "--set", "generation.max_new_tokens=6"], capsys)
+    d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)[
+        "outputs"
+    ]
+    rc, out, err = cli(
+        [
+            "stage",
+            "sft",
+            "demo",
+            "--input",
+            f"train={d['sft_train']}",
+            "--input",
+            f"heldout={d['sft_heldout']}",
+            "--set",
+            f"store.root={root}",
+            "--set",
+            "model.d_model=16",
+            "--set",
+            "model.n_layers=1",
+            "--set",
+            "model.n_heads=2",
+            "--set",
+            "model.max_seq_len=64",
+            "--set",
+            "data.max_len=32",
+            "--set",
+            "data.max_prompt_len=12",
+            "--set",
+            "sft.lr=1e9",
+            "--set",
+            "sft.grad_clip=0",
+            "--set",
+            "sft.steps=20",
+            "--set",
+            "sft.batch_size=4",
+            "--set",
+            "generation.max_new_tokens=6",
+        ],
+        capsys,
+    )
     assert rc == 1, err
     assert "mindrlhf: stage sft exited with code 3" in err and "numerical error" in err
 
@@ -172,7 +226,9 @@ def test_export_refuses_tensors_that_disagree_with_the_config(tmp_path, capsys, 
     elif case == "nan":
         w["model.layers.0.mlp.up_proj.weight"][0, 0] = np.nan
     ArtifactStore(tmp_path / "s").write_checkpoint(w, name="pol", meta={"model": meta})
-    rc, _, err = cli(["export", "pol", "--out", str(tmp_path / "hf"), "--store", str(tmp_path / "s")], capsys)
+    rc, _, err = cli(
+        ["export", "pol", "--out", str(tmp_path / "hf"), "--store", str(tmp_path / "s")], capsys
+    )
     assert rc == 2, err
     for word in words:
         assert word in err, err

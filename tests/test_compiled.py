@@ -1,6 +1,7 @@
 """The compiled paths (training step and decode step as mindspore.jit graphs, the default) give
 the numbers of the eager PyNative paths, see weights that change after they compiled, and the
 padding that keeps their shapes few changes no loss."""
+
 import dataclasses
 
 import numpy as np
@@ -22,6 +23,7 @@ def sft_fn(model):
         logits, _ = model(ids, am)
         loss = sft_loss(logits, ids, lm, denom)
         return loss, loss
+
     return loss_fn
 
 
@@ -43,8 +45,13 @@ def batches(rng, n, b=4, lengths=(9, 13, 16), vocab=97, pad_to=1):
 def train(compiled, family, data, warmup=2, loss=sft_fn, seed=3, trainer=None):
     m = CausalLM(tiny_model_cfg(family), seed=seed)
     m.set_train(True)
-    t = Trainer(m.trainable_params(), loss(m), OptimConfig(lr=3e-3, warmup_steps=warmup, compiled=compiled),
-                Dist(), 10)
+    t = Trainer(
+        m.trainable_params(),
+        loss(m),
+        OptimConfig(lr=3e-3, warmup_steps=warmup, compiled=compiled),
+        Dist(),
+        10,
+    )
     hist = [t.step(*[Tensor(x) for x in bt])[:2] for bt in data]
     if trainer is not None:
         trainer.append(t)
@@ -52,7 +59,8 @@ def train(compiled, family, data, warmup=2, loss=sft_fn, seed=3, trainer=None):
 
 
 def compiled_graphs(trainer) -> list:
-    """The graphs the pool holds for this trainer's step, with the MindSpore phases they compiled."""
+    """The graphs the pool holds for this trainer's step, with the MindSpore phases they
+    compiled."""
     from mindrlhf.graphs import POOL
 
     return [g for g in POOL.live.values() if g.fn is trainer.graph]
@@ -69,7 +77,9 @@ def test_compiled_training_step_equals_eager(family, rng):
     graphs = compiled_graphs(jit[0])  # it really ran compiled: one MindSpore graph per batch length
     assert len(graphs) == 3 and all(g.phases for g in graphs)
     np.testing.assert_allclose(h_jit, h_eager, rtol=1e-5, atol=1e-6)
-    assert h_eager[3:, 0].sum() < h_eager[:3, 0].sum()  # it trained: the second pass over the batches scores better
+    assert (
+        h_eager[3:, 0].sum() < h_eager[:3, 0].sum()
+    )  # it trained: the second pass over the batches scores better
     for (name, a), b in zip(state_dict(m_eager).items(), state_dict(m_jit).values()):
         np.testing.assert_allclose(b, a, atol=2e-6, err_msg=name)
 
@@ -81,13 +91,23 @@ def test_compiled_dpo_step_with_aux_tuple_equals_eager(rng):
 
     data = []
     for ids, am, lm, _ in batches(rng, 4, b=4):
-        data.append((ids, am, lm, rng.normal(-20, 1, 2).astype(np.float32), rng.normal(-20, 1, 2).astype(np.float32)))
+        data.append(
+            (
+                ids,
+                am,
+                lm,
+                rng.normal(-20, 1, 2).astype(np.float32),
+                rng.normal(-20, 1, 2).astype(np.float32),
+            )
+        )
     out = {}
     for compiled in (False, True):
         m = CausalLM(tiny_model_cfg(), seed=1)
         t = Trainer(m.trainable_params(), dpo(m), DPOConfig(lr=1e-2, compiled=compiled), Dist(), 10)
-        out[compiled] = [(loss, g, float(acc.asnumpy()), float(mg.asnumpy()))
-                         for loss, g, (acc, mg) in (t.step(*[Tensor(x) for x in bt]) for bt in data)]
+        out[compiled] = [
+            (loss, g, float(acc.asnumpy()), float(mg.asnumpy()))
+            for loss, g, (acc, mg) in (t.step(*[Tensor(x) for x in bt]) for bt in data)
+        ]
     np.testing.assert_allclose(np.array(out[True]), np.array(out[False]), rtol=1e-5, atol=1e-6)
 
 
@@ -113,13 +133,17 @@ def test_padding_to_a_multiple_changes_no_loss(rng):
     m = CausalLM(tiny_model_cfg(), seed=2)
     rm = ScalarHeadModel(tiny_model_cfg(), seed=2)
     for ids, am, lm, d in batches(rng, 3, lengths=(9, 11, 13)):
-        pad = 16 - ids.shape[1]
-        P = lambda x: np.pad(x, ((0, 0), (0, pad)))  # noqa: E731
+
+        def P(x, pad=16 - ids.shape[1]):
+            return np.pad(x, ((0, 0), (0, pad)))
+
         a = sft_fn(m)(Tensor(ids), Tensor(am), Tensor(lm), Tensor(d))[0]
         b = sft_fn(m)(Tensor(P(ids)), Tensor(P(am)), Tensor(P(lm)), Tensor(d))[0]
         assert float(b.asnumpy()) == pytest.approx(float(a.asnumpy()), rel=1e-5)
         la = sequence_logps(m(Tensor(ids), Tensor(am))[0], Tensor(ids), Tensor(lm)).asnumpy()
-        lb = sequence_logps(m(Tensor(P(ids)), Tensor(P(am)))[0], Tensor(P(ids)), Tensor(P(lm))).asnumpy()
+        lb = sequence_logps(
+            m(Tensor(P(ids)), Tensor(P(am)))[0], Tensor(P(ids)), Tensor(P(lm))
+        ).asnumpy()
         np.testing.assert_allclose(lb, la, rtol=1e-5)
         ra = gather_last(rm(Tensor(ids), Tensor(am)), Tensor(am)).asnumpy()
         rb = gather_last(rm(Tensor(P(ids)), Tensor(P(am))), Tensor(P(am))).asnumpy()
@@ -134,8 +158,18 @@ def test_batches_are_padded_to_the_multiple():
     t = pa.table({"input_ids": [[5] * 9, [6] * 3], "loss_mask": [[0, 1] + [1] * 7, [0, 1, 1]]})
     assert sft_batch(t, np.arange(2), 0)["input_ids"].shape == (2, 9)
     bt = sft_batch(t, np.arange(2), 0, 8)
-    assert bt["input_ids"].shape == (2, 16) and bt["attention_mask"].sum() == 12 and bt["loss_mask"].sum() == 10
-    p = pa.table({"chosen_ids": [[1, 2, 3]], "rejected_ids": [[1, 2, 4, 5, 6, 7, 8, 9, 10]], "prompt_len": [2]})
+    assert (
+        bt["input_ids"].shape == (2, 16)
+        and bt["attention_mask"].sum() == 12
+        and bt["loss_mask"].sum() == 10
+    )
+    p = pa.table(
+        {
+            "chosen_ids": [[1, 2, 3]],
+            "rejected_ids": [[1, 2, 4, 5, 6, 7, 8, 9, 10]],
+            "prompt_len": [2],
+        }
+    )
     bp = pair_batch(p, np.arange(1), 0, 8)
     assert bp["input_ids"].shape == (2, 16) and bp["response_mask"].sum() == 1 + 7
     assert OptimConfig(compiled=False, pad_multiple=8).pad_to == 1 and OptimConfig().pad_to == 8
@@ -200,16 +234,23 @@ def test_compiled_rollout_scoring_equals_eager(family, rng):
     from mindrlhf.algos.common import token_logprobs
     from mindrlhf.stages.rollout import response_logprobs, response_values, score_rollout
 
-    m, critic = CausalLM(tiny_model_cfg(family), seed=6), ScalarHeadModel(tiny_model_cfg(family), seed=6)
+    m, critic = (
+        CausalLM(tiny_model_cfg(family), seed=6),
+        ScalarHeadModel(tiny_model_cfg(family), seed=6),
+    )
     ids, mask = left_pad([list(rng.integers(4, 97, n)) for n in (5, 9, 2, 7)], 0)
     g = generate(m, ids, mask, GenerationConfig(max_new_tokens=7), -1, 0, seed=3)
     seq, am, p = g.sequences, g.attention_mask, g.prompt_len
-    full = m(Tensor(seq), Tensor(am))[0].asnumpy()[:, p - 1:-1]
-    np.testing.assert_allclose(m.response_logits(Tensor(seq), Tensor(am), p).asnumpy(), full, rtol=1e-5, atol=1e-5)
+    full = m(Tensor(seq), Tensor(am))[0].asnumpy()[:, p - 1 : -1]
+    np.testing.assert_allclose(
+        m.response_logits(Tensor(seq), Tensor(am), p).asnumpy(), full, rtol=1e-5, atol=1e-5
+    )
     want = token_logprobs(Tensor(full), Tensor(seq[:, p:])).asnumpy()
     for compiled in (False, True):
         got = score_rollout(response_logprobs, m, seq, am, p, compiled)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     v_eager = score_rollout(response_values, critic, seq, am, p, False)
-    np.testing.assert_allclose(score_rollout(response_values, critic, seq, am, p, True), v_eager, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        score_rollout(response_values, critic, seq, am, p, True), v_eager, rtol=1e-5, atol=1e-6
+    )
     assert v_eager.shape == want.shape == (4, 7)

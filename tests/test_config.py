@@ -17,37 +17,56 @@ def test_shipped_demo_loads():
 
 def test_shipped_profiles_load():
     smol = load_config("smollm2-135m")
-    assert (smol.model.init, smol.model.n_layers, smol.model.d_model, smol.model.kv_heads) == ("gguf:smollm2", 30, 576, 3)
+    assert (smol.model.init, smol.model.n_layers, smol.model.d_model, smol.model.kv_heads) == (
+        "gguf:smollm2",
+        30,
+        576,
+        3,
+    )
     assert smol.tokenizer.kind == "smollm2" and smol.model.rope_theta == 100000.0
-    assert not smol.sft.compiled and smol.generation.compiled  # eager training, compiled decoding (see the file)
+    assert (
+        not smol.sft.compiled and smol.generation.compiled
+    )  # eager training, compiled decoding (see the file)
     cluster = load_config("cluster-2x8-ascend")
     p = cluster.parallel
-    assert cluster.device_target == "Ascend" and p.data_parallel * p.model_parallel * p.pipeline_stages == p.worker_num
+    assert (
+        cluster.device_target == "Ascend"
+        and p.data_parallel * p.model_parallel * p.pipeline_stages == p.worker_num
+    )
 
 
-@pytest.mark.parametrize("text, key", [  # the full dotted key: a bare "lr" could be any section's
-    ("sft:\n  lrr: 0.1\n", "sft.lrr"),
-    ("sft:\n  lr: -0.1\n", "sft.lr must be > 0"),
-    ("rm:\n  lr: -0.1\n", "rm.lr must be > 0"),
-    ("sft:\n  batch_size: eight\n", "sft.batch_size"),
-    ("model:\n  family: gpt5\n", "model.family"),
-    ("model:\n  d_model: 30\n  n_heads: 4\n", "model.d_model (30) must be divisible by model.n_heads (4)"),
-    ("bogus: 1\n", "bogus"),
-    ("sft:\n  batch_size: 7\nparallel:\n  worker_num: 2\n", "sft.batch_size (7)"),
-    ("generation:\n  top_p: 1.5\n", "generation.top_p"),
-    ("sft:\n  lr: .nan\n", "sft.lr"),
-    ("seed: true\n", "seed"),
-    ("grpo:\n  reward: vibes\n", "grpo.reward"),
-    ("ppo:\n  gold_reward: vibes\n", "ppo.gold_reward"),
-    ("data:\n  recipes: [movie_reviews, gsm8k]\n", "data.recipes: unknown recipe 'gsm8k'"),
-    ("ppo:\n  rollout_batch: 30\n  mini_batch: 8\n", "ppo.rollout_batch (30) must be divisible by ppo.mini_batch"),
-    ("sft:\n  eval_batches: 0\n", "sft.eval_batches must be > 0"),
-    ("name: .x\n", "name: bad artifact name '.x'"),
-    ("name: team/a\n", "name: bad artifact name 'team/a'"),
-    ("generation:\n  max_new_tokens: 500\n", "generation.max_new_tokens (500)"),
-    ("data:\n  max_len: 300\n", "data.max_len (300) must be <= model.max_seq_len (256)"),
-    ("resources:\n  graph_memory_fraction: 1.5\n", "resources.graph_memory_fraction"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [  # the full dotted key: a bare "lr" could be any section's
+        ("sft:\n  lrr: 0.1\n", "sft.lrr"),
+        ("sft:\n  lr: -0.1\n", "sft.lr must be > 0"),
+        ("rm:\n  lr: -0.1\n", "rm.lr must be > 0"),
+        ("sft:\n  batch_size: eight\n", "sft.batch_size"),
+        ("model:\n  family: gpt5\n", "model.family"),
+        (
+            "model:\n  d_model: 30\n  n_heads: 4\n",
+            "model.d_model (30) must be divisible by model.n_heads (4)",
+        ),
+        ("bogus: 1\n", "bogus"),
+        ("sft:\n  batch_size: 7\nparallel:\n  worker_num: 2\n", "sft.batch_size (7)"),
+        ("generation:\n  top_p: 1.5\n", "generation.top_p"),
+        ("sft:\n  lr: .nan\n", "sft.lr"),
+        ("seed: true\n", "seed"),
+        ("grpo:\n  reward: vibes\n", "grpo.reward"),
+        ("ppo:\n  gold_reward: vibes\n", "ppo.gold_reward"),
+        ("data:\n  recipes: [movie_reviews, gsm8k]\n", "data.recipes: unknown recipe 'gsm8k'"),
+        (
+            "ppo:\n  rollout_batch: 30\n  mini_batch: 8\n",
+            "ppo.rollout_batch (30) must be divisible by ppo.mini_batch",
+        ),
+        ("sft:\n  eval_batches: 0\n", "sft.eval_batches must be > 0"),
+        ("name: .x\n", "name: bad artifact name '.x'"),
+        ("name: team/a\n", "name: bad artifact name 'team/a'"),
+        ("generation:\n  max_new_tokens: 500\n", "generation.max_new_tokens (500)"),
+        ("data:\n  max_len: 300\n", "data.max_len (300) must be <= model.max_seq_len (256)"),
+        ("resources:\n  graph_memory_fraction: 1.5\n", "resources.graph_memory_fraction"),
+    ],
+)
 def test_bad_values_name_file_and_key(tmp_path, text, key):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:

@@ -1,22 +1,25 @@
 """Data parallel under MindSpore's own launcher: 2 CPU workers under msrun follow 1 worker with
 the same global batch -- SFT and RM loss curves, PPO and GRPO rollouts and final weights -- only
 rank 0 writes artifacts, and every worker runs the checkout under test."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import free_port, tiny_overrides
 from mindrlhf.config import ConfigError, load_config
 from mindrlhf.data.store import ArtifactStore
 from mindrlhf.launch import run_stage
-from conftest import free_port, tiny_overrides
-
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
 
+
 def losses(lines):
-    return [json.loads(ln[7:])["loss"] for ln in lines if ln.startswith("METRIC") and '"loss"' in ln]
+    return [
+        json.loads(ln[7:])["loss"] for ln in lines if ln.startswith("METRIC") and '"loss"' in ln
+    ]
 
 
 def test_two_workers_match_one(tiny_chain, tmp_path):
@@ -38,7 +41,8 @@ def test_two_workers_match_one(tiny_chain, tmp_path):
     new = {a.id for a in ArtifactStore(root).list()} - before
     assert new == {two["outputs"]["checkpoint"]}  # one checkpoint: rank 1 wrote nothing
     assert not list((tmp_path / "two").glob("ckpt-*"))  # ckpt_every=100: no working checkpoints
-    # both workers ran the checkout under test, not whatever copy the venv's editable install points at
+    # both workers ran the checkout under test, not whatever copy the venv's editable install points
+    # at
     code = str(Path(__file__).resolve().parents[1] / "mindrlhf")
     for rank in (0, 1):
         assert f"code {code}" in (tmp_path / "two" / "msrun_log" / f"worker_{rank}.log").read_text()
@@ -64,7 +68,10 @@ def test_rm_two_workers_follow_one(dp_chain, tmp_path):
     rm_in = {"train": prep["pairs_train"], "heldout": prep["pairs_heldout"], "sft": sft}
     one, two = [], []
     run_stage("rm", load_config("demo", over), rm_in, root, tmp_path / "rm1", log=one.append)
-    over2 = {**over, "parallel": {"worker_num": 2, "local_worker_num": 2, "master_port": free_port()}}
+    over2 = {
+        **over,
+        "parallel": {"worker_num": 2, "local_worker_num": 2, "master_port": free_port()},
+    }
     run_stage("rm", load_config("demo", over2), rm_in, root, tmp_path / "rm2", log=two.append)
     np.testing.assert_allclose(losses(two), losses(one), rtol=2e-3)
 
@@ -80,24 +87,56 @@ def test_rl_two_workers_take_the_steps_of_one(dp_chain, tmp_path, stage):
     from mindrlhf.data.store import ArtifactStore
 
     root, over, prep, sft, rm = dp_chain
-    over = {**over, "ppo": {**over["ppo"], "iterations": 2, "rollout_batch": 8, "mini_batch": 4},
-            "grpo": {**over["grpo"], "iterations": 2, "prompts_per_iter": 2, "group_size": 4, "mini_batch": 4}}
+    over = {
+        **over,
+        "ppo": {**over["ppo"], "iterations": 2, "rollout_batch": 8, "mini_batch": 4},
+        "grpo": {
+            **over["grpo"],
+            "iterations": 2,
+            "prompts_per_iter": 2,
+            "group_size": 4,
+            "mini_batch": 4,
+        },
+    }
     rm = rm if stage == "ppo" else None
     recipe = "movie_reviews" if stage == "ppo" else "arithmetic"
-    inputs = {"prompts": prep[f"prompts_{recipe}_train"], "heldout": prep[f"prompts_{recipe}_heldout"], "sft": sft}
+    inputs = {
+        "prompts": prep[f"prompts_{recipe}_train"],
+        "heldout": prep[f"prompts_{recipe}_heldout"],
+        "sft": sft,
+    }
     if rm:
         inputs["rm"] = rm
     store = ArtifactStore(root)
     out = {}
     for workers in (1, 2):
-        o = {**over, "parallel": {"worker_num": workers, "local_worker_num": workers, "master_port": free_port()}}
-        res = run_stage(stage, load_config("demo", o), inputs, root, tmp_path / f"w{workers}", log=lambda s: None)
+        o = {
+            **over,
+            "parallel": {
+                "worker_num": workers,
+                "local_worker_num": workers,
+                "master_port": free_port(),
+            },
+        }
+        res = run_stage(
+            stage,
+            load_config("demo", o),
+            inputs,
+            root,
+            tmp_path / f"w{workers}",
+            log=lambda s: None,
+        )
         ckpt = store.get(res["outputs"]["checkpoint"])
-        ids = sorted(store.get(res["outputs"]["metrics"]).parents, key=lambda i: store.get(i).meta["iteration"])
+        ids = sorted(
+            store.get(res["outputs"]["metrics"]).parents,
+            key=lambda i: store.get(i).meta["iteration"],
+        )
         rollouts = [store.read_dataset(i) for i in ids]
         out[workers] = (store.read_checkpoint(ckpt.id), rollouts)
     (w1, r1), (w2, r2) = out[1], out[2]
-    assert len(r1) == len(r2) == 2 and all(t.num_rows == 8 for t in r1 + r2)  # whole rollouts, rank 0 wrote them
+    assert len(r1) == len(r2) == 2 and all(
+        t.num_rows == 8 for t in r1 + r2
+    )  # whole rollouts, rank 0 wrote them
     for a, b in zip(r1, r2):
         assert a.column("sequence").to_pylist() == b.column("sequence").to_pylist()
     changed = False

@@ -1,6 +1,7 @@
 """Numerical faults stop a stage with a clear error and keep the last good checkpoint; a stage
 killed at random points (in checkpoint writes, in Arrow writes, mid-rollout) never leaves a
 half artifact, and the rerun ends with the ids of an uninterrupted run."""
+
 import json
 import os
 import random
@@ -12,14 +13,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import tiny_full_overrides, tiny_overrides
 from mindrlhf.config import load_config
 from mindrlhf.data.store import ArtifactStore
 from mindrlhf.launch import StageFailed, run_stage, stage_command
 from mindrlhf.stages.common import KILL_AFTER_CKPT
-from conftest import tiny_full_overrides, tiny_overrides
-
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 
 @pytest.fixture
 def prepared(tiny_chain):
@@ -32,25 +33,41 @@ def test_exploding_loss_stops_with_last_good_checkpoint(prepared, tmp_path):
     before = {a.id for a in ArtifactStore(root).list()}
     lines = []
     with pytest.raises(StageFailed) as e:
-        run_stage("sft", cfg, {"train": out["sft_train"], "heldout": out["sft_heldout"]}, root, tmp_path,
-                  log=lines.append)
+        run_stage(
+            "sft",
+            cfg,
+            {"train": out["sft_train"], "heldout": out["sft_heldout"]},
+            root,
+            tmp_path,
+            log=lines.append,
+        )
     assert e.value.returncode == 3
     assert any("numerical error" in ln and "last good checkpoint" in ln for ln in lines)
     steps = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("ckpt-*"))
     assert steps, "a good checkpoint was written before the fault"
     weights = load_file(str(tmp_path / f"ckpt-{steps[-1]}" / "model.safetensors"))
     assert all(np.isfinite(w).all() for w in weights.values())
-    assert {a.id for a in ArtifactStore(root).list()} == before  # no final artifact from a failed run
+    assert {
+        a.id for a in ArtifactStore(root).list()
+    } == before  # no final artifact from a failed run
 
 
 def ppo_inputs(out, sft, rm):
-    return {"prompts": out["prompts_movie_reviews_train"], "heldout": out["prompts_movie_reviews_heldout"],
-            "sft": sft, "rm": rm}
+    return {
+        "prompts": out["prompts_movie_reviews_train"],
+        "heldout": out["prompts_movie_reviews_heldout"],
+        "sft": sft,
+        "rm": rm,
+    }
 
 
 def kill_at_random(cmd, after_s: float) -> int:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     time.sleep(after_s)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -73,13 +90,23 @@ def test_kill9_at_random_points_then_rerun_matches_clean(prepared, tiny_chain, t
     over["ppo"].update({"iterations": 4, "ckpt_every": 1})
     cfg = load_config("demo", over)
     rm = tiny_chain.rm
-    clean = run_stage("ppo", cfg, ppo_inputs(out, sft, rm), root, tmp_path / "clean", log=lambda s: None)
+    clean = run_stage(
+        "ppo", cfg, ppo_inputs(out, sft, rm), root, tmp_path / "clean", log=lambda s: None
+    )
 
     run_dir = tmp_path / "crashy"
     run_dir.mkdir()
     spec = run_dir / "spec.json"
-    spec.write_text(json.dumps({"config": cfg.to_dict(), "inputs": ppo_inputs(out, sft, rm),
-                                "store_root": str(root), "run_dir": str(run_dir)}))
+    spec.write_text(
+        json.dumps(
+            {
+                "config": cfg.to_dict(),
+                "inputs": ppo_inputs(out, sft, rm),
+                "store_root": str(root),
+                "run_dir": str(run_dir),
+            }
+        )
+    )
     cmd = stage_command("ppo", spec, run_dir / "result.json", cfg.parallel, run_dir)
     store = ArtifactStore(root)
     rnd = random.Random(7)
@@ -97,12 +124,18 @@ def test_kill9_at_random_points_then_rerun_matches_clean(prepared, tiny_chain, t
             break
     assert kills >= 1
     if not (run_dir / "result.json").exists():  # and one kill certainly after a checkpoint
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, KILL_AFTER_CKPT: "2"})
+        proc = subprocess.run(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, KILL_AFTER_CKPT: "2"},
+        )
         assert proc.returncode in (-signal.SIGKILL, 0)
         visible_artifacts_are_whole(store)
     lines = []
     final = run_stage("ppo", cfg, ppo_inputs(out, sft, rm), root, run_dir, log=lines.append)
     assert final["outputs"] == clean["outputs"]  # same checkpoint and metrics ids as the clean run
-    assert any("resuming from step" in ln for ln in lines), "the final run must resume, not start over"
+    assert any("resuming from step" in ln for ln in lines), (
+        "the final run must resume, not start over"
+    )
     assert visible_artifacts_are_whole(store) > 0

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from conftest import randomize, tiny_model_cfg
 from mindrlhf.config import GenerationConfig
 from mindrlhf.models.decoder import CausalLM
 from mindrlhf.models.generation import generate, left_pad, sample_next
-from conftest import randomize, tiny_model_cfg
 
 EOS, PAD = 3, 0
 
@@ -15,11 +15,15 @@ def prompts(rng):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("gen", [
-    GenerationConfig(max_new_tokens=20, do_sample=False),
-    GenerationConfig(max_new_tokens=20, do_sample=True, temperature=0.9),
-    GenerationConfig(max_new_tokens=20, do_sample=True, temperature=1.3, top_k=10, top_p=0.9),
-], ids=["greedy", "temperature", "topk-topp"])
+@pytest.mark.parametrize(
+    "gen",
+    [
+        GenerationConfig(max_new_tokens=20, do_sample=False),
+        GenerationConfig(max_new_tokens=20, do_sample=True, temperature=0.9),
+        GenerationConfig(max_new_tokens=20, do_sample=True, temperature=1.3, top_k=10, top_p=0.9),
+    ],
+    ids=["greedy", "temperature", "topk-topp"],
+)
 def test_kv_cache_generation_equals_full_recompute(family, gen, rng):
     m = CausalLM(tiny_model_cfg(family), seed=7)
     ids, mask = prompts(rng)
@@ -39,8 +43,10 @@ def test_cached_decoding_of_a_sharp_model_equals_full_recompute(family, compiled
     m = CausalLM(tiny_model_cfg(family), seed=7)
     randomize(m, seed=1, qk_scale=4.0)
     ids, mask = prompts(rng)
-    for gen in (GenerationConfig(max_new_tokens=24, do_sample=False),
-                GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.7)):
+    for gen in (
+        GenerationConfig(max_new_tokens=24, do_sample=False),
+        GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.7),
+    ):
         a = generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=True, compiled=compiled)
         b = generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=False)
         np.testing.assert_array_equal(a.sequences, b.sequences)
@@ -59,8 +65,8 @@ def test_eos_stops_rows_and_pads_after():
         toks = row.tolist()
         if eos in toks:
             k = toks.index(eos)
-            assert rm[:k + 1].all() and not rm[k + 1:].any()
-            assert (row[k + 1:] == PAD).all()
+            assert rm[: k + 1].all() and not rm[k + 1 :].any()
+            assert (row[k + 1 :] == PAD).all()
             stopped += 1
         else:
             assert rm.all()
@@ -68,7 +74,9 @@ def test_eos_stops_rows_and_pads_after():
     # rows that did not stop are unchanged by another row's eos
     for i in range(3):
         if eos not in out.responses[i].tolist():
-            np.testing.assert_array_equal(out.responses[i], free.responses[i, :out.responses.shape[1]])
+            np.testing.assert_array_equal(
+                out.responses[i], free.responses[i, : out.responses.shape[1]]
+            )
 
 
 def test_sample_next_semantics():
@@ -82,7 +90,9 @@ def test_sample_next_semantics():
     topp = sample_next(logits, GenerationConfig(do_sample=True, top_p=0.7), rng)
     assert set(topp.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5+0.3 >= 0.7: token 2 is cut
     free = sample_next(logits, GenerationConfig(do_sample=True), rng)
-    np.testing.assert_allclose(np.bincount(free, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    np.testing.assert_allclose(
+        np.bincount(free, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03
+    )
 
 
 def test_prompt_too_long_for_model():

@@ -2,6 +2,7 @@
 share a run directory at once (the second waits, then both end with the same ids), a killed
 launcher's msrun workers stop instead of finishing behind its back, and a host that cannot run a
 stage is told so before anything starts."""
+
 import os
 import signal
 import subprocess
@@ -11,12 +12,12 @@ import time
 
 import pytest
 
+from conftest import free_port, tiny_overrides
 from mindrlhf.config import ConfigError, load_config
 from mindrlhf.launch import run_stage, stage_processes
-from conftest import free_port, tiny_overrides
-
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 
 @pytest.fixture
 def prepared(tiny_chain):
@@ -33,7 +34,9 @@ def test_same_run_dir_twice_at_once_waits_and_agrees(prepared, tmp_path):
 
     def launch(i):
         try:
-            results[i] = run_stage("sft", cfg, inputs, root, tmp_path / "shared", log=logs[i].append)
+            results[i] = run_stage(
+                "sft", cfg, inputs, root, tmp_path / "shared", log=logs[i].append
+            )
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -55,14 +58,48 @@ def test_killed_launcher_leaves_no_msrun_workers(prepared, tmp_path):
     failed to form its cluster); the rerun in the same run directory then succeeds."""
     root, inputs = prepared
     run_dir = tmp_path / "dp"
-    args = [sys.executable, "-m", "mindrlhf.cli", "stage", "sft", "demo", "--run-dir", str(run_dir),
-            "--input", f"train={inputs['train']}", "--input", f"heldout={inputs['heldout']}",
-            "--set", f"store.root={root}", "--set", "model.d_model=16", "--set", "model.n_layers=1",
-            "--set", "model.n_heads=2", "--set", "model.max_seq_len=64", "--set", "data.max_len=32",
-            "--set", "data.max_prompt_len=12", "--set", "sft.steps=400", "--set", "sft.batch_size=4",
-            "--set", "sft.ckpt_every=50", "--set", "generation.max_new_tokens=6",
-            "--set", "parallel.worker_num=2", "--set", "parallel.local_worker_num=2",
-            "--set", f"parallel.master_port={free_port()}"]
+    args = [
+        sys.executable,
+        "-m",
+        "mindrlhf.cli",
+        "stage",
+        "sft",
+        "demo",
+        "--run-dir",
+        str(run_dir),
+        "--input",
+        f"train={inputs['train']}",
+        "--input",
+        f"heldout={inputs['heldout']}",
+        "--set",
+        f"store.root={root}",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "model.n_heads=2",
+        "--set",
+        "model.max_seq_len=64",
+        "--set",
+        "data.max_len=32",
+        "--set",
+        "data.max_prompt_len=12",
+        "--set",
+        "sft.steps=400",
+        "--set",
+        "sft.batch_size=4",
+        "--set",
+        "sft.ckpt_every=50",
+        "--set",
+        "generation.max_new_tokens=6",
+        "--set",
+        "parallel.worker_num=2",
+        "--set",
+        "parallel.local_worker_num=2",
+        "--set",
+        f"parallel.master_port={free_port()}",
+    ]
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     spec = run_dir / "spec.json"
     deadline = time.time() + 180
@@ -90,12 +127,42 @@ def test_killed_launcher_leaves_no_msrun_workers(prepared, tmp_path):
 def test_sigterm_stops_the_stage_tree(prepared, tmp_path):
     root, inputs = prepared
     run_dir = tmp_path / "term"
-    args = [sys.executable, "-m", "mindrlhf.cli", "stage", "sft", "demo", "--run-dir", str(run_dir),
-            "--input", f"train={inputs['train']}", "--input", f"heldout={inputs['heldout']}",
-            "--set", f"store.root={root}", "--set", "model.d_model=16", "--set", "model.n_layers=1",
-            "--set", "model.n_heads=2", "--set", "model.max_seq_len=64", "--set", "data.max_len=32",
-            "--set", "data.max_prompt_len=12", "--set", "sft.steps=100000", "--set", "sft.batch_size=4",
-            "--set", "sft.ckpt_every=100000", "--set", "generation.max_new_tokens=6"]
+    args = [
+        sys.executable,
+        "-m",
+        "mindrlhf.cli",
+        "stage",
+        "sft",
+        "demo",
+        "--run-dir",
+        str(run_dir),
+        "--input",
+        f"train={inputs['train']}",
+        "--input",
+        f"heldout={inputs['heldout']}",
+        "--set",
+        f"store.root={root}",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "model.n_heads=2",
+        "--set",
+        "model.max_seq_len=64",
+        "--set",
+        "data.max_len=32",
+        "--set",
+        "data.max_prompt_len=12",
+        "--set",
+        "sft.steps=100000",
+        "--set",
+        "sft.batch_size=4",
+        "--set",
+        "sft.ckpt_every=100000",
+        "--set",
+        "generation.max_new_tokens=6",
+    ]
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     spec = run_dir / "spec.json"
     deadline = time.time() + 120
@@ -112,19 +179,28 @@ def test_more_cpu_workers_than_cores_refused_before_start(prepared, tmp_path):
     root, inputs = prepared
     n = 2 * os.cpu_count()  # valid as a config (every batch divides it), impossible on this host
     over = tiny_overrides(root, batch_size=n)
-    over.update(rm={"batch_size": n}, dpo={"batch_size": n}, ppo={"rollout_batch": n, "mini_batch": n},
-                grpo={"prompts_per_iter": n, "group_size": 2, "mini_batch": n})
+    over.update(
+        rm={"batch_size": n},
+        dpo={"batch_size": n},
+        ppo={"rollout_batch": n, "mini_batch": n},
+        grpo={"prompts_per_iter": n, "group_size": 2, "mini_batch": n},
+    )
     over["parallel"] = {"worker_num": n, "local_worker_num": n}
     cfg = load_config("demo", over)
-    with pytest.raises(ConfigError, match=rf"parallel.local_worker_num \({n}\).*{os.cpu_count()} CPU cores"):
+    with pytest.raises(
+        ConfigError, match=rf"parallel.local_worker_num \({n}\).*{os.cpu_count()} CPU cores"
+    ):
         run_stage("sft", cfg, inputs, root, tmp_path / "w64", log=lambda s: None)
     assert not (tmp_path / "w64" / "spec.json").exists()
 
 
-@pytest.mark.parametrize("over, words", [
-    ({"sft": {"batch_size": 100000}}, ["stage sft needs at least", "GB", "this host has"]),
-    ({"model": {"d_model": 100000, "n_heads": 4}}, ["stage sft needs at least", "weights"]),
-])
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        ({"sft": {"batch_size": 100000}}, ["stage sft needs at least", "GB", "this host has"]),
+        ({"model": {"d_model": 100000, "n_heads": 4}}, ["stage sft needs at least", "weights"]),
+    ],
+)
 def test_impossible_memory_refused_with_numbers(prepared, tmp_path, over, words):
     root, inputs = prepared
     o = tiny_overrides(root)

@@ -22,7 +22,9 @@ def test_sft_loss_only_counts_masked_targets():
     expect = -(math.log(0.5) + math.log(0.25)) / 2
     np.testing.assert_allclose(float(sft_loss(logits, ids, mask).asnumpy()), expect, rtol=2e-5)
     mask2 = Tensor(np.array([[0, 0, 1]], np.float32))
-    np.testing.assert_allclose(float(sft_loss(logits, ids, mask2).asnumpy()), -math.log(0.25), rtol=2e-5)
+    np.testing.assert_allclose(
+        float(sft_loss(logits, ids, mask2).asnumpy()), -math.log(0.25), rtol=2e-5
+    )
 
 
 def test_masked_mean_and_entropy():
@@ -44,7 +46,9 @@ def test_softplus_values_and_gradient_everywhere():
     x = np.array([-100.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 3.0, 19.9, 20.1, 50.0, 200.0], np.float32)
     v, g = ms.value_and_grad(lambda t: softplus(t).sum())(Tensor(x))
     xd = x.astype(np.float64)
-    np.testing.assert_allclose(softplus(Tensor(x)).asnumpy(), np.logaddexp(0.0, xd), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        softplus(Tensor(x)).asnumpy(), np.logaddexp(0.0, xd), rtol=1e-6, atol=1e-7
+    )
     np.testing.assert_allclose(g.asnumpy(), 1.0 / (1.0 + np.exp(-xd)), rtol=1e-6, atol=1e-7)
 
 
@@ -56,11 +60,16 @@ def test_preference_losses_have_a_gradient_where_they_start():
     from mindrlhf.algos.dpo import dpo_loss
     from mindrlhf.algos.rm import bradley_terry_loss
 
-    ref_c, ref_r = Tensor(np.array([-5.0, -7.0], np.float32)), Tensor(np.array([-6.0, -4.0], np.float32))
+    ref_c, ref_r = (
+        Tensor(np.array([-5.0, -7.0], np.float32)),
+        Tensor(np.array([-6.0, -4.0], np.float32)),
+    )
     pi_c, pi_r = Tensor(ref_c.asnumpy()), Tensor(ref_r.asnumpy())  # equal values, other tensors
     g = ms.grad(lambda c, r: dpo_loss(c, r, ref_c, ref_r, 0.1)[0], grad_position=(0, 1))(pi_c, pi_r)
     np.testing.assert_allclose(g[0].asnumpy(), [-0.025, -0.025], rtol=1e-6)
     np.testing.assert_allclose(g[1].asnumpy(), [0.025, 0.025], rtol=1e-6)
     same = np.array([0.3, -1.2], np.float32)
-    gr = ms.grad(lambda c, r: bradley_terry_loss(c, r)[0], grad_position=(0, 1))(Tensor(same), Tensor(same.copy()))
+    gr = ms.grad(lambda c, r: bradley_terry_loss(c, r)[0], grad_position=(0, 1))(
+        Tensor(same), Tensor(same.copy())
+    )
     np.testing.assert_allclose(gr[0].asnumpy(), [-0.25, -0.25], rtol=1e-6)

@@ -5,6 +5,7 @@ graph pool releases the least recently used graphs once the live ones exceed the
 (graphs.py). Without that, each new length kept ~1.5 GB here (~7 GB at 30 layers, which is how
 the smollm2-135m profile was killed by the OOM killer). Released graphs compile again to the
 same numbers: the losses equal the eager step's."""
+
 import numpy as np
 import pytest
 from mindspore import Tensor
@@ -18,8 +19,18 @@ from mindrlhf.stages.common import Trainer
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
 
-SMOL = dict(family="llama", vocab_size=49152, d_model=576, n_layers=2, n_heads=9, n_kv_heads=3, d_ff=1536,
-            max_seq_len=512, norm_eps=1e-5, rope_theta=100000.0)
+SMOL = dict(
+    family="llama",
+    vocab_size=49152,
+    d_model=576,
+    n_layers=2,
+    n_heads=9,
+    n_kv_heads=3,
+    d_ff=1536,
+    max_seq_len=512,
+    norm_eps=1e-5,
+    rope_theta=100000.0,
+)
 
 
 @pytest.fixture
@@ -40,7 +51,9 @@ def trainer(compiled: bool):
         loss = sft_loss(logits, ids, lm, denom)
         return loss, loss
 
-    return Trainer(m.trainable_params(), loss_fn, OptimConfig(lr=1e-4, compiled=compiled), Dist(), 100)
+    return Trainer(
+        m.trainable_params(), loss_fn, OptimConfig(lr=1e-4, compiled=compiled), Dist(), 100
+    )
 
 
 def batch(rng, length):
@@ -59,7 +72,9 @@ def test_graph_pool_bounds_resident_memory_over_many_lengths(pool):
     losses.append(jit.step(*data[1])[0])
     two = rss_bytes()
     cost = two - one  # what one more SmolLM2-width training graph keeps resident
-    assert cost > 300 * 2**20, f"a SmolLM2-width training graph should keep hundreds of MB, measured {cost}"
+    assert cost > 300 * 2**20, (
+        f"a SmolLM2-width training graph should keep hundreds of MB, measured {cost}"
+    )
     pool.configure(16, two + cost // 2)  # room for the graphs already live, not for one more
     peaks = []
     for bt in data[2:]:
@@ -67,8 +82,10 @@ def test_graph_pool_bounds_resident_memory_over_many_lengths(pool):
         peaks.append(rss_bytes())
     assert pool.released >= 3
     growth = max(peaks) - two
-    assert growth < 0.8 * cost, (f"resident memory grew {growth / 2**30:.2f} GB over {len(lengths) - 2} more "
-                                 f"lengths; one graph keeps {cost / 2**30:.2f} GB")
+    assert growth < 0.8 * cost, (
+        f"resident memory grew {growth / 2**30:.2f} GB over {len(lengths) - 2} more "
+        f"lengths; one graph keeps {cost / 2**30:.2f} GB"
+    )
 
     eager = trainer(False)
     np.testing.assert_allclose(losses, [eager.step(*bt)[0] for bt in data], rtol=2e-5)

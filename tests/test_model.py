@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from mindrlhf.models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from conftest import tiny_model_cfg
+from mindrlhf.models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -1,5 +1,6 @@
 """The parallel section: msrun for multi-node, semi-auto sizes validated against the device count
 and the model, and passed through to MindSpore's parallel context and shard strategies."""
+
 from pathlib import Path
 
 import mindspore as ms
@@ -26,19 +27,55 @@ def test_shipped_cluster_example_is_valid_and_builds_msrun_per_node():
     assert kw["device_num"] == 16
 
 
-@pytest.mark.parametrize("parallel, words", [
-    ({"mode": "semi_auto", "worker_num": 16, "local_worker_num": 8, "data_parallel": 4, "model_parallel": 2,
-      "pipeline_stages": 1}, ["parallel.data_parallel (4)", "parallel.model_parallel (2)", "= 8",
-                              "parallel.worker_num (16)"]),
-    ({"worker_num": 16, "local_worker_num": 6}, ["parallel.worker_num (16)", "multiple of parallel.local_worker_num"]),
-    ({"worker_num": 16, "local_worker_num": 8, "node_rank": 2}, ["parallel.node_rank (2)", "node count (2)"]),
-    ({"worker_num": 2, "local_worker_num": 2, "model_parallel": 2}, ["parallel.model_parallel", "semi_auto"]),
-    ({"mode": "semi_auto", "worker_num": 8, "local_worker_num": 8, "data_parallel": 2, "model_parallel": 2,
-      "pipeline_stages": 2, "micro_batches": 1}, ["parallel.micro_batches (1)"]),
-])
+@pytest.mark.parametrize(
+    "parallel, words",
+    [
+        (
+            {
+                "mode": "semi_auto",
+                "worker_num": 16,
+                "local_worker_num": 8,
+                "data_parallel": 4,
+                "model_parallel": 2,
+                "pipeline_stages": 1,
+            },
+            [
+                "parallel.data_parallel (4)",
+                "parallel.model_parallel (2)",
+                "= 8",
+                "parallel.worker_num (16)",
+            ],
+        ),
+        (
+            {"worker_num": 16, "local_worker_num": 6},
+            ["parallel.worker_num (16)", "multiple of parallel.local_worker_num"],
+        ),
+        (
+            {"worker_num": 16, "local_worker_num": 8, "node_rank": 2},
+            ["parallel.node_rank (2)", "node count (2)"],
+        ),
+        (
+            {"worker_num": 2, "local_worker_num": 2, "model_parallel": 2},
+            ["parallel.model_parallel", "semi_auto"],
+        ),
+        (
+            {
+                "mode": "semi_auto",
+                "worker_num": 8,
+                "local_worker_num": 8,
+                "data_parallel": 2,
+                "model_parallel": 2,
+                "pipeline_stages": 2,
+                "micro_batches": 1,
+            },
+            ["parallel.micro_batches (1)"],
+        ),
+    ],
+)
 def test_bad_parallel_sizes_are_named(tmp_path, parallel, words):
     p = tmp_path / "c.yaml"
     import yaml
+
     p.write_text(yaml.safe_dump({"device_target": "Ascend", "parallel": parallel}))
     with pytest.raises(ConfigError) as e:
         load_config(p)
@@ -48,13 +85,28 @@ def test_bad_parallel_sizes_are_named(tmp_path, parallel, words):
 
 
 def test_semi_auto_needs_divisible_model_and_ascend():
-    base = {"device_target": "Ascend", "parallel": {"mode": "semi_auto", "worker_num": 8, "local_worker_num": 8,
-                                                    "data_parallel": 1, "model_parallel": 8, "pipeline_stages": 1}}
+    base = {
+        "device_target": "Ascend",
+        "parallel": {
+            "mode": "semi_auto",
+            "worker_num": 8,
+            "local_worker_num": 8,
+            "data_parallel": 1,
+            "model_parallel": 8,
+            "pipeline_stages": 1,
+        },
+    }
     with pytest.raises(ConfigError, match="n_heads"):
         load_config("demo", base)  # 4 heads cannot split 8 ways
     with pytest.raises(ConfigError, match="Ascend"):
-        load_config("demo", {**base, "device_target": "CPU",
-                             "parallel": {**base["parallel"], "model_parallel": 2, "data_parallel": 4}})
+        load_config(
+            "demo",
+            {
+                **base,
+                "device_target": "CPU",
+                "parallel": {**base["parallel"], "model_parallel": 2, "data_parallel": 4},
+            },
+        )
 
 
 def test_shard_strategies_reach_the_model_primitives():

@@ -1,17 +1,18 @@
 """The Prefect flow: a re-run with unchanged inputs is all Cached; one SFT hyperparameter change
 re-runs SFT only; the launcher builds msrun commands for more than one worker."""
+
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import tiny_overrides
 from mindrlhf.config import ParallelConfig
 from mindrlhf.launch import stage_command
-from conftest import tiny_overrides
-
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 
 def test_cached_rerun_and_selective_invalidation(prefect_server, tmp_path):
     from flows.pipeline import rlhf_pipeline
@@ -26,6 +27,7 @@ def test_cached_rerun_and_selective_invalidation(prefect_server, tmp_path):
     # a flipped byte in the cached SFT checkpoint: the cache refuses it and SFT is rebuilt,
     # deterministically, to the same id; prepare stays cached
     from mindrlhf.data.store import ArtifactStore
+
     store = ArtifactStore(over["store"]["root"])
     f = store.get(first["sft"]["checkpoint"]).path / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -100,7 +102,9 @@ def test_unanswering_prefect_api_fails_fast(tmp_path, monkeypatch, capsys):
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
     held = []
-    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in range(8)], daemon=True).start()
+    threading.Thread(
+        target=lambda: [held.append(srv.accept()) for _ in range(8)], daemon=True
+    ).start()
     url = f"http://127.0.0.1:{srv.getsockname()[1]}/api"
     monkeypatch.setenv("PREFECT_API_URL", url)
     t = time.time()
@@ -122,14 +126,23 @@ def asset_edges(ready, timeout=60) -> dict[str, set[str]]:
 
     deadline, edges = time.time() + timeout, {}
     while time.time() < deadline:
-        r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={
-            "filter": {"event": {"prefix": ["prefect.asset.materialization.succeeded"]}}, "limit": 50})
+        r = httpx.post(
+            f"{PREFECT_API_URL.value()}/events/filter",
+            json={
+                "filter": {"event": {"prefix": ["prefect.asset.materialization.succeeded"]}},
+                "limit": 50,
+            },
+        )
         edges = {}
         while True:
             r.raise_for_status()
             page = r.json()
             for e in page["events"]:
-                ups = {x["prefect.resource.id"] for x in e["related"] if x.get("prefect.resource.role") == "asset"}
+                ups = {
+                    x["prefect.resource.id"]
+                    for x in e["related"]
+                    if x.get("prefect.resource.role") == "asset"
+                }
                 edges.setdefault(e["resource"]["prefect.resource.id"], set()).update(ups)
             if not page.get("next_page"):
                 break
@@ -141,13 +154,28 @@ def asset_edges(ready, timeout=60) -> dict[str, set[str]]:
 
 
 def test_msrun_command():
-    p = ParallelConfig(worker_num=4, local_worker_num=2, master_addr="10.0.0.1", master_port=9000, node_rank=1)
+    p = ParallelConfig(
+        worker_num=4, local_worker_num=2, master_addr="10.0.0.1", master_port=9000, node_rank=1
+    )
     cmd = stage_command("sft", Path("s.json"), Path("o.json"), p, Path("/runs/x"))
     assert Path(cmd[0]).name == "msrun"
-    for flag in ("--worker_num=4", "--local_worker_num=2", "--master_addr=10.0.0.1", "--master_port=9000",
-                 "--node_rank=1", "--log_dir=/runs/x/msrun_log", "--join=True"):
+    for flag in (
+        "--worker_num=4",
+        "--local_worker_num=2",
+        "--master_addr=10.0.0.1",
+        "--master_port=9000",
+        "--node_rank=1",
+        "--log_dir=/runs/x/msrun_log",
+        "--join=True",
+    ):
         assert flag in cmd
-    assert cmd[-6].endswith("mindrlhf/stage_entry.py") and cmd[-5:] == ["sft", "--spec", "s.json", "--out", "o.json"]
+    assert cmd[-6].endswith("mindrlhf/stage_entry.py") and cmd[-5:] == [
+        "sft",
+        "--spec",
+        "s.json",
+        "--out",
+        "o.json",
+    ]
     single = stage_command("sft", Path("s.json"), Path("o.json"), ParallelConfig(), Path("/r"))
     assert single[1:3] == ["-m", "mindrlhf.stages.sft"]
 
@@ -155,16 +183,20 @@ def test_msrun_command():
 def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     """prepare -> sft -> rm -> ppo / grpo / dpo / online DPO through Prefect; the manifests link
     every checkpoint to its inputs; a second run is entirely Cached."""
+    from conftest import tiny_full_overrides
     from flows.pipeline import rlhf_pipeline
     from mindrlhf.data.store import ArtifactStore
-    from conftest import tiny_full_overrides
 
     over = tiny_full_overrides(tmp_path / "store")
     s = rlhf_pipeline("demo", over)
     assert set(s["states"].values()) == {"Completed"}
     store = ArtifactStore(tmp_path / "store")
     sft, rm, ppo = s["sft"]["checkpoint"], s["rm"]["checkpoint"], s["ppo"]["checkpoint"]
-    assert sft in store.get(rm).parents and rm in store.get(ppo).parents and sft in store.get(ppo).parents
+    assert (
+        sft in store.get(rm).parents
+        and rm in store.get(ppo).parents
+        and sft in store.get(ppo).parents
+    )
     assert sft in store.get(s["dpo"]["checkpoint"]).parents
     assert sft in store.get(s["grpo"]["checkpoint"]).parents
     chain = [a.id for a in store.lineage(ppo)]
@@ -178,15 +210,28 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     metrics = store.get(s["ppo"]["checkpoint"]).parents[-1]
     rollouts = store.get(metrics).parents
     assert rollouts and all(store.get(r).name.startswith("tiny-ppo-rollout-") for r in rollouts)
-    assert store.read_dataset(rollouts[0]).column_names[:4] == ["sequence", "attention_mask", "response_mask",
-                                                                "prompt_len"]
+    assert store.read_dataset(rollouts[0]).column_names[:4] == [
+        "sequence",
+        "attention_mask",
+        "response_mask",
+        "prompt_len",
+    ]
     # the VADER gold judge scored every rollout sample: recompute it from the stored tokens
     from mindrlhf.data.recipes import load_recipe
     from mindrlhf.data.tokenizer import load_tokenizer
 
     tok, ro = load_tokenizer("gpt2_bpe"), store.read_dataset(rollouts[-1]).to_pylist()
-    texts = [(tok.decode([t for t, m in zip(r["sequence"][:r["prompt_len"]], r["attention_mask"]) if m]),
-              tok.decode([t for t, m in zip(r["sequence"][r["prompt_len"]:], r["response_mask"]) if m])) for r in ro]
+    texts = [
+        (
+            tok.decode(
+                [t for t, m in zip(r["sequence"][: r["prompt_len"]], r["attention_mask"]) if m]
+            ),
+            tok.decode(
+                [t for t, m in zip(r["sequence"][r["prompt_len"] :], r["response_mask"]) if m]
+            ),
+        )
+        for r in ro
+    ]
     gold = load_recipe("movie_reviews").gold_reward([p for p, _ in texts], [r for _, r in texts])
     assert all(p.startswith("Review:") for p, _ in texts)
     np.testing.assert_allclose([r["gold"] for r in ro], gold, atol=1e-6)
@@ -246,6 +291,8 @@ def test_killed_stage_is_retried_by_prefect_and_resumes(prefect_server, tmp_path
     assert killed, "the stage finished before it could be killed"
     assert result["states"]["sft"] == "Completed"
     assert result["sft"]["checkpoint"] == clean["sft"]["checkpoint"]
-    runs = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter",
-                      json={"task_runs": {"name": {"like_": "sft-"}}}).json()
+    runs = httpx.post(
+        f"{PREFECT_API_URL.value()}/task_runs/filter",
+        json={"task_runs": {"name": {"like_": "sft-"}}},
+    ).json()
     assert max(r["run_count"] for r in runs) >= 2  # the retry really happened in Prefect

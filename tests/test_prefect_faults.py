@@ -2,6 +2,7 @@
 error instead of hanging, the stage's verified outputs stay in the store, and the rerun against a
 server that is back does not train again (Prefect's local result record serves it, or the
 stage's verified outputs are reused)."""
+
 import os
 import signal
 import subprocess
@@ -13,8 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from mindrlhf.config import load_config
 from conftest import free_port, tiny_overrides
+from mindrlhf.config import load_config
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
 
@@ -23,8 +24,13 @@ BIN = Path(sys.executable).parent
 
 def start_server(home: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    srv = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    srv = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -43,15 +49,30 @@ def test_server_killed_mid_stage_ends_clearly_and_rerun_reuses(tmp_path):
     over = tiny_overrides(store, steps=200, ckpt_every=100)
 
     def merge(a, b):
-        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                        for k, v in b.items()}}
+        return {
+            **a,
+            **{
+                k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                for k, v in b.items()
+            },
+        }
+
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(merge(base, over)))
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     srv = start_server(home, port)
     t0 = time.time()
-    run = subprocess.Popen([str(BIN / "mindrlhf"), "run", str(cfg)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        [str(BIN / "mindrlhf"), "run", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     while not list(store.glob("runs/sft-*/spec.json")) and time.time() - t0 < 300:
         time.sleep(0.3)
     time.sleep(3)
@@ -63,12 +84,20 @@ def test_server_killed_mid_stage_ends_clearly_and_rerun_reuses(tmp_path):
 
     srv = start_server(home, port)
     try:
-        again = subprocess.run([str(BIN / "mindrlhf"), "run", str(cfg)], env=env, capture_output=True, text=True,
-                               timeout=600)
+        again = subprocess.run(
+            [str(BIN / "mindrlhf"), "run", str(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         os.killpg(srv.pid, signal.SIGKILL)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
     # served from Prefect's local result record, or reused from the verified store: never retrained
-    assert "sft=Cached" in log or "sft: outputs of an identical run are in the store and verified" in log, log[-3000:]
+    assert (
+        "sft=Cached" in log
+        or "sft: outputs of an identical run are in the store and verified" in log
+    ), log[-3000:]
     assert "mindrlhf.stages.sft" not in log

@@ -1,5 +1,6 @@
 """Dataset recipes on the real pinned packages: the VADER gold judge and the gsm_symbolic word
 problems (reasoning-gym), their tables and their reward functions."""
+
 import numpy as np
 import pytest
 
@@ -33,15 +34,18 @@ def test_vader_gold_reward_agrees_with_human_ratings(reviews):
     assert pos > 0.5 and neg < -0.5 and flipped < 0
 
 
-@pytest.mark.parametrize("text, compound", [  # the examples and scores published in VADER's README
-    ("VADER is smart, handsome, and funny.", 0.8316),
-    ("VADER is smart, handsome, and funny!", 0.8439),
-    ("VADER is very smart, handsome, and funny.", 0.8545),
-    ("VADER is not smart, handsome, nor funny.", -0.7424),
-    ("The book was good.", 0.4404),
-    ("The book was kind of good.", 0.3832),
-    ("A really bad, horrible book.", -0.8211),
-])
+@pytest.mark.parametrize(
+    "text, compound",
+    [  # the examples and scores published in VADER's README
+        ("VADER is smart, handsome, and funny.", 0.8316),
+        ("VADER is smart, handsome, and funny!", 0.8439),
+        ("VADER is very smart, handsome, and funny.", 0.8545),
+        ("VADER is not smart, handsome, nor funny.", -0.7424),
+        ("The book was good.", 0.4404),
+        ("The book was kind of good.", 0.3832),
+        ("A really bad, horrible book.", -0.8211),
+    ],
+)
 def test_gold_reward_reproduces_vaders_published_scores(text, compound):
     """An independent reference for the gold judge: the compound scores the VADER authors list for
     their own examples (the pipeline test then checks each stored score against its row's text)."""
@@ -65,7 +69,9 @@ def test_gsm_symbolic_tables(gsm):
     assert len(train_q) + len(held_q) > 250 and 10 < len(held_q) < 60 and not train_q & held_q
     row = tables["sft_train"].slice(0, 1).to_pylist()[0]
     assert row["prompt"].endswith("Do not include units.\nAnswer:")
-    assert "####" in row["response"] and "=" in row["response"]  # a worked solution, not a bare number
+    assert (
+        "####" in row["response"] and "=" in row["response"]
+    )  # a worked solution, not a bare number
 
 
 def test_gsm_symbolic_reward(gsm):
@@ -76,6 +82,11 @@ def test_gsm_symbolic_reward(gsm):
         sols = tables[f"sft_{split}"].column("response").to_pylist()
         answers = tables[f"prompts_{split}"].column("answer").to_pylist()
         assert g.reward([], sols, {"answer": answers}) == [1.0] * len(sols)
-    sol, ans = tables["sft_train"].column("response")[0].as_py(), tables["prompts_train"].column("answer")[0].as_py()
+    sol, ans = (
+        tables["sft_train"].column("response")[0].as_py(),
+        tables["prompts_train"].column("answer")[0].as_py(),
+    )
     wrong = sol.rsplit("####", 1)[0] + f"#### {int(float(ans)) + 1}"
-    assert g.reward([], [wrong, "no idea", f"so the total is {ans} apples"], {"answer": [ans] * 3}) == [0.01, 0.0, 1.0]
+    assert g.reward(
+        [], [wrong, "no idea", f"so the total is {ans} apples"], {"answer": [ans] * 3}
+    ) == [0.01, 0.0, 1.0]

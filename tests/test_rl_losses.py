@@ -1,4 +1,5 @@
 """RM, PPO and GRPO pieces against numbers worked out by hand."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,14 @@ import pytest
 from mindspore import Tensor
 
 from mindrlhf.algos.grpo import group_advantages, grpo_loss, k3_kl
-from mindrlhf.algos.ppo import (AdaptiveKLController, gae, kl_penalized_rewards, policy_loss, value_loss,
-                                whiten)
+from mindrlhf.algos.ppo import (
+    AdaptiveKLController,
+    gae,
+    kl_penalized_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 from mindrlhf.algos.rm import bradley_terry_loss, gather_last
 
 
@@ -41,7 +48,13 @@ def test_gae_by_hand():
     # two tokens, gamma=0.9, lam=0.8, V=[1, 2], r=[0, 1]; after the last token V=0
     # delta1 = 1 - 2 = -1 ; A1 = -1
     # delta0 = 0 + 0.9*2 - 1 = 0.8 ; A0 = 0.8 + 0.9*0.8*(-1) = 0.08
-    adv, ret = gae(np.array([[0.0, 1.0, 0.0]]), np.array([[1.0, 2.0, 9.0]]), np.array([[1.0, 1.0, 0.0]]), 0.9, 0.8)
+    adv, ret = gae(
+        np.array([[0.0, 1.0, 0.0]]),
+        np.array([[1.0, 2.0, 9.0]]),
+        np.array([[1.0, 1.0, 0.0]]),
+        0.9,
+        0.8,
+    )
     np.testing.assert_allclose(adv, [[0.08, -1.0, 0.0]], atol=1e-6)
     np.testing.assert_allclose(ret, [[1.08, 1.0, 0.0]], atol=1e-6)
 

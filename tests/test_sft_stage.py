@@ -1,5 +1,6 @@
 """The SFT stage as a real process: loss falls, and a run killed with SIGKILL after a checkpoint
 resumes from it and ends with the same checkpoint artifact id as an uninterrupted run."""
+
 import json
 import os
 import signal
@@ -7,13 +8,13 @@ import subprocess
 
 import pytest
 
+from conftest import tiny_overrides
 from mindrlhf.config import load_config
 from mindrlhf.data.store import ArtifactStore
 from mindrlhf.launch import run_stage, stage_command
-from conftest import tiny_overrides
-
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
+
 
 @pytest.fixture
 def prepared(tiny_chain):
@@ -27,7 +28,9 @@ def test_prepare_builds_real_reviews(prepared):
     train = store.read_dataset(inputs["train"])
     assert set(train.column_names) == {"input_ids", "loss_mask", "prompt_len"}
     reviews_text, arith_text = (store.read_dataset(p) for p in store.get(inputs["train"]).parents)
-    assert reviews_text.num_rows == 64 and reviews_text.column("prompt")[0].as_py().startswith("Review: ")
+    assert reviews_text.num_rows == 64 and reviews_text.column("prompt")[0].as_py().startswith(
+        "Review: "
+    )
     assert arith_text.column("prompt")[0].as_py().startswith("Calculate ")
     assert train.num_rows == reviews_text.num_rows + arith_text.num_rows
     reviews = store.read_dataset(store.resolve("movie_reviews-reviews"))
@@ -55,11 +58,24 @@ def test_killed_stage_resumes_to_identical_artifact(prepared, tmp_path):
     run_dir = tmp_path / "crash"
     run_dir.mkdir()
     spec = run_dir / "spec.json"
-    spec.write_text(json.dumps({"config": cfg.to_dict(), "inputs": inputs, "store_root": str(root),
-                                "run_dir": str(run_dir)}))
+    spec.write_text(
+        json.dumps(
+            {
+                "config": cfg.to_dict(),
+                "inputs": inputs,
+                "store_root": str(root),
+                "run_dir": str(run_dir),
+            }
+        )
+    )
     cmd = stage_command("sft", spec, run_dir / "result.json", cfg.parallel, run_dir)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for line in proc.stdout:
         if "checkpoint at step 4" in line:
             os.kill(proc.pid, signal.SIGKILL)

@@ -97,7 +97,14 @@ def forge(store, name, files: dict, fname_to_target=None):
     from mindrlhf.data.store import canonical_json
 
     listing = {n: {"sha256": hashlib.sha256(b"x").hexdigest(), "bytes": 1} for n in files}
-    manifest = {"format": 1, "kind": "dataset", "name": name, "files": listing, "parents": [], "meta": {}}
+    manifest = {
+        "format": 1,
+        "kind": "dataset",
+        "name": name,
+        "files": listing,
+        "parents": [],
+        "meta": {},
+    }
     art_id = hashlib.sha256(canonical_json(manifest)).hexdigest()
     d = store.objects / art_id
     d.mkdir()
@@ -147,7 +154,9 @@ def test_lookups_stay_inside_the_store(store, tmp_path):
             store.lineage(ref)
 
 
-@pytest.mark.parametrize("name", ["team/a", "../evil", ".hidden", "-x", "a\0b", "x" * 201, "sp ace"])
+@pytest.mark.parametrize(
+    "name", ["team/a", "../evil", ".hidden", "-x", "a\0b", "x" * 201, "sp ace"]
+)
 def test_bad_ref_names_are_refused_not_mangled(store, name):
     """Names are refused, not rewritten: 'team/a' once became the ref file of 'team_a', so writing
     one repointed the other. Nothing is written for a refused name."""
@@ -160,7 +169,9 @@ def test_bad_ref_names_are_refused_not_mangled(store, name):
 
 def test_non_finite_meta_is_refused_naming_the_key(store):
     with pytest.raises(ValueError, match=r"meta\.metrics\.loss.*finite"):
-        store.write_dataset(pa.table({"a": [1]}), name="n", meta={"metrics": {"loss": float("nan")}})
+        store.write_dataset(
+            pa.table({"a": [1]}), name="n", meta={"metrics": {"loss": float("nan")}}
+        )
     assert not list(store.objects.iterdir()) and not list(store.tmp.iterdir())
 
 

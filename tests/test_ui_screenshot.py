@@ -1,6 +1,7 @@
 """The Prefect UI of a finished pipeline run, rendered by headless Debian Chromium (started by
 the test) from a real local server: the flow-run page shows the run and its stage tasks, and a
 screenshot is kept under out/ui/ for people to look at."""
+
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import httpx
 import pytest
 import yaml
 
-from mindrlhf.config import load_config
 from conftest import tiny_overrides
+from mindrlhf.config import load_config
 
 pytestmark = pytest.mark.slow  # launches stage processes, servers or large models
 
@@ -22,15 +23,28 @@ OUT = REPO / "out" / "ui"
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
-        pytest.fail("Debian chromium is not installed: `make test` installs it (apt-get install chromium)")
+        pytest.fail(
+            "Debian chromium is not installed: `make test` installs it (apt-get install chromium)"
+        )
     return exe
 
 
 def render(url: str, tmp: Path, png: Path | None = None) -> str:
-    args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'chrome-profile'}", "--window-size=1400,1000",
-            "--virtual-time-budget=25000"]
+    args = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp / 'chrome-profile'}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=25000",
+    ]
     args += [f"--screenshot={png}"] if png else ["--dump-dom"]
     r = subprocess.run(args + [url], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -44,16 +58,28 @@ def test_flow_run_page_renders(server, tmp_path):
     over = tiny_overrides(tmp_path / "store")
 
     def merge(a, b):
-        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                        for k, v in b.items()}}
+        return {
+            **a,
+            **{
+                k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                for k, v in b.items()
+            },
+        }
+
     cfg.write_text(yaml.safe_dump(merge(base, over)))
     mindrlhf = str(Path(sys.executable).parent / "mindrlhf")
-    r = subprocess.run([mindrlhf, "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**env, "PREFECT_API_URL": url})
+    r = subprocess.run(
+        [mindrlhf, "run", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "PREFECT_API_URL": url},
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     runs = httpx.post(f"{url}/flow_runs/filter", json={}).json()
     run = next(fr for fr in runs if fr["state_type"] == "COMPLETED")
-    ui = url[:-len("/api")]
+    ui = url[: -len("/api")]
     dom = render(f"{ui}/runs/flow-run/{run['id']}", tmp_path)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "flow-run.html").write_text(dom)

@@ -1,4 +1,5 @@
 """Building blocks every loss uses: per-token log-probabilities and masked reductions."""
+
 from __future__ import annotations
 
 from mindspore import ops

@@ -1,7 +1,7 @@
 """DPO (Rafailov et al. 2023) and its IPO (Azar et al. 2023) and conservative / label-smoothed
 (Mitchell 2023) variants, on summed response log-probs of policy and reference."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 from .common import shifted_logprobs, softplus
 
@@ -12,8 +12,15 @@ def sequence_logps(logits, input_ids, response_mask):
     return (shifted_logprobs(logits, input_ids) * response_mask[:, 1:]).sum(-1)
 
 
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
+def dpo_loss(
+    pi_chosen,
+    pi_rejected,
+    ref_chosen,
+    ref_rejected,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+):
     """Returns (loss, chosen_rewards, rejected_rewards), rewards being beta * (log pi - log ref).
 
     sigmoid: -(1 - e) log s(beta h) - e log s(-beta h), h = (pi_c - ref_c) - (pi_r - ref_r)
@@ -21,7 +28,9 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss
     """
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     if loss_type == "sigmoid":
-        losses = (1.0 - label_smoothing) * softplus(-beta * h) + label_smoothing * softplus(beta * h)
+        losses = (1.0 - label_smoothing) * softplus(-beta * h) + label_smoothing * softplus(
+            beta * h
+        )
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:

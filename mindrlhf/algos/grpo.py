@@ -1,5 +1,6 @@
 """GRPO (Shao et al. 2024): k samples per prompt, group-normalised advantages, no critic,
 a KL penalty to the reference added to the loss (the k3 estimator, unbiased and >= 0)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +23,9 @@ def k3_kl(logprobs, ref_logprobs):
     return ops.exp(d) - d - 1.0
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float, beta: float):
+def grpo_loss(
+    logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float, beta: float
+):
     """Clipped surrogate with a sequence-level advantage plus beta * KL, averaged per sequence
     over its tokens and then over sequences. Returns (loss, mean kl, clip fraction)."""
     adv = advantages[:, None]
@@ -34,5 +37,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range
     lengths = ops.maximum(mask.sum(1), 1.0)
     loss = ((per_token * mask).sum(1) / lengths).mean()
     kl_mean = ((kl * mask).sum(1) / lengths).mean()
-    clipfrac = (((clipped < unclipped).astype(mask.dtype) * mask).sum() / ops.maximum(mask.sum(), 1.0))
+    clipfrac = ((clipped < unclipped).astype(mask.dtype) * mask).sum() / ops.maximum(
+        mask.sum(), 1.0
+    )
     return loss, kl_mean, clipfrac

@@ -4,6 +4,7 @@ clipped policy and value losses, KL controllers.
 Advantage computation runs once per rollout on NumPy arrays (no gradients flow through it);
 the losses are MindSpore functions differentiated by the trainer.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,11 +12,16 @@ from mindspore import ops
 
 from .common import masked_mean
 
-
 # ---- experience (NumPy, once per rollout) -------------------------------------------------------
 
-def kl_penalized_rewards(score: np.ndarray, logprobs: np.ndarray, ref_logprobs: np.ndarray,
-                         mask: np.ndarray, kl_coef: float) -> tuple[np.ndarray, np.ndarray]:
+
+def kl_penalized_rewards(
+    score: np.ndarray,
+    logprobs: np.ndarray,
+    ref_logprobs: np.ndarray,
+    mask: np.ndarray,
+    kl_coef: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-token reward: -kl_coef * (log pi - log pi_ref) on every response token, plus the
     sequence score on its last token. Returns (rewards, per-token kl), both (B, T) masked."""
     kl = (logprobs - ref_logprobs) * mask
@@ -25,8 +31,9 @@ def kl_penalized_rewards(score: np.ndarray, logprobs: np.ndarray, ref_logprobs: 
     return rewards * mask, kl
 
 
-def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float
-        ) -> tuple[np.ndarray, np.ndarray]:
+def gae(
+    rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation over right-padded responses (B, T).
 
     delta_t = r_t + gamma * V_{t+1} - V_t with V after the last real token = 0;
@@ -43,7 +50,9 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return adv.astype(np.float32), returns.astype(np.float32)
 
 
-def whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps: float = 1e-8) -> np.ndarray:
+def whiten(
+    x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps: float = 1e-8
+) -> np.ndarray:
     """(x - mean) / std over the masked entries; ``shift_mean=False`` keeps the mean."""
     n = max(mask.sum(), 1.0)
     mean = (x * mask).sum() / n
@@ -74,6 +83,7 @@ class AdaptiveKLController:
 
 
 # ---- losses (MindSpore) -------------------------------------------------------------------------
+
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float, denom=None):
     """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)) (``denom``: the

@@ -1,4 +1,5 @@
 """Reward-model losses: Bradley-Terry on (chosen, rejected) scores read at the last real token."""
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -8,7 +9,8 @@ from .common import softplus
 
 
 def gather_last(values, mask):
-    """values (B, T) at each row's last real token (last 1 in ``mask``; any padding side) -> (B,)."""
+    """values (B, T) at each row's last real token (last 1 in ``mask``; any padding side) ->
+    (B,)."""
     t = values.shape[1]
     pos = ops.arange(t, dtype=ms.int32)[None, :] * mask.astype(ms.int32)
     idx = pos.argmax(-1).astype(ms.int32)

@@ -1,4 +1,5 @@
 """Supervised fine-tuning loss: next-token cross-entropy on response tokens only."""
+
 from __future__ import annotations
 
 from .common import masked_mean, shifted_logprobs

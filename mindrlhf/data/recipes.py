@@ -1,5 +1,6 @@
 """Dataset recipes live in the repository's ``datasets/`` folder, one module per recipe, each with
 ``build(data_cfg) -> {table_name: pyarrow.Table}`` and ``SOURCES`` (the registry pins it reads)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ def load_recipe(name: str) -> ModuleType:
 
 
 def heldout_split(namespace: str, key: str, heldout_fraction: float) -> str:
-    """"heldout" or "train" from a hash of ``namespace:key``: a row's split never depends on which
+    """ "heldout" or "train" from a hash of ``namespace:key``: a row's split never depends on which
     other rows were generated, so a held-out item cannot leak into training."""
     h = int.from_bytes(hashlib.sha256(f"{namespace}:{key}".encode()).digest()[:4], "big")
     return "heldout" if h / 2**32 < heldout_fraction else "train"

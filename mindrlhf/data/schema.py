@@ -1,4 +1,5 @@
 """Row-level validation of Arrow tables: every error names the source, the row and the field."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,8 @@ class DataError(ValueError):
     """A dataset row is malformed. The message names the file (or artifact), row and field."""
 
 
-# column kinds: "text" (non-empty str), "number" (finite float), "int", "ids" (non-empty list of ints)
+# column kinds: "text" (non-empty str), "number" (finite float), "int", "ids" (non-empty list of
+# ints)
 SCHEMAS: dict[str, dict[str, str]] = {
     "sft_text": {"prompt": "text", "response": "text"},
     "pairs_text": {"prompt": "text", "chosen": "text", "rejected": "text"},
@@ -33,8 +35,9 @@ def check_row(row: dict, schema: str | dict[str, str], where: str, max_chars: in
         raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
 
 
-def validate_table(table: pa.Table, schema: str | dict[str, str], source: str,
-                   max_chars: int = 20000) -> None:
+def validate_table(
+    table: pa.Table, schema: str | dict[str, str], source: str, max_chars: int = 20000
+) -> None:
     spec = SCHEMAS[schema] if isinstance(schema, str) else schema
     missing = [c for c in spec if c not in table.column_names]
     if missing:
@@ -60,7 +63,10 @@ def _check(v, kind: str, max_chars: int) -> str | None:
         try:
             v.encode("utf-8")
         except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to text UTF-8 cannot hold
-            return f"contains a lone surrogate {v[e.start]!r} at character {e.start} (not encodable as UTF-8)"
+            return (
+                f"contains a lone surrogate {v[e.start]!r} at character {e.start} "
+                "(not encodable as UTF-8)"
+            )
     elif kind == "number":
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"must be a number, got {v!r}"

@@ -16,6 +16,7 @@ functions by name):
     pairs     prompt, chosen, rejected    | messages (chat: the conversation before the answers)
     prompts   prompt                      | messages (chat)
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ import pyarrow as pa
 from .recipes import heldout_split
 from .schema import DataError, check_row
 
-NEEDED = {"sft": ("prompt", "response"), "pairs": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
+NEEDED = {
+    "sft": ("prompt", "response"),
+    "pairs": ("prompt", "chosen", "rejected"),
+    "prompts": ("prompt",),
+}
 TRAIN_SPLITS = {"train", "training"}
 HELDOUT_SPLITS = {"heldout", "held_out", "test", "validation", "valid", "eval", "dev"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -61,7 +66,9 @@ def read_table(path: Path) -> tuple[pa.Table, str]:
             return pcsv.read_csv(path), "row"
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
         raise DataError(f"{path}: not a readable {suffix[1:]} file ({e})") from None
-    raise DataError(f"{path}: unknown format {suffix!r} (jsonl, parquet, arrow, csv, or a datasets directory)")
+    raise DataError(
+        f"{path}: unknown format {suffix!r} (jsonl, parquet, arrow, csv, or a datasets directory)"
+    )
 
 
 def _read_hf_datasets(d: Path) -> pa.Table:
@@ -78,7 +85,9 @@ def _read_hf_datasets(d: Path) -> pa.Table:
         return pa.concat_tables(parts, promote_options="permissive")
     state = d / "state.json"
     if not state.is_file():
-        raise DataError(f"{d}: a directory source must be a datasets save_to_disk directory (no state.json)")
+        raise DataError(
+            f"{d}: a directory source must be a datasets save_to_disk directory (no state.json)"
+        )
     files = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
     tables = []
     for name in files:
@@ -94,16 +103,28 @@ def _messages(value, where: str) -> list[dict]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise DataError(f"{where}: field 'messages': not a list of messages (nor JSON of one)") from None
+            raise DataError(
+                f"{where}: field 'messages': not a list of messages (nor JSON of one)"
+            ) from None
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field 'messages': needs a non-empty list of {{role, content}} turns")
+        raise DataError(
+            f"{where}: field 'messages': needs a non-empty list of {{role, content}} turns"
+        )
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}]': needs role in {ROLES} and text content")
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ROLES
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(
+                f"{where}: field 'messages[{i}]': needs role in {ROLES} and text content"
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def build_source(spec, index: int, heldout_fraction: float, max_chars: int = 20000) -> dict[str, pa.Table]:
+def build_source(
+    spec, index: int, heldout_fraction: float, max_chars: int = 20000
+) -> dict[str, pa.Table]:
     """``{kind}_train`` / ``{kind}_heldout`` text tables from one file source (validated whole)."""
     path = Path(spec.path)
     table, unit = read_table(path)
@@ -112,11 +133,15 @@ def build_source(spec, index: int, heldout_fraction: float, max_chars: int = 200
     fields = dict(spec.fields)
     missing = [theirs for theirs in fields.values() if theirs not in table.column_names]
     if missing:
-        raise DataError(f"data.sources[{index}] ({path}): fields maps to column(s) {missing} the file does not "
-                        f"have; it has {table.column_names}")
+        raise DataError(
+            f"data.sources[{index}] ({path}): fields maps to column(s) {missing} the file does not "
+            f"have; it has {table.column_names}"
+        )
     if split_field and split_field not in table.column_names:
-        raise DataError(f"data.sources[{index}] ({path}): split_field {split_field!r} is not a column; "
-                        f"it has {table.column_names}")
+        raise DataError(
+            f"data.sources[{index}] ({path}): split_field {split_field!r} is not a column; "
+            f"it has {table.column_names}"
+        )
     rename = {theirs: ours for ours, theirs in fields.items()}
     needed = ("messages",) if spec.format == "chat" else NEEDED[spec.kind]
     if spec.kind == "pairs" and spec.format == "chat":
@@ -128,14 +153,18 @@ def build_source(spec, index: int, heldout_fraction: float, max_chars: int = 200
         row = {rename.get(k, k): v for k, v in raw.items()}
         for c in needed:
             if c not in row:
-                raise DataError(f"{where}: field {c!r}: missing (map it with data.sources[{index}].fields)")
+                raise DataError(
+                    f"{where}: field {c!r}: missing (map it with data.sources[{index}].fields)"
+                )
         if spec.format == "chat":
             msgs = _messages(row["messages"], where)
             if spec.kind == "sft" and msgs[-1]["role"] != "assistant":
                 raise DataError(f"{where}: field 'messages': the last turn must be the assistant's")
             if spec.kind in ("pairs", "prompts") and msgs[-1]["role"] == "assistant":
-                raise DataError(f"{where}: field 'messages': ends with an assistant turn; the answers "
-                                f"{'are chosen / rejected' if spec.kind == 'pairs' else 'are to be sampled'}")
+                raise DataError(
+                    f"{where}: field 'messages': ends with an assistant turn; the answers "
+                    f"{'are chosen / rejected' if spec.kind == 'pairs' else 'are to be sampled'}"
+                )
             row["messages"] = json.dumps(msgs, ensure_ascii=False)
             prompt_turns = msgs[:-1] if spec.kind == "sft" else msgs
             row["prompt"] = "\n".join(m["content"] for m in prompt_turns)
@@ -145,8 +174,10 @@ def build_source(spec, index: int, heldout_fraction: float, max_chars: int = 200
         if split_field:
             s = str(row.get(split_field, "")).lower()
             if s not in TRAIN_SPLITS | HELDOUT_SPLITS:
-                raise DataError(f"{where}: field {split_field!r}: {s!r} is neither a train split "
-                                f"{sorted(TRAIN_SPLITS)} nor a held-out one {sorted(HELDOUT_SPLITS)}")
+                raise DataError(
+                    f"{where}: field {split_field!r}: {s!r} is neither a train split "
+                    f"{sorted(TRAIN_SPLITS)} nor a held-out one {sorted(HELDOUT_SPLITS)}"
+                )
             splits.append("train" if s in TRAIN_SPLITS else "heldout")
         else:
             splits.append(heldout_split(spec.name or path.stem, row["prompt"], heldout_fraction))

@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     objects/<id>/manifest.json   kind, name, files (sha256, bytes), schema, num_rows, parents, meta
-    objects/<id>/<files...>      data.arrow for datasets, model.safetensors (+ optim) for checkpoints
+    objects/<id>/<files...>      data.arrow (datasets), model.safetensors (+ optim) (checkpoints)
     refs/<name>                  text file holding the id most recently written under that name
     tmp/                         staging; everything is written here, fsynced, then renamed
 
@@ -16,6 +16,7 @@ What the store reads is confined to it: an id is 64 hex digits, a name (ref) is 
 manifest may only list plain regular files directly inside its artifact's directory -- no
 paths, no symlinks, FIFOs or devices (a read of those could leave the store or never return).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,7 +86,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -96,8 +99,10 @@ def check_name(name: str) -> str:
     """An artifact (ref) name: letters, digits, '.', '_', '-', not starting with '.' or '-', at most
     200 characters. Refused, not rewritten: ``team/a`` and ``team_a`` must never share a ref."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValueError(f"bad artifact name {name!r}: use letters, digits, '.', '_' and '-' (at most 200, "
-                         "starting with a letter or digit)")
+        raise ValueError(
+            f"bad artifact name {name!r}: use letters, digits, '.', '_' and '-' (at most 200, "
+            "starting with a letter or digit)"
+        )
     return name
 
 
@@ -158,8 +163,13 @@ class Artifact:
 
 
 def _plain_file_name(fname) -> bool:
-    return (isinstance(fname, str) and fname not in ("", ".", "..", MANIFEST) and "/" not in fname
-            and "\\" not in fname and "\0" not in fname)
+    return (
+        isinstance(fname, str)
+        and fname not in ("", ".", "..", MANIFEST)
+        and "/" not in fname
+        and "\\" not in fname
+        and "\0" not in fname
+    )
 
 
 class Staging:
@@ -209,16 +219,26 @@ class ArtifactStore:
     def discard(self, staging: Staging) -> None:
         shutil.rmtree(staging.path, ignore_errors=True)
 
-    def commit(self, staging: Staging, *, kind: str, name: str, parents: list[str] = (),
-               meta: dict | None = None, schema: str | None = None,
-               num_rows: int | None = None) -> Artifact:
+    def commit(
+        self,
+        staging: Staging,
+        *,
+        kind: str,
+        name: str,
+        parents: list[str] = (),
+        meta: dict | None = None,
+        schema: str | None = None,
+        num_rows: int | None = None,
+    ) -> Artifact:
         """Hash the staged files, write the manifest and move the directory into place. The name
         and the manifest are checked first: nothing becomes visible unless all of it is valid."""
         check_name(name)
         bad = nonfinite_path(meta or {}, "meta")
         if bad:
-            raise ValueError(f"artifact {name}: {bad} is not a finite number; a manifest is JSON and holds "
-                             "no NaN or infinity")
+            raise ValueError(
+                f"artifact {name}: {bad} is not a finite number; a manifest is JSON and holds "
+                "no NaN or infinity"
+            )
         files = {}
         for f in sorted(staging.path.iterdir()):
             if f.name == MANIFEST:
@@ -229,8 +249,12 @@ class ArtifactStore:
                 os.fsync(fh.fileno())
             files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {
-            "format": 1, "kind": kind, "name": name, "files": files,
-            "parents": list(parents), "meta": meta or {},
+            "format": 1,
+            "kind": kind,
+            "name": name,
+            "files": files,
+            "parents": list(parents),
+            "meta": meta or {},
         }
         if schema is not None:
             manifest["schema"] = schema
@@ -238,8 +262,10 @@ class ArtifactStore:
             manifest["num_rows"] = int(num_rows)
         art_id = hashlib.sha256(canonical_json(manifest)).hexdigest()
         manifest["id"] = art_id
-        atomic_write_bytes(staging.path / MANIFEST,
-                           json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode())
+        atomic_write_bytes(
+            staging.path / MANIFEST,
+            json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode(),
+        )
         fsync_dir(staging.path)
         dest = self.objects / art_id
         if dest.exists() and not self.is_valid(art_id):
@@ -273,7 +299,9 @@ class ArtifactStore:
             if rf.is_file():
                 target = rf.read_text().strip()
                 if not ID_RE.fullmatch(target):
-                    raise IntegrityError(f"ref {ref!r} in {self.root} holds {target[:80]!r}, not an artifact id")
+                    raise IntegrityError(
+                        f"ref {ref!r} in {self.root} holds {target[:80]!r}, not an artifact id"
+                    )
                 return target
             if len(ref) >= 8 and re.fullmatch(r"[0-9a-f]+", ref):
                 hits = [i for i in self.ids() if i.startswith(ref)]
@@ -283,7 +311,9 @@ class ArtifactStore:
 
     def ids(self) -> list[str]:
         """Ids of the stored objects (entries of objects/ that are not artifact ids are ignored)."""
-        return sorted(p.name for p in self.objects.iterdir() if ID_RE.fullmatch(p.name) and p.is_dir())
+        return sorted(
+            p.name for p in self.objects.iterdir() if ID_RE.fullmatch(p.name) and p.is_dir()
+        )
 
     def exists(self, ref: str) -> bool:
         try:
@@ -293,7 +323,8 @@ class ArtifactStore:
             return False
 
     def get(self, ref: str, verify: bool = True) -> Artifact:
-        """The artifact, its manifest checked against its id; ``verify`` also re-hashes its files."""
+        """The artifact, its manifest checked against its id; ``verify`` also re-hashes its
+        files."""
         art_id = self.resolve(ref)
         path = self.objects / art_id
         mpath = path / MANIFEST
@@ -322,11 +353,15 @@ class ArtifactStore:
         except ValueError:
             digest = None
         if digest != art_id or manifest.get("id") != art_id:
-            raise IntegrityError(f"artifact {art_id} ({manifest.get('name')}): manifest does not hash to its id")
+            raise IntegrityError(
+                f"artifact {art_id} ({manifest.get('name')}): manifest does not hash to its id"
+            )
         for fname in manifest["files"]:
             if not _plain_file_name(fname):
-                raise IntegrityError(f"artifact {art_id} ({manifest.get('name')}): manifest lists {fname!r}, "
-                                     "which is not a plain file name inside the artifact")
+                raise IntegrityError(
+                    f"artifact {art_id} ({manifest.get('name')}): manifest lists {fname!r}, "
+                    "which is not a plain file name inside the artifact"
+                )
 
     def verify(self, art_id: str, path: Path, manifest: dict) -> None:
         self._check_manifest(art_id, manifest)
@@ -335,18 +370,25 @@ class ArtifactStore:
             try:
                 st = f.lstat()
             except FileNotFoundError:
-                raise IntegrityError(f"artifact {art_id} ({manifest['name']}): file {fname} is missing") from None
+                raise IntegrityError(
+                    f"artifact {art_id} ({manifest['name']}): file {fname} is missing"
+                ) from None
             if not stat.S_ISREG(st.st_mode):
-                raise IntegrityError(f"artifact {art_id} ({manifest['name']}): {fname} is not a regular file "
-                                     "(a symlink, FIFO or device is never read)")
+                raise IntegrityError(
+                    f"artifact {art_id} ({manifest['name']}): {fname} is not a regular file "
+                    "(a symlink, FIFO or device is never read)"
+                )
             if st.st_size != info.get("bytes", st.st_size):
-                raise IntegrityError(f"artifact {art_id} ({manifest['name']}): {fname} has {st.st_size} bytes, "
-                                     f"manifest says {info['bytes']} (truncated or modified)")
+                raise IntegrityError(
+                    f"artifact {art_id} ({manifest['name']}): {fname} has {st.st_size} bytes, "
+                    f"manifest says {info['bytes']} (truncated or modified)"
+                )
             digest = sha256_file(f)
             if digest != info["sha256"]:
                 raise IntegrityError(
                     f"artifact {art_id} ({manifest['name']}): {fname} has sha256 {digest[:16]}..., "
-                    f"manifest says {info['sha256'][:16]}... (corrupt or modified)")
+                    f"manifest says {info['sha256'][:16]}... (corrupt or modified)"
+                )
 
     def is_valid(self, ref: str) -> bool:
         try:
@@ -375,7 +417,8 @@ class ArtifactStore:
         return out
 
     def verify_all(self) -> list[str]:
-        """Walk every object (files re-hashed), every ref and the staging area; the problems found."""
+        """Walk every object (files re-hashed), every ref and the staging area; the problems
+        found."""
         problems = []
         for p in sorted(self.objects.iterdir()):
             if not ID_RE.fullmatch(p.name):
@@ -394,7 +437,9 @@ class ArtifactStore:
             if target is None:
                 problems.append(f"refs/{r.name}: not a valid ref name")
             elif not (self.objects / target).is_dir():
-                problems.append(f"refs/{r.name}: points at {target[:16]}, which is not in the store")
+                problems.append(
+                    f"refs/{r.name}: points at {target[:16]}, which is not in the store"
+                )
         for t in sorted(self.tmp.iterdir()):
             problems.append(f"tmp/{t.name}: staging left behind")
         return problems
@@ -413,8 +458,15 @@ class ArtifactStore:
         return order
 
     # ---- datasets --------------------------------------------------------------------------
-    def write_dataset(self, table: pa.Table, *, name: str, parents: list[str] = (),
-                      meta: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Artifact:
+    def write_dataset(
+        self,
+        table: pa.Table,
+        *,
+        name: str,
+        parents: list[str] = (),
+        meta: dict | None = None,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> Artifact:
         """``extra_files``: small companions stored in the same artifact (e.g. plot.png)."""
         check_name(name)
         st = self.stage()
@@ -424,8 +476,15 @@ class ArtifactStore:
                     writer.write_table(table)
             for fname, data in (extra_files or {}).items():
                 (st / fname).write_bytes(data)
-            return self.commit(st, kind="dataset", name=name, parents=parents, meta=meta,
-                               schema=str(table.schema), num_rows=table.num_rows)
+            return self.commit(
+                st,
+                kind="dataset",
+                name=name,
+                parents=parents,
+                meta=meta,
+                schema=str(table.schema),
+                num_rows=table.num_rows,
+            )
         except BaseException:
             self.discard(st)
             raise
@@ -438,9 +497,16 @@ class ArtifactStore:
             return ipc.open_file(src).read_all()
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def write_checkpoint(self, tensors: dict[str, np.ndarray], *, name: str, parents: list[str] = (),
-                         meta: dict | None = None, extra: dict[str, dict[str, np.ndarray]] | None = None,
-                         extra_files: dict[str, bytes] | None = None) -> Artifact:
+    def write_checkpoint(
+        self,
+        tensors: dict[str, np.ndarray],
+        *,
+        name: str,
+        parents: list[str] = (),
+        meta: dict | None = None,
+        extra: dict[str, dict[str, np.ndarray]] | None = None,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> Artifact:
         """Weights go to model.safetensors; ``extra`` maps file stem -> tensors (e.g. optimizer);
         ``extra_files`` are companions stored as they are (a tokenizer's files)."""
         from safetensors.numpy import save_file
@@ -448,9 +514,15 @@ class ArtifactStore:
         check_name(name)
         st = self.stage()
         try:
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(st / "model.safetensors"))
+            save_file(
+                {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                str(st / "model.safetensors"),
+            )
             for stem, ts in (extra or {}).items():
-                save_file({k: np.ascontiguousarray(v) for k, v in ts.items()}, str(st / f"{stem}.safetensors"))
+                save_file(
+                    {k: np.ascontiguousarray(v) for k, v in ts.items()},
+                    str(st / f"{stem}.safetensors"),
+                )
             for fname, data in (extra_files or {}).items():
                 (st / fname).write_bytes(data)
             return self.commit(st, kind="checkpoint", name=name, parents=parents, meta=meta)
@@ -463,5 +535,7 @@ class ArtifactStore:
 
         art = self.get(ref)
         if art.kind != "checkpoint":
-            raise ValueError(f"artifact {art.id[:12]} ({art.name}) is a {art.kind}, not a checkpoint")
+            raise ValueError(
+                f"artifact {art.id[:12]} ({art.name}) is a {art.kind}, not a checkpoint"
+            )
         return load_file(str(art.file(file)))

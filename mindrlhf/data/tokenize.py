@@ -1,4 +1,5 @@
 """Turn text datasets into token datasets (Arrow) and token datasets into padded batches."""
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,12 @@ def _chat(table: pa.Table) -> list[list[dict]] | None:
 
 def _after(tok: Tokenizer, prompt: list[int], full: list[int], row: int) -> list[int]:
     """The answer's ids: what the rendered conversation adds after its rendered prompt."""
-    if full[:len(prompt)] != prompt:
-        raise DataError(f"row {row}: the chat template does not render the conversation as its prompt "
-                        "followed by the answer; the answer's tokens cannot be told apart")
-    return full[len(prompt):]
+    if full[: len(prompt)] != prompt:
+        raise DataError(
+            f"row {row}: the chat template does not render the conversation as its prompt "
+            "followed by the answer; the answer's tokens cannot be told apart"
+        )
+    return full[len(prompt) :]
 
 
 def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
@@ -40,7 +43,9 @@ def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: 
     chats = _chat(table)
     if chats is None:
         prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
-        responses = [r + [tok.eos_id] for r in tok.encode_batch(table.column("response").to_pylist())]
+        responses = [
+            r + [tok.eos_id] for r in tok.encode_batch(table.column("response").to_pylist())
+        ]
     else:
         prompts, responses = [], []
         for i, msgs in enumerate(chats):
@@ -54,8 +59,13 @@ def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: 
         ids_col.append(p + r)
         mask_col.append([0] * len(p) + [1] * len(r))
         plen_col.append(len(p))
-    return pa.table({"input_ids": pa.array(ids_col, IDS), "loss_mask": pa.array(mask_col, MASK),
-                     "prompt_len": pa.array(plen_col, pa.int32())})
+    return pa.table(
+        {
+            "input_ids": pa.array(ids_col, IDS),
+            "loss_mask": pa.array(mask_col, MASK),
+            "prompt_len": pa.array(plen_col, pa.int32()),
+        }
+    )
 
 
 def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
@@ -66,22 +76,30 @@ def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len
     if chats is None:
         prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
         chosen = [c + [tok.eos_id] for c in tok.encode_batch(table.column("chosen").to_pylist())]
-        rejected = [r + [tok.eos_id] for r in tok.encode_batch(table.column("rejected").to_pylist())]
+        rejected = [
+            r + [tok.eos_id] for r in tok.encode_batch(table.column("rejected").to_pylist())
+        ]
     else:  # the conversation so far, then each answer as the assistant's turn
         prompts, chosen, rejected = [], [], []
-        for i, (msgs, c, r) in enumerate(zip(chats, table.column("chosen").to_pylist(),
-                                             table.column("rejected").to_pylist())):
+        for i, (msgs, c, r) in enumerate(
+            zip(chats, table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
+        ):
             p = tok.encode_chat(msgs, add_generation_prompt=True)
             for answer, out in ((c, chosen), (r, rejected)):
-                full = tok.encode_chat(msgs + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+                full = tok.encode_chat(
+                    msgs + [{"role": "assistant", "content": answer}], add_generation_prompt=False
+                )
                 out.append(_after(tok, p, full, i))
             prompts.append(p[-max_prompt_len:])
     for p, c, r in zip(prompts, chosen, rejected):
         cols["chosen_ids"].append((p + c)[:max_len])
         cols["rejected_ids"].append((p + r)[:max_len])
         cols["prompt_len"].append(len(p))
-    out = {"chosen_ids": pa.array(cols["chosen_ids"], IDS), "rejected_ids": pa.array(cols["rejected_ids"], IDS),
-           "prompt_len": pa.array(cols["prompt_len"], pa.int32())}
+    out = {
+        "chosen_ids": pa.array(cols["chosen_ids"], IDS),
+        "rejected_ids": pa.array(cols["rejected_ids"], IDS),
+        "prompt_len": pa.array(cols["prompt_len"], pa.int32()),
+    }
     if "margin" in table.column_names:
         out["margin"] = table.column("margin")
     return pa.table(out)
@@ -114,8 +132,9 @@ def longest_row(table: pa.Table, *columns: str) -> int:
     return max(int(pc.max(pc.list_value_length(table.column(c))).as_py() or 0) for c in columns)
 
 
-def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1,
-               cap: int | None = None) -> dict[str, np.ndarray]:
+def pair_batch(
+    table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1, cap: int | None = None
+) -> dict[str, np.ndarray]:
     """Chosen rows then rejected rows, right-padded to one :func:`bucket_length`: (2B, T)."""
     sub = table.take(pa.array(idx))
     rows = sub.column("chosen_ids").to_pylist() + sub.column("rejected_ids").to_pylist()
@@ -123,9 +142,12 @@ def pair_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1,
     t = bucket_length(max(len(r) for r in rows), multiple, cap)
     resp = np.zeros((len(rows), t), np.float32)
     for i, r in enumerate(rows):
-        resp[i, plen[i % len(plen)]:len(r)] = 1.0
-    return {"input_ids": right_pad(rows, pad_id, t), "attention_mask": right_pad([[1] * len(r) for r in rows], 0, t),
-            "response_mask": resp}
+        resp[i, plen[i % len(plen)] : len(r)] = 1.0
+    return {
+        "input_ids": right_pad(rows, pad_id, t),
+        "attention_mask": right_pad([[1] * len(r) for r in rows], 0, t),
+        "response_mask": resp,
+    }
 
 
 def tokenize_prompts(table: pa.Table, tok: Tokenizer, max_prompt_len: int) -> pa.Table:
@@ -140,16 +162,19 @@ def tokenize_prompts(table: pa.Table, tok: Tokenizer, max_prompt_len: int) -> pa
     return pa.table(cols)
 
 
-def right_pad(rows: list[list[int]], pad: int, length: int | None = None, dtype=np.int32) -> np.ndarray:
+def right_pad(
+    rows: list[list[int]], pad: int, length: int | None = None, dtype=np.int32
+) -> np.ndarray:
     length = length or max(len(r) for r in rows)
     out = np.full((len(rows), length), pad, dtype=dtype)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r[:length]
+        out[i, : len(r)] = r[:length]
     return out
 
 
-def sft_batch(table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1,
-              cap: int | None = None) -> dict[str, np.ndarray]:
+def sft_batch(
+    table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1, cap: int | None = None
+) -> dict[str, np.ndarray]:
     sub = table.take(pa.array(idx))
     ids = sub.column("input_ids").to_pylist()
     lm = sub.column("loss_mask").to_pylist()

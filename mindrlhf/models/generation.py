@@ -17,6 +17,7 @@ own seeded stream -- ``(seed, row id)``, the row id being its place in the whole
 cached and recomputed paths draw the same tokens from the same logits, and a row samples the
 same tokens whichever data-parallel rank (and batch) it is generated in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,18 +39,20 @@ class Generation:
 
     @property
     def responses(self) -> np.ndarray:
-        return self.sequences[:, self.prompt_len:]
+        return self.sequences[:, self.prompt_len :]
 
 
-def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    rows: list[list[int]], pad_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     length = length or max(len(r) for r in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(rows), length), dtype=np.int32)
     for i, r in enumerate(rows):
         r = r[-length:]
         if r:
-            ids[i, length - len(r):] = r
-            mask[i, length - len(r):] = 1
+            ids[i, length - len(r) :] = r
+            mask[i, length - len(r) :] = 1
     return ids, mask
 
 
@@ -91,13 +94,24 @@ def sample_next(logits: np.ndarray, gen: GenerationConfig, rng) -> np.ndarray:
         probs /= probs.sum(-1, keepdims=True)
     cdf = np.cumsum(probs, -1, out=probs)
     # the first index whose CDF reaches u * total: the count of entries below it
-    idx = np.array([np.searchsorted(c, ui * c[-1], "left") for c, ui in zip(cdf, u)], dtype=np.int64)
+    idx = np.array(
+        [np.searchsorted(c, ui * c[-1], "left") for c, ui in zip(cdf, u)], dtype=np.int64
+    )
     return np.minimum(idx, logits.shape[-1] - 1).astype(np.int32)
 
 
-def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: GenerationConfig,
-             eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True,
-             compiled: bool | None = None, row_ids=None) -> Generation:
+def generate(
+    model,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    gen: GenerationConfig,
+    eos_id: int,
+    pad_id: int,
+    seed: int = 0,
+    use_cache: bool = True,
+    compiled: bool | None = None,
+    row_ids=None,
+) -> Generation:
     """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``.
     ``row_ids``: each row's id in the whole batch (default 0..B-1), which keys its random stream."""
     model.set_train(False)
@@ -106,7 +120,9 @@ def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: Genera
     n = gen.max_new_tokens
     limit = model.cfg.max_seq_len
     if p + n > limit:
-        raise ValueError(f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len ({limit})")
+        raise ValueError(
+            f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len ({limit})"
+        )
     seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
     mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
     compiled = gen.compiled if compiled is None else compiled
@@ -115,7 +131,7 @@ def generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, gen: Genera
     else:
         with frozen_head(model):
             steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache)
-    seq, mask = seq[:, :p + steps], mask[:, :p + steps]
+    seq, mask = seq[:, : p + steps], mask[:, : p + steps]
     return Generation(seq, mask, mask[:, p:].copy(), p)
 
 
@@ -149,7 +165,7 @@ def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
         elif past is None:
             logits, past = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
         else:
-            logits, past = model(Tensor(seq[:, cur - 1:cur]), Tensor(mask[:, :cur]), past, True)
+            logits, past = model(Tensor(seq[:, cur - 1 : cur]), Tensor(mask[:, :cur]), past, True)
         return logits.asnumpy()[:, -1]
 
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)
@@ -191,7 +207,9 @@ def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
         if t == 0:
             return first
         cur = p + t
-        args = (Tensor(seq[:, cur - 1:cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32)))
-        return POOL.call("decode", key, step, *args, on_release=lambda: graphs.pop(seq.shape, None)).asnumpy()
+        args = (Tensor(seq[:, cur - 1 : cur]), Tensor(mask), Tensor(np.array([cur - 1], np.int32)))
+        return POOL.call(
+            "decode", key, step, *args, on_release=lambda: graphs.pop(seq.shape, None)
+        ).asnumpy()
 
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)

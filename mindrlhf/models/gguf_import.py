@@ -4,6 +4,7 @@ GGUF stores q/k projections permuted for llama.cpp's interleaved RoPE; our model
 Hugging Face "rotate half" layout, so those rows are permuted back. Quantised tensors (Q4_1,
 Q8_0, ...) are dequantised to float32 with the ``gguf`` package.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,13 +46,20 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 NAMES = {
-    "attn_norm.weight": "attn_norm.weight", "attn_q.weight": "attn.q_proj.weight",
-    "attn_k.weight": "attn.k_proj.weight", "attn_v.weight": "attn.v_proj.weight",
-    "attn_output.weight": "attn.o_proj.weight", "ffn_norm.weight": "mlp_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_output.weight": "attn.o_proj.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_q.bias": "attn.q_proj.bias", "attn_k.bias": "attn.k_proj.bias", "attn_v.bias": "attn.v_proj.bias",
-    "attn_q_norm.weight": "attn.q_norm.weight", "attn_k_norm.weight": "attn.k_norm.weight",
+    "attn_q.bias": "attn.q_proj.bias",
+    "attn_k.bias": "attn.k_proj.bias",
+    "attn_v.bias": "attn.v_proj.bias",
+    "attn_q_norm.weight": "attn.q_norm.weight",
+    "attn_k_norm.weight": "attn.k_norm.weight",
 }
 
 
@@ -62,12 +70,22 @@ def build_tokenizer(tokens: list[str], merges: list[str], token_types: list[int]
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("smollm", "qwen2", "llama-bpe"):  # these split digits one by one before byte-level BPE
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in (
+        "smollm",
+        "qwen2",
+        "llama-bpe",
+    ):  # these split digits one by one before byte-level BPE
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, token_types) if ty == 3]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, token_types)
+        if ty == 3
+    ]
     tok.add_special_tokens(special)
     return tok
 
@@ -85,15 +103,22 @@ def _config(r, path: str) -> ModelConfig:
     head_dim = int(_field(r, f"{arch}.attention.key_length", d // n_heads))
     names = {t.name for t in r.tensors}
     cfg = ModelConfig(
-        family="llama", vocab_size=len(_field(r, "tokenizer.ggml.tokens")), d_model=d,
-        n_layers=int(_field(r, f"{arch}.block_count")), n_heads=n_heads, n_kv_heads=n_kv,
+        family="llama",
+        vocab_size=len(_field(r, "tokenizer.ggml.tokens")),
+        d_model=d,
+        n_layers=int(_field(r, f"{arch}.block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
         d_ff=int(_field(r, f"{arch}.feed_forward_length")),
         max_seq_len=min(int(_field(r, f"{arch}.context_length", 2048)), 2048),
-        qkv_bias="blk.0.attn_q.bias" in names, tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        tie_embeddings="output.weight" not in names,
         norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
-        attn_head_dim=head_dim if head_dim * n_heads != d else None, qk_norm="blk.0.attn_q_norm.weight" in names,
-        arch=arch)
+        attn_head_dim=head_dim if head_dim * n_heads != d else None,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        arch=arch,
+    )
     cfg.validate()
     return cfg
 
@@ -136,11 +161,22 @@ def load_gguf(path: str) -> GGUFModel:
             tensors[f"model.layers.{i}.{NAMES[rest]}"] = w
         else:
             raise ValueError(f"{path}: unexpected tensor {t.name}")
-    tok = build_tokenizer(tokens, list(_field(r, "tokenizer.ggml.merges")),
-                          list(_field(r, "tokenizer.ggml.token_type")), str(_field(r, "tokenizer.ggml.pre", "")))
+    tok = build_tokenizer(
+        tokens,
+        list(_field(r, "tokenizer.ggml.merges")),
+        list(_field(r, "tokenizer.ggml.token_type")),
+        str(_field(r, "tokenizer.ggml.pre", "")),
+    )
     meta = {k: _field(r, k) for k in ("general.name", "general.license", "general.architecture")}
-    return GGUFModel(cfg, tensors, tok, int(_field(r, "tokenizer.ggml.eos_token_id")),
-                     int(_field(r, "tokenizer.ggml.bos_token_id", 0)), _field(r, "tokenizer.chat_template"), meta)
+    return GGUFModel(
+        cfg,
+        tensors,
+        tok,
+        int(_field(r, "tokenizer.ggml.eos_token_id")),
+        int(_field(r, "tokenizer.ggml.bos_token_id", 0)),
+        _field(r, "tokenizer.chat_template"),
+        meta,
+    )
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -148,7 +184,9 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt
+    )
 
 
 def numpy_forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
@@ -169,18 +207,22 @@ def numpy_forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) ->
 
     mask = np.triu(np.full((t, t), -np.inf), 1)
     rep = cfg.n_heads // cfg.kv_heads
+
+    def proj(h, p, n, heads):
+        y = h @ w[p + f"attn.{n}_proj.weight"].T + w.get(p + f"attn.{n}_proj.bias", 0.0)
+        y = y.reshape(t, heads, hd)
+        if n in "qk" and cfg.qk_norm:
+            y = rms(y, w[p + f"attn.{n}_norm.weight"])
+        return y.transpose(1, 0, 2)
+
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         h = rms(x, w[p + "attn_norm.weight"])
-
-        def proj(n, heads):
-            y = h @ w[p + f"attn.{n}_proj.weight"].T + w.get(p + f"attn.{n}_proj.bias", 0.0)
-            y = y.reshape(t, heads, hd)
-            if n in "qk" and cfg.qk_norm:
-                y = rms(y, w[p + f"attn.{n}_norm.weight"])
-            return y.transpose(1, 0, 2)
-
-        q, k, v = proj("q", cfg.n_heads), proj("k", cfg.kv_heads), proj("v", cfg.kv_heads)
+        q, k, v = (
+            proj(h, p, "q", cfg.n_heads),
+            proj(h, p, "k", cfg.kv_heads),
+            proj(h, p, "v", cfg.kv_heads),
+        )
         q, k = rope(q), rope(k)
         k, v = np.repeat(k, rep, 0), np.repeat(v, rep, 0)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
@@ -189,7 +231,11 @@ def numpy_forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) ->
         x = x + a.transpose(1, 0, 2).reshape(t, -1) @ w[p + "attn.o_proj.weight"].T
         h = rms(x, w[p + "mlp_norm.weight"])
         g = h @ w[p + "mlp.gate_proj.weight"].T
-        x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        x = (
+            x
+            + ((g / (1 + np.exp(-g))) * (h @ w[p + "mlp.up_proj.weight"].T))
+            @ w[p + "mlp.down_proj.weight"].T
+        )
     x = rms(x, w["model.norm.weight"])
     head = w.get("lm_head.weight", w["model.embed_tokens"])
     return x @ head.T

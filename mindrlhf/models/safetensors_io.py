@@ -6,6 +6,7 @@ JSON header naming each tensor's dtype, shape and byte range, then the bytes. bf
 float32 exactly (its bits are the top half of a float32). Sharded checkpoints are read through
 ``model.safetensors.index.json``; every error names the file and the tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ INDEX = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
-    """A weight file is missing, malformed or does not hold what it claims; names file and tensor."""
+    """A weight file is missing, malformed or does not hold what it claims; names file and
+    tensor."""
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -35,19 +37,31 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    data = (
+        np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        if size > 8 + n
+        else np.zeros(0, np.uint8)
+    )
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (start, end) = info.get("dtype"), info.get("shape"), info.get("data_offsets", (0, 0))
+        dtype, shape, (start, end) = (
+            info.get("dtype"),
+            info.get("shape"),
+            info.get("data_offsets", (0, 0)),
+        )
         if dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; weights must be F32, F16 or BF16")
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {dtype}; weights must be F32, F16 or BF16"
+            )
         itemsize = np.dtype(FLOAT_DTYPES[dtype]).itemsize
         count = int(np.prod(shape)) if shape else 1
         if end - start != count * itemsize or end > len(data):
-            raise CheckpointError(f"{path}: tensor {name} ({dtype} {shape}) does not fit its byte range "
-                                  f"{start}..{end} of {len(data)}")
+            raise CheckpointError(
+                f"{path}: tensor {name} ({dtype} {shape}) does not fit its byte range "
+                f"{start}..{end} of {len(data)}"
+            )
         raw = np.frombuffer(data[start:end], dtype=FLOAT_DTYPES[dtype])
         if dtype == "BF16":
             arr = (raw.astype(np.uint32) << 16).view(np.float32)
@@ -70,7 +84,9 @@ def weight_files(model_dir: str | Path) -> list[Path]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
-            raise CheckpointError(f"{idx}: shard(s) {missing} listed in the index are missing from {model_dir}")
+            raise CheckpointError(
+                f"{idx}: shard(s) {missing} listed in the index are missing from {model_dir}"
+            )
         return [model_dir / f for f in files]
     single = model_dir / "model.safetensors"
     if single.is_file():

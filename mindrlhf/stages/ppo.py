@@ -17,12 +17,15 @@ same seed and scored by the reward model: the figures the pipeline reports. With
 independent judge, which the policy never optimises: when the RM score climbs and the gold score
 does not, the policy is exploiting the reward model.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
+from .. import rewards
 from ..algos.common import entropy_from_logits, masked_mean, token_logprobs
 from ..algos.ppo import (
     AdaptiveKLController,
@@ -33,7 +36,6 @@ from ..algos.ppo import (
     value_loss,
     whiten,
 )
-from .. import rewards
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
@@ -79,7 +81,8 @@ def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> C
 
 def load_gold_reward(spec: str):
     """(prompt texts, response texts, columns) -> gold scores from an independent judge: a recipe's
-    ``gold_reward`` (movie_reviews: VADER) or a user function ``python:<file>:<fn>``; None if unset."""
+    ``gold_reward`` (movie_reviews: VADER) or a user function ``python:<file>:<fn>``; None if
+    unset."""
     if not spec:
         return None
     if spec.startswith("python:"):
@@ -88,11 +91,14 @@ def load_gold_reward(spec: str):
     recipe = load_recipe(spec)
     if not hasattr(recipe, "gold_reward"):
         raise ValueError(f"ppo.gold_reward: recipe {spec!r} has no gold_reward function")
-    return lambda prompts, responses, columns=None: rewards.check(recipe.gold_reward(prompts, responses), len(responses),
-                                                                  f"{spec}.gold_reward")
+    return lambda prompts, responses, columns=None: rewards.check(
+        recipe.gold_reward(prompts, responses), len(responses), f"{spec}.gold_reward"
+    )
 
 
-def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, seed: int, gold=None) -> dict:
+def evaluate_policies(
+    ctx, policies: dict, reward, norm, prompts, tok, n: int, seed: int, gold=None
+) -> dict:
     """Mean RM score (and gold score, if a gold judge is given) of each policy's samples on the
     same held-out prompts and seed, and the KL (sum over response tokens of log pi - log pi_ref)
     of each policy from the first one."""
@@ -105,18 +111,24 @@ def evaluate_policies(ctx, policies: dict, reward, norm, prompts, tok, n: int, s
     for name, pol in policies.items():
         scores, golds, kls, lens, texts = [], [], [], [], []
         for s in range(0, len(rows), 32):
-            g = sample(pol, rows[s:s + 32], rollout_config(ctx.cfg.generation), tok, seed=seed + s)
+            g = sample(
+                pol, rows[s : s + 32], rollout_config(ctx.cfg.generation), tok, seed=seed + s
+            )
             scores.append(score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm))
             if gold is not None:
-                golds.append(gold(texts_in[s:s + 32], decode_responses(g, tok)))
+                golds.append(gold(texts_in[s : s + 32], decode_responses(g, tok)))
             seq, am = Tensor(g.sequences), Tensor(g.attention_mask)
             lp = response_logprobs(pol, seq, am, g.prompt_len).asnumpy()
             lr = response_logprobs(ref, seq, am, g.prompt_len).asnumpy()
             kls.append(((lp - lr) * g.response_mask).sum(1))
             lens.append(g.response_mask.sum(1))
             texts += decode_responses(g, tok)[:2] if s == 0 else []
-        out[name] = {"score": float(np.concatenate(scores).mean()), "kl": float(np.concatenate(kls).mean()),
-                     "length": float(np.concatenate(lens).mean()), "samples": texts}
+        out[name] = {
+            "score": float(np.concatenate(scores).mean()),
+            "kl": float(np.concatenate(kls).mean()),
+            "length": float(np.concatenate(lens).mean()),
+            "samples": texts,
+        }
         if gold is not None:
             out[name]["gold"] = float(np.concatenate(golds).mean())
     return out
@@ -156,8 +168,11 @@ def run(ctx: StageContext) -> None:
     t_actor = Trainer(actor.trainable_params(), actor_loss, pc, ctx.dist, updates)
     critic_opt = dataclasses.replace(pc, lr=pc.critic_lr)
     t_critic = Trainer(critic.trainable_params(), critic_loss, critic_opt, ctx.dist, updates)
-    kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
-              else FixedKLController(pc.kl_coef))
+    kl_ctl = (
+        AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+        if pc.adaptive_kl
+        else FixedKLController(pc.kl_coef)
+    )
     ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"actor": actor, "critic": critic}, {"actor": t_actor, "critic": t_critic}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
@@ -174,59 +189,118 @@ def run(ctx: StageContext) -> None:
         batch = [prompt_rows[i] for i in order]
         mine = shard(np.arange(pc.rollout_batch), ctx.dist)
         actor.set_train(False)
-        g = sample(actor, [batch[i] for i in mine], rollout_cfg, tok, seed=cfg.seed * 1000 + it * 16,
-                   multiple=pc.pad_to, row_ids=mine, batch_prompts=batch, dist=ctx.dist)
+        g = sample(
+            actor,
+            [batch[i] for i in mine],
+            rollout_cfg,
+            tok,
+            seed=cfg.seed * 1000 + it * 16,
+            multiple=pc.pad_to,
+            row_ids=mine,
+            batch_prompts=batch,
+            dist=ctx.dist,
+        )
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
         raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
-        local = {"sequence": seq, "attention_mask": am, "response_mask": g.response_mask,
-                 "logprobs": score_rollout(response_logprobs, actor, seq, am, p, pc.compiled) * rmask,
-                 "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, pc.compiled) * rmask,
-                 "values": score_rollout(response_values, critic, seq, am, p, pc.compiled) * rmask,
-                 "score": np.clip(raw, -pc.score_clip, pc.score_clip)}
+        local = {
+            "sequence": seq,
+            "attention_mask": am,
+            "response_mask": g.response_mask,
+            "logprobs": score_rollout(response_logprobs, actor, seq, am, p, pc.compiled) * rmask,
+            "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, pc.compiled) * rmask,
+            "values": score_rollout(response_values, critic, seq, am, p, pc.compiled) * rmask,
+            "score": np.clip(raw, -pc.score_clip, pc.score_clip),
+        }
         if gold is not None:  # logged only: the policy never sees it
             local["gold"] = gold([prompt_texts[i] for i in order[mine]], decode_responses(g, tok))
         c = gather_rows(local, ctx.dist)
         rmask = c["response_mask"].astype(np.float32)
-        rewards, kl = kl_penalized_rewards(c["score"], c["logprobs"], c["ref_logprobs"], rmask, kl_ctl.value)
+        rewards, kl = kl_penalized_rewards(
+            c["score"], c["logprobs"], c["ref_logprobs"], rmask, kl_ctl.value
+        )
         adv, ret = gae(rewards, c["values"], rmask, pc.gamma, pc.lam)
         if pc.whiten_advantages:
             adv = whiten(adv, rmask)
-        cols = {"logprobs": c["logprobs"], "ref_logprobs": c["ref_logprobs"], "values": c["values"],
-                "rewards": rewards, "advantages": adv, "returns": ret, "kl": kl, "score": c["score"]}
+        cols = {
+            "logprobs": c["logprobs"],
+            "ref_logprobs": c["ref_logprobs"],
+            "values": c["values"],
+            "rewards": rewards,
+            "advantages": adv,
+            "returns": ret,
+            "kl": kl,
+            "score": c["score"],
+        }
         if gold is not None:
             cols["gold"] = c["gold"]
-        table = experience_table(Generation(c["sequence"], c["attention_mask"], c["response_mask"], p), cols)
-        return table, dict(name=f"{cfg.name}-ppo-rollout-{it}",
-                           parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
-                           meta={"stage": "ppo", "iteration": it, "kl_coef": kl_ctl.value})
+        table = experience_table(
+            Generation(c["sequence"], c["attention_mask"], c["response_mask"], p), cols
+        )
+        return table, dict(
+            name=f"{cfg.name}-ppo-rollout-{it}",
+            parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"]],
+            meta={"stage": "ppo", "iteration": it, "kl_coef": kl_ctl.value},
+        )
 
     for it in range(start, pc.iterations):
-        exp_id, ex = rollouts.get_or_make(it, lambda: make_experience(it))
+        exp_id, ex = rollouts.get_or_make(it, functools.partial(make_experience, it))
         experience_ids.append(exp_id)
 
-        # ---- PPO epochs over the whole rollout, each rank taking its share of every mini-batch -----
+        # ---- PPO epochs over the whole rollout, each rank taking its share of every mini-batch ---
         actor.set_train(True)
         seqs, am, p = ex["sequence"], ex["attention_mask"], int(ex["prompt_len"][0])
         rmask = ex["response_mask"].astype(np.float32)
-        stats = {"pg_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "vf_loss": [], "vf_clipfrac": []}
+        stats = {
+            "pg_loss": [],
+            "clipfrac": [],
+            "approx_kl": [],
+            "entropy": [],
+            "vf_loss": [],
+            "vf_clipfrac": [],
+        }
         n = len(seqs)
         for epoch in range(pc.ppo_epochs):
             for b, whole in minibatches(n, pc.mini_batch, [cfg.seed, it, epoch], ctx.dist):
                 denom = Tensor(np.float32(max(rmask[whole].sum(), 1.0) / ctx.dist.size))
                 args = (Tensor(seqs[b]), Tensor(am[b]))
-                pl, _, (cf, ak, ent) = t_actor.step(*args, Tensor(ex["logprobs"][b]), Tensor(ex["advantages"][b]),
-                                                    Tensor(rmask[b]), p, denom)
-                vl, _, vcf = t_critic.step(*args, Tensor(ex["values"][b]), Tensor(ex["returns"][b]),
-                                           Tensor(rmask[b]), p, denom)
-                for k, v in (("pg_loss", pl), ("clipfrac", cf), ("approx_kl", ak), ("entropy", ent),
-                             ("vf_loss", vl), ("vf_clipfrac", vcf)):
+                pl, _, (cf, ak, ent) = t_actor.step(
+                    *args,
+                    Tensor(ex["logprobs"][b]),
+                    Tensor(ex["advantages"][b]),
+                    Tensor(rmask[b]),
+                    p,
+                    denom,
+                )
+                vl, _, vcf = t_critic.step(
+                    *args,
+                    Tensor(ex["values"][b]),
+                    Tensor(ex["returns"][b]),
+                    Tensor(rmask[b]),
+                    p,
+                    denom,
+                )
+                for k, v in (
+                    ("pg_loss", pl),
+                    ("clipfrac", cf),
+                    ("approx_kl", ak),
+                    ("entropy", ent),
+                    ("vf_loss", vl),
+                    ("vf_clipfrac", vcf),
+                ):
                     stats[k].append(float(v if isinstance(v, float) else v.asnumpy()))
-        seq_kl = float(ex["kl"].sum(1).mean())  # the whole rollout: every rank's KL controller agrees
+        seq_kl = float(
+            ex["kl"].sum(1).mean()
+        )  # the whole rollout: every rank's KL controller agrees
         kl_ctl.update(seq_kl, n)
-        row = {"step": it + 1, "reward_mean": float(ex["score"].mean()), "kl": seq_kl,
-               "kl_coef": kl_ctl.value, "response_length": float(rmask.sum(1).mean()),
-               **{k: float(np.mean(v)) for k, v in stats.items()}}
+        row = {
+            "step": it + 1,
+            "reward_mean": float(ex["score"].mean()),
+            "kl": seq_kl,
+            "kl_coef": kl_ctl.value,
+            "response_length": float(rmask.sum(1).mean()),
+            **{k: float(np.mean(v)) for k, v in stats.items()},
+        }
         if gold is not None:
             row["gold_mean"] = float(ex["gold"].mean())
         if not all(np.isfinite(v) for v in row.values()):
@@ -235,32 +309,64 @@ def run(ctx: StageContext) -> None:
         ctx.metric(**row)
         done = it + 1
         if done % pc.ckpt_every == 0 and done < pc.iterations and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers,
-                                {"history": history, "experience": experience_ids, "kl_coef": kl_ctl.value})
+            save_training_state(
+                ckpts,
+                done,
+                models,
+                trainers,
+                {"history": history, "experience": experience_ids, "kl_coef": kl_ctl.value},
+            )
             ctx.log(f"checkpoint at iteration {done}")
 
     if not ctx.dist.is_main:
         return
     actor.set_train(False)
-    ev = evaluate_policies(ctx, {"sft": ref, "ppo": actor}, reward, norm, heldout, tok, pc.eval_prompts,
-                           seed=cfg.seed + 99, gold=gold)
+    ev = evaluate_policies(
+        ctx,
+        {"sft": ref, "ppo": actor},
+        reward,
+        norm,
+        heldout,
+        tok,
+        pc.eval_prompts,
+        seed=cfg.seed + 99,
+        gold=gold,
+    )
     for name, e in ev.items():
         g_txt = f"  gold {e['gold']:.3f}" if gold is not None else ""
-        ctx.log(f"held-out {name}: rm score {e['score']:.3f}{g_txt}  kl {e['kl']:.3f}  length {e['length']:.1f}  "
-                f"e.g. {e['samples'][:1]}")
-    metrics = {"heldout_score_sft": ev["sft"]["score"], "heldout_score_ppo": ev["ppo"]["score"],
-               "heldout_kl_ppo": ev["ppo"]["kl"], "iterations": pc.iterations,
-               "final_kl_coef": kl_ctl.value}
+        ctx.log(
+            f"held-out {name}: rm score {e['score']:.3f}{g_txt}  kl {e['kl']:.3f}  length "
+            f"{e['length']:.1f}  "
+            f"e.g. {e['samples'][:1]}"
+        )
+    metrics = {
+        "heldout_score_sft": ev["sft"]["score"],
+        "heldout_score_ppo": ev["ppo"]["score"],
+        "heldout_kl_ppo": ev["ppo"]["kl"],
+        "iterations": pc.iterations,
+        "final_kl_coef": kl_ctl.value,
+    }
     if gold is not None:
         metrics.update(heldout_gold_sft=ev["sft"]["gold"], heldout_gold_ppo=ev["ppo"]["gold"])
-    plotted = ["reward_mean", "gold_mean", "kl", "entropy"] if gold is not None else \
-        ["reward_mean", "kl", "entropy", "vf_loss"]
+    plotted = (
+        ["reward_mean", "gold_mean", "kl", "entropy"]
+        if gold is not None
+        else ["reward_mean", "kl", "entropy", "vf_loss"]
+    )
     mart = publish_metrics(ctx, history, plotted, parents=sorted(set(experience_ids)))
     art = ctx.store.write_checkpoint(
-        state_dict(actor), name=f"{cfg.name}-ppo",
+        state_dict(actor),
+        name=f"{cfg.name}-ppo",
         parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"], mart.id],
-        meta={"stage": "ppo", "model": model_meta(cfg), "metrics": metrics, "eval": ev,
-              "gold_reward": pc.gold_reward, "experience": experience_ids})
+        meta={
+            "stage": "ppo",
+            "model": model_meta(cfg),
+            "metrics": metrics,
+            "eval": ev,
+            "gold_reward": pc.gold_reward,
+            "experience": experience_ids,
+        },
+    )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)
 
 

@@ -7,6 +7,7 @@ Outputs (artifact ids):
   pairs_train, pairs_heldout         preference pairs (recipes that build them)
   prompts_<recipe>_train / _heldout  prompt tokens with their labels, per recipe
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,11 +16,11 @@ import pyarrow as pa
 
 from ..data import registry
 from ..data.recipes import load_recipe
-from ..data.sources import build_source
-from ..keys import file_sha256
 from ..data.schema import DataError, validate_table
+from ..data.sources import build_source
 from ..data.tokenize import tokenize_pairs, tokenize_prompts, tokenize_sft
 from ..data.tokenizer import load_tokenizer
+from ..keys import file_sha256
 from .common import StageContext, stage_main
 
 TEXT_SCHEMAS = {"sft": "sft_text", "pairs": "pairs_text", "prompts": "prompts_text"}
@@ -34,33 +35,59 @@ def run(ctx: StageContext) -> None:
     by_kind: dict[str, list[tuple[str, pa.Table]]] = {}
 
     def add(name: str, table_name: str, table: pa.Table, meta: dict) -> None:
-        art = ctx.store.write_dataset(table, name=f"{name}-{table_name}", meta={**meta, "table": table_name})
+        art = ctx.store.write_dataset(
+            table, name=f"{name}-{table_name}", meta={**meta, "table": table_name}
+        )
         outputs[f"{name}_{table_name}_text"] = art.id
         counts[f"{name}_{table_name}"] = table.num_rows
         by_kind.setdefault(table_name, []).append((name, art.id))
         ctx.log(f"{name}/{table_name}: {table.num_rows} rows -> {art.id[:12]}")
 
     # every user file read and checked before anything is written
-    built = [(spec, build_source(spec, i, dc.heldout_fraction)) for i, spec in enumerate(dc.sources) if spec.path]
+    built = [
+        (spec, build_source(spec, i, dc.heldout_fraction))
+        for i, spec in enumerate(dc.sources)
+        if spec.path
+    ]
     for name in dc.all_recipes:
         recipe = load_recipe(name)
-        sources = {k: {"spec": registry.PINS[k].spec, "sha256": registry.PINS[k].sha256,
-                       "license": registry.PINS[k].license} for k in recipe.SOURCES}
+        sources = {
+            k: {
+                "spec": registry.PINS[k].spec,
+                "sha256": registry.PINS[k].sha256,
+                "license": registry.PINS[k].license,
+            }
+            for k in recipe.SOURCES
+        }
         for table_name, table in recipe.build(dc).items():
             schema = TEXT_SCHEMAS.get(table_name.split("_", 1)[0])
             if schema:
                 validate_table(table, schema, f"recipe {name}: table {table_name}")
             add(name, table_name, table, {"recipe": name, "sources": sources})
     for spec, tables in built:
-        files = [{"name": f.name, "sha256": file_sha256(f), "bytes": f.stat().st_size} for f in _files(spec.path)]
+        files = [
+            {"name": f.name, "sha256": file_sha256(f), "bytes": f.stat().st_size}
+            for f in _files(spec.path)
+        ]
         for table_name, table in tables.items():
-            add(spec.label, table_name, table, {"source": {"kind": spec.kind, "format": spec.format, "files": files}})
+            add(
+                spec.label,
+                table_name,
+                table,
+                {"source": {"kind": spec.kind, "format": spec.format, "files": files}},
+            )
 
     def tokenized(kind: str, split: str, fn, out_name: str, sources: list[tuple[str, str]]):
-        parts = [fn(ctx.store.read_dataset(i), tok, dc.max_prompt_len, dc.max_len) for _, i in sources]
+        parts = [
+            fn(ctx.store.read_dataset(i), tok, dc.max_prompt_len, dc.max_len) for _, i in sources
+        ]
         table = pa.concat_tables(parts, promote_options="permissive")
-        art = ctx.store.write_dataset(table, name=f"{ctx.cfg.name}-{out_name}", parents=[i for _, i in sources],
-                                      meta={**tok_meta, "kind": kind, "split": split})
+        art = ctx.store.write_dataset(
+            table,
+            name=f"{ctx.cfg.name}-{out_name}",
+            parents=[i for _, i in sources],
+            meta={**tok_meta, "kind": kind, "split": split},
+        )
         outputs[out_name] = art.id
         ctx.log(f"{out_name}: {table.num_rows} rows -> {art.id[:12]}")
 
@@ -71,10 +98,21 @@ def run(ctx: StageContext) -> None:
         if by_kind.get(f"pairs_{split}"):
             tokenized("pairs", split, tokenize_pairs, f"pairs_{split}", by_kind[f"pairs_{split}"])
         for recipe_name, text_id in by_kind.get(f"prompts_{split}", []):
-            tokenized("prompts", split, lambda t, tk, mp, ml: tokenize_prompts(t, tk, mp),
-                      f"prompts_{recipe_name}_{split}", [(recipe_name, text_id)])
+            tokenized(
+                "prompts",
+                split,
+                lambda t, tk, mp, ml: tokenize_prompts(t, tk, mp),
+                f"prompts_{recipe_name}_{split}",
+                [(recipe_name, text_id)],
+            )
     pins = {k for n in dc.all_recipes for k in load_recipe(n).SOURCES}
-    pins |= {"gpt2-bpe"} if ctx.cfg.tokenizer.kind == "gpt2_bpe" else {"smollm2"} if ctx.cfg.tokenizer.kind == "smollm2" else set()
+    pins |= (
+        {"gpt2-bpe"}
+        if ctx.cfg.tokenizer.kind == "gpt2_bpe"
+        else {"smollm2"}
+        if ctx.cfg.tokenizer.kind == "smollm2"
+        else set()
+    )
     ctx.finish(outputs, {f"rows_{k}": v for k, v in counts.items()}, sources=sorted(pins))
 
 

@@ -1,5 +1,6 @@
 """Reference log-probs stage: ``python -m mindrlhf.stages.reflogp --spec S --out O``.
 Inputs: ``train`` / ``heldout`` pair datasets and ``model`` (the reference checkpoint)."""
+
 from .common import stage_main
 from .dpo import run_reflogp
 

@@ -5,6 +5,7 @@ the SFT checkpoint whose transformer initialises the reward model (InstructGPT).
 reads the last real token. Output: a checkpoint whose manifest carries held-out accuracy and loss,
 and (``rm.normalize``) the mean/std of rewards over held-out responses for standardising scores.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,9 @@ def load_reward_model(store, ckpt_id: str, model_cfg) -> tuple[ScalarHeadModel, 
     return model, store.get(ckpt_id, verify=False).meta.get("reward_norm", {})
 
 
-def score_sequences(model, ids: np.ndarray, mask: np.ndarray, norm: dict | None = None) -> np.ndarray:
+def score_sequences(
+    model, ids: np.ndarray, mask: np.ndarray, norm: dict | None = None
+) -> np.ndarray:
     """Reward of each row at its last real token, standardised when ``norm`` is given."""
     from mindspore import Tensor
 
@@ -52,15 +55,22 @@ def evaluate(model, table, pad_id: int, batch: int = 32) -> dict:
     for s in range(0, n, batch):
         idx = np.arange(s, min(s + batch, n))
         bt = pair_batch(table, idx, pad_id)
-        r = gather_last(model(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"])), Tensor(bt["attention_mask"]))
+        r = gather_last(
+            model(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"])),
+            Tensor(bt["attention_mask"]),
+        )
         k = len(idx)
         loss, acc = bradley_terry_loss(r[:k], r[k:])
         losses.append(float(loss.asnumpy()) * k)
         accs.append(float(acc.asnumpy()) * k)
         rewards.append(r.asnumpy())
     allr = np.concatenate(rewards)
-    return {"accuracy": sum(accs) / n, "loss": sum(losses) / n, "reward_mean": float(allr.mean()),
-            "reward_std": float(allr.std() + 1e-6)}
+    return {
+        "accuracy": sum(accs) / n,
+        "loss": sum(losses) / n,
+        "reward_mean": float(allr.mean()),
+        "reward_std": float(allr.std() + 1e-6),
+    }
 
 
 def run(ctx: StageContext) -> None:
@@ -102,12 +112,14 @@ def run(ctx: StageContext) -> None:
         window.append((loss, float(acc.asnumpy())))
         done = step + 1
         if done % rc.log_every == 0 or done == rc.steps:
-            l, a = np.mean(window, 0)
-            ctx.metric(step=done, loss=l, accuracy=a, grad_norm=gnorm)
-            history.append({"step": done, "loss": float(l), "accuracy": float(a)})
+            mean_loss, a = np.mean(window, 0)
+            ctx.metric(step=done, loss=mean_loss, accuracy=a, grad_norm=gnorm)
+            history.append({"step": done, "loss": float(mean_loss), "accuracy": float(a)})
             window = []
         if done % rc.ckpt_every == 0 and done < rc.steps and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history, "window": window})
+            save_training_state(
+                ckpts, done, models, trainers, {"history": history, "window": window}
+            )
             ctx.log(f"checkpoint at step {done}")
 
     model.set_train(False)
@@ -115,14 +127,21 @@ def run(ctx: StageContext) -> None:
     ctx.metric(step=rc.steps, heldout_accuracy=ev["accuracy"], heldout_loss=ev["loss"])
     if not ctx.dist.is_main:
         return
-    metrics = {"heldout_accuracy_before": history[0]["heldout_accuracy"], "heldout_accuracy": ev["accuracy"],
-               "heldout_loss": ev["loss"], "steps": rc.steps}
+    metrics = {
+        "heldout_accuracy_before": history[0]["heldout_accuracy"],
+        "heldout_accuracy": ev["accuracy"],
+        "heldout_loss": ev["loss"],
+        "steps": rc.steps,
+    }
     meta = {"stage": "rm", "model": model_meta(cfg), "metrics": metrics, "history": history}
     if rc.normalize:
         meta["reward_norm"] = {"mean": ev["reward_mean"], "std": ev["reward_std"]}
-    art = ctx.store.write_checkpoint(state_dict(model), name=f"{cfg.name}-rm",
-                                     parents=[ctx.inputs["train"], ctx.inputs["heldout"], ctx.inputs["sft"]],
-                                     meta=meta)
+    art = ctx.store.write_checkpoint(
+        state_dict(model),
+        name=f"{cfg.name}-rm",
+        parents=[ctx.inputs["train"], ctx.inputs["heldout"], ctx.inputs["sft"]],
+        meta=meta,
+    )
     ctx.finish({"checkpoint": art.id}, metrics)
 
 

@@ -1,5 +1,6 @@
 """Rollout helpers shared by PPO, GRPO and online DPO: sample responses with the KV cache and
 score them token by token with the policy, the reference and the critic."""
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,24 @@ I32 = pa.list_(pa.int32())
 I8 = pa.list_(pa.int8())
 
 
-def rollout_config(gen_cfg, temperature: float = 1.0, max_new_tokens: int | None = None) -> GenerationConfig:
+def rollout_config(
+    gen_cfg, temperature: float = 1.0, max_new_tokens: int | None = None
+) -> GenerationConfig:
     """Sampling for RL: the policy's own distribution at ``temperature``, no top-k/top-p
     truncation, so the log-probs the losses use are those of the tokens' true sampling law."""
-    return GenerationConfig(max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens, do_sample=True,
-                            temperature=temperature, top_k=0, top_p=1.0, compiled=gen_cfg.compiled)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        compiled=gen_cfg.compiled,
+    )
 
 
-PROMPT_BUCKET = 8  # compiled decoding: prompt lengths padded to a rung of bucket_length's ladder on 8
+PROMPT_BUCKET = (
+    8  # compiled decoding: prompt lengths padded to a rung of bucket_length's ladder on 8
+)
 
 
 def prompt_block(prompt_rows: list[list[int]], gen_cfg, model_cfg) -> int:
@@ -38,7 +49,10 @@ def prompt_block(prompt_rows: list[list[int]], gen_cfg, model_cfg) -> int:
     longest = max(len(r) for r in prompt_rows)
     if not gen_cfg.compiled:
         return longest
-    return max(longest, bucket_length(longest, PROMPT_BUCKET, model_cfg.max_seq_len - gen_cfg.max_new_tokens))
+    return max(
+        longest,
+        bucket_length(longest, PROMPT_BUCKET, model_cfg.max_seq_len - gen_cfg.max_new_tokens),
+    )
 
 
 def pad_responses(g: Generation, width: int, pad_id: int) -> Generation:
@@ -46,13 +60,25 @@ def pad_responses(g: Generation, width: int, pad_id: int) -> Generation:
     extra = width - g.responses.shape[1]
     if extra <= 0:
         return g
-    return Generation(np.pad(g.sequences, ((0, 0), (0, extra)), constant_values=pad_id),
-                      np.pad(g.attention_mask, ((0, 0), (0, extra))), np.pad(g.response_mask, ((0, 0), (0, extra))),
-                      g.prompt_len)
+    return Generation(
+        np.pad(g.sequences, ((0, 0), (0, extra)), constant_values=pad_id),
+        np.pad(g.attention_mask, ((0, 0), (0, extra))),
+        np.pad(g.response_mask, ((0, 0), (0, extra))),
+        g.prompt_len,
+    )
 
 
-def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multiple: int = 1, row_ids=None,
-           batch_prompts: list[list[int]] | None = None, dist=None) -> Generation:
+def sample(
+    policy,
+    prompt_rows: list[list[int]],
+    gen_cfg,
+    tok,
+    seed: int,
+    multiple: int = 1,
+    row_ids=None,
+    batch_prompts: list[list[int]] | None = None,
+    dist=None,
+) -> Generation:
     """Sample responses for left-padded prompts (see :func:`prompt_block`). ``multiple`` > 1 pads
     the response block to a rung on it, for the compiled training step that consumes the rollout.
 
@@ -61,13 +87,24 @@ def sample(policy, prompt_rows: list[list[int]], gen_cfg, tok, seed: int, multip
     prompts and ``dist`` the ranks, which agree on the prompt and response widths."""
     length = prompt_block(batch_prompts or prompt_rows, gen_cfg, policy.cfg)
     ids, mask = left_pad(prompt_rows, tok.pad_id, length)
-    g = generate(policy, ids, mask, gen_cfg, tok.eos_id, tok.pad_id, seed=seed, use_cache=True, row_ids=row_ids)
+    g = generate(
+        policy,
+        ids,
+        mask,
+        gen_cfg,
+        tok.eos_id,
+        tok.pad_id,
+        seed=seed,
+        use_cache=True,
+        row_ids=row_ids,
+    )
     steps = g.responses.shape[1] if dist is None else all_max(g.responses.shape[1], dist)
     return pad_responses(g, bucket_length(steps, multiple, gen_cfg.max_new_tokens), tok.pad_id)
 
 
 def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0):
-    """Log-probs of the response tokens seq[:, P:] under ``model`` (Tensors in, (B, N) Tensor out)."""
+    """Log-probs of the response tokens seq[:, P:] under ``model`` (Tensors in, (B, N) Tensor
+    out)."""
     logits = model.response_logits(seq, mask, prompt_len)
     if temperature != 1.0:
         logits = logits / temperature
@@ -76,10 +113,12 @@ def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.
 
 def response_values(critic, seq, mask, prompt_len: int):
     """Critic value of the state before each response token: positions P-1 .. P+N-2."""
-    return critic(seq, mask)[:, prompt_len - 1:-1]
+    return critic(seq, mask)[:, prompt_len - 1 : -1]
 
 
-def score_rollout(fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int, compiled: bool) -> np.ndarray:
+def score_rollout(
+    fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int, compiled: bool
+) -> np.ndarray:
     """``fn(model, seq, mask, prompt_len)`` (response_logprobs / response_values) on a rollout,
     without gradients, as NumPy. ``compiled``: one mindspore.jit graph per (fn, prompt length)
     and batch shape, kept on the model; rollout shapes are bucketed, so a stage meets few."""
@@ -96,13 +135,15 @@ def score_rollout(fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int,
             return fn(model, s, m, prompt_len)
 
         graphs[key] = ms.jit(forward)
-    return POOL.call("score", (id(model), *key, seq.shape), graphs[key], Tensor(seq), Tensor(mask)).asnumpy()
+    return POOL.call(
+        "score", (id(model), *key, seq.shape), graphs[key], Tensor(seq), Tensor(mask)
+    ).asnumpy()
 
 
 def score_mask(g: Generation, eos_id: int) -> np.ndarray:
     """Attention mask for reward scoring: eos and padding excluded, the last content token read."""
     m = g.attention_mask.copy()
-    m[:, g.prompt_len:][g.responses == eos_id] = 0
+    m[:, g.prompt_len :][g.responses == eos_id] = 0
     return m
 
 
@@ -113,13 +154,19 @@ def decode_responses(g: Generation, tok) -> list[str]:
 def experience_table(g: Generation, cols: dict[str, np.ndarray]) -> pa.Table:
     """One row per sample: the full sequence and masks plus per-token (B, N) and per-sample (B,)
     arrays, so a rollout can be inspected or replayed without sampling again."""
-    out = {"sequence": pa.array(g.sequences.tolist(), I32),
-           "attention_mask": pa.array(g.attention_mask.astype(np.int8).tolist(), I8),
-           "response_mask": pa.array(g.response_mask.astype(np.int8).tolist(), I8),
-           "prompt_len": pa.array([g.prompt_len] * len(g.sequences), pa.int32())}
+    out = {
+        "sequence": pa.array(g.sequences.tolist(), I32),
+        "attention_mask": pa.array(g.attention_mask.astype(np.int8).tolist(), I8),
+        "response_mask": pa.array(g.response_mask.astype(np.int8).tolist(), I8),
+        "prompt_len": pa.array([g.prompt_len] * len(g.sequences), pa.int32()),
+    }
     for k, v in cols.items():
         v = np.asarray(v)
-        out[k] = pa.array(v.astype(np.float32).tolist(), F32) if v.ndim == 2 else pa.array(v.astype(np.float32))
+        out[k] = (
+            pa.array(v.astype(np.float32).tolist(), F32)
+            if v.ndim == 2
+            else pa.array(v.astype(np.float32))
+        )
     return pa.table(out)
 
 
@@ -129,8 +176,12 @@ def table_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     for name in table.column_names:
         col = table.column(name)
         if pa.types.is_list(col.type):
-            out[name] = np.array(col.to_pylist(), dtype=np.int32 if name == "sequence" else
-                                 (np.int32 if col.type.value_type == pa.int8() else np.float32))
+            out[name] = np.array(
+                col.to_pylist(),
+                dtype=np.int32
+                if name == "sequence"
+                else (np.int32 if col.type.value_type == pa.int8() else np.float32),
+            )
         else:
             out[name] = col.to_numpy()
     return out
@@ -151,7 +202,8 @@ class RolloutLog:
             raise RuntimeError(f"ranks disagree on the rollouts recorded in {self.path}")
 
     def get_or_make(self, it: int, make) -> tuple[str | None, dict[str, np.ndarray]]:
-        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no rollout."""
+        """``make() -> (table, write_dataset kwargs)`` runs only when iteration ``it`` has no
+        rollout."""
         if str(it) in self.ids:
             exp_id = self.ids[str(it)]
             self.ctx.log(f"iteration {it}: reusing rollout {exp_id[:12]}")

@@ -5,6 +5,7 @@ prompt_len) and optionally ``init``, a checkpoint to start from (else a seeded r
 Output: a ``checkpoint`` artifact whose parents are the datasets (and init), with the
 held-out loss before/after and sample generations in its manifest.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,18 +39,27 @@ def heldout_loss(model, table, pad_id: int, batch: int, n_batches: int) -> float
     for b in range(min(n_batches, max(1, table.num_rows // batch))):
         bt = sft_batch(table, np.arange(b * batch, min((b + 1) * batch, table.num_rows)), pad_id)
         logits, _ = model(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]))
-        losses.append(float(sft_loss(logits, Tensor(bt["input_ids"]), Tensor(bt["loss_mask"])).asnumpy()))
+        losses.append(
+            float(sft_loss(logits, Tensor(bt["input_ids"]), Tensor(bt["loss_mask"])).asnumpy())
+        )
     return float(np.mean(losses)) if losses else float("nan")
 
 
 def sample_generations(ctx: StageContext, model, table, n: int = 3) -> list[dict]:
     tok = load_tokenizer(ctx.cfg.tokenizer)
     rows = table.slice(0, n)
-    prompts = [ids[:pl] for ids, pl in zip(rows.column("input_ids").to_pylist(), rows.column("prompt_len").to_pylist())]
+    prompts = [
+        ids[:pl]
+        for ids, pl in zip(
+            rows.column("input_ids").to_pylist(), rows.column("prompt_len").to_pylist()
+        )
+    ]
     ids, mask = left_pad(prompts, tok.pad_id)
     out = generate(model, ids, mask, ctx.cfg.generation, tok.eos_id, tok.pad_id, seed=ctx.cfg.seed)
-    return [{"prompt": tok.decode(p), "response": tok.decode(r[m > 0])}
-            for p, r, m in zip(prompts, out.responses, out.response_mask)]
+    return [
+        {"prompt": tok.decode(p), "response": tok.decode(r[m > 0])}
+        for p, r, m in zip(prompts, out.responses, out.response_mask)
+    ]
 
 
 def run(ctx: StageContext) -> None:
@@ -61,13 +71,17 @@ def run(ctx: StageContext) -> None:
     validate_table(train, "sft_tokens", f"dataset {ctx.inputs['train'][:12]}")
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
+        )
 
     model = CausalLM(cfg.model, seed=cfg.seed)
     apply_parallel(model, cfg.parallel)
     parents = [ctx.inputs["train"], ctx.inputs["heldout"]]
     if ctx.inputs.get("init"):
-        load_state_dict(model, ctx.store.read_checkpoint(ctx.inputs["init"]), source=ctx.inputs["init"][:12])
+        load_state_dict(
+            model, ctx.store.read_checkpoint(ctx.inputs["init"]), source=ctx.inputs["init"][:12]
+        )
         parents.append(ctx.inputs["init"])
 
     def loss_fn(input_ids, attention_mask, loss_mask, denom):
@@ -80,7 +94,11 @@ def run(ctx: StageContext) -> None:
     models, trainers = {"model": model}, {"model": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history = state.get("history", [])
-    loss0 = history[0]["heldout_loss"] if history else heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)
+    loss0 = (
+        history[0]["heldout_loss"]
+        if history
+        else heldout_loss(model, heldout, tok.pad_id, sc.batch_size, sc.eval_batches)
+    )
     if not history:
         history.append({"step": 0, "heldout_loss": loss0})
         ctx.metric(step=0, heldout_loss=loss0)
@@ -94,16 +112,21 @@ def run(ctx: StageContext) -> None:
         bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id, sc.pad_to, longest)
         tokens = sum(sum(m[1:]) for m in train.column("loss_mask").take(global_idx).to_pylist())
         denom = Tensor(np.float32(max(tokens, 1) / ctx.dist.size))
-        loss, gnorm, _ = trainer.step(Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]),
-                                      denom)
+        loss, gnorm, _ = trainer.step(
+            Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]), denom
+        )
         window.append(loss)
         done = step + 1
         if done % sc.log_every == 0 or done == sc.steps:
-            ctx.metric(step=done, loss=float(np.mean(window)), grad_norm=gnorm, lr=trainer.lr_at(step))
+            ctx.metric(
+                step=done, loss=float(np.mean(window)), grad_norm=gnorm, lr=trainer.lr_at(step)
+            )
             history.append({"step": done, "loss": float(np.mean(window))})
             window = []
         if done % sc.ckpt_every == 0 and done < sc.steps and ctx.dist.is_main:
-            save_training_state(ckpts, done, models, trainers, {"history": history, "window": window})
+            save_training_state(
+                ckpts, done, models, trainers, {"history": history, "window": window}
+            )
             ctx.log(f"checkpoint at step {done}")
 
     train_seconds = time.perf_counter() - t_train
@@ -114,12 +137,26 @@ def run(ctx: StageContext) -> None:
         ctx.log(f"sample: {s['prompt']!r} -> {s['response']!r}")
     if not ctx.dist.is_main:
         return
-    metrics = {"heldout_loss_before": loss0, "heldout_loss_after": loss1, "steps": sc.steps,
-               "train_loss_last": history[-1].get("loss"), "workers": ctx.dist.size}
+    metrics = {
+        "heldout_loss_before": loss0,
+        "heldout_loss_after": loss1,
+        "steps": sc.steps,
+        "train_loss_last": history[-1].get("loss"),
+        "workers": ctx.dist.size,
+    }
     art = ctx.store.write_checkpoint(
-        state_dict(model), name=f"{cfg.name}-sft", parents=parents,
-        meta={"stage": "sft", "model": model_meta(cfg), "metrics": metrics, "history": history,
-              "samples": samples, "tokenizer": cfg.tokenizer.kind})
+        state_dict(model),
+        name=f"{cfg.name}-sft",
+        parents=parents,
+        meta={
+            "stage": "sft",
+            "model": model_meta(cfg),
+            "metrics": metrics,
+            "history": history,
+            "samples": samples,
+            "tokenizer": cfg.tokenizer.kind,
+        },
+    )
     curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
     # timing goes in the result only: the manifest (and so the artifact id) must be reproducible
     speed = {"train_samples_per_s": (sc.steps - start) * sc.batch_size / max(train_seconds, 1e-9)}

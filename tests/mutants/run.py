@@ -12,6 +12,7 @@ A patch file starts with a header, then the unified diff (``git diff`` output):
 ``--baseline`` first runs every named test on the unmutated copy (they must pass there, or a
 "kill" means nothing). Not part of `make test`: each mutant runs its tests in fresh processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,16 @@ def header(patch: Path) -> tuple[str, list[str]]:
 
 def checkout_copy() -> Path:
     """This checkout as it is (tracked and untracked, not ignored), without .git and the venv."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     dest = Path(tempfile.mkdtemp(prefix="mindrlhf-mutant-"))
     for f in filter(None, files):
         src = REPO / f
@@ -57,10 +66,18 @@ def checkout_copy() -> Path:
 
 
 def run_tests(tree: Path, tests: list[str]) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "MINDRLHF_CACHE": os.environ.get("MINDRLHF_CACHE",
-                                                                                  str(REPO / ".cache"))}
-    p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tree,
-                       env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "MINDRLHF_CACHE": os.environ.get("MINDRLHF_CACHE", str(REPO / ".cache")),
+    }
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return p.returncode, p.stdout + p.stderr
 
 
@@ -85,7 +102,9 @@ def main() -> int:
         tests = sorted({t for p in patches for t in header(p)[1]})
         rc, out = run_tests(tree, tests)
         shutil.rmtree(tree, ignore_errors=True)
-        print(json.dumps({"baseline": "pass" if rc == 0 else "FAIL", "tests": len(tests)}), flush=True)
+        print(
+            json.dumps({"baseline": "pass" if rc == 0 else "FAIL", "tests": len(tests)}), flush=True
+        )
         if rc != 0:
             print(out[-3000:])
             return 2
@@ -94,12 +113,24 @@ def main() -> int:
         tree = checkout_copy()
         t0 = time.time()
         try:
-            applied = subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=tree,
-                                     capture_output=True, text=True)
+            applied = subprocess.run(
+                ["git", "apply", "--whitespace=nowarn", str(patch)],
+                cwd=tree,
+                capture_output=True,
+                text=True,
+            )
             if applied.returncode != 0:
                 broken.append(patch.stem)
-                print(json.dumps({"mutant": patch.stem, "result": "does not apply",
-                                  "why": applied.stderr.strip()[:300]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "mutant": patch.stem,
+                            "result": "does not apply",
+                            "why": applied.stderr.strip()[:300],
+                        }
+                    ),
+                    flush=True,
+                )
                 continue
             rc, out = run_tests(tree, tests)
         finally:
@@ -112,8 +143,12 @@ def main() -> int:
         else:  # collection error, crash: the mutant broke more than the behaviour it models
             result = {"result": f"pytest exit {rc}", "tail": out.strip().splitlines()[-1:]}
             broken.append(patch.stem)
-        print(json.dumps({"mutant": patch.stem, "what": what, **result, "s": round(time.time() - t0, 1)}),
-              flush=True)
+        print(
+            json.dumps(
+                {"mutant": patch.stem, "what": what, **result, "s": round(time.time() - t0, 1)}
+            ),
+            flush=True,
+        )
     print(json.dumps({"mutants": len(patches), "survived": survived, "broken": broken}))
     return 1 if survived or broken else 0
 
