@@ -56,8 +56,9 @@ soak: fetch
 # The Prefect server on 127.0.0.1 (SQLite under .prefect/) plus a worker serving the deployments.
 # Open http://127.0.0.1:$(PREFECT_PORT) : Runs shows the flow runs (task timeline, streamed stage logs,
 # summary artifacts); the asset materialization events with their upstream edges are in Event Feed.
+# PREFECT_PORT moves both the server and the API address its UI calls.
 ui: fetch
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
 	  until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do sleep 1; done; \
 	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(MAKE) --no-print-directory deploy && \
 	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect worker start --pool $(POOL)

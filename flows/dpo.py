@@ -8,7 +8,7 @@ import json
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import call, run_dpo_branch
+from flows.pipeline import call, finished, run_dpo_branch
 from mindrlhf.config import load_config
 from tasks.stages import prepare_task, sft_task
 
@@ -23,6 +23,7 @@ def dpo_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     sft_ckpt = sft["outputs"]["checkpoint"]
     summary["sft"] = {"checkpoint": sft_ckpt, **sft["metrics"], "samples": sft.get("samples", [])}
     summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)
+    finished(summary)
     get_run_logger().info("dpo summary:\n" + json.dumps(summary, indent=1))
     return summary
 

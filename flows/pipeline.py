@@ -16,7 +16,7 @@ import json
 from prefect import flow, get_run_logger
 
 from mindrlhf.config import load_config
-from tasks.assets import record_lineage
+from tasks.assets import publish_lineage, record_lineage
 from tasks.stages import (
     dpo_task,
     grpo_task,
@@ -33,22 +33,41 @@ from tasks.stages import (
 def call(
     task, stage: str, c: dict, inputs: dict | None, run: dict, label: str | None = None
 ) -> dict:
-    """Run a stage task, record its outputs as Prefect assets (inputs upstream) and, in ``run``, its
-    final state (Completed / Cached) and the peak resident memory of its process; the result."""
-    state = task(stage, c, inputs, return_state=True)
+    """Run a stage task after the tasks that produced its inputs (Prefect records them as its
+    upstream: the run graph has edges), record its outputs as Prefect assets (inputs upstream)
+    and, in ``run``, its final state (Completed / Cached) and the peak resident memory of its
+    process; the result."""
+    producers = run.setdefault(
+        "_producers", {}
+    )  # artifact id -> the state of the task that made it
+    upstream = [
+        producers[i] for i in (inputs or {}).values() if isinstance(i, str) and i in producers
+    ]
+    state = task(stage, c, inputs, return_state=True, wait_for=list(dict.fromkeys(upstream, None)))
     result = state.result()
+    for art in result.get("outputs", {}).values():
+        if isinstance(art, str):
+            producers[art] = state
     record_lineage(
         stage,
         c["store"]["root"],
         result.get("outputs", {}),
         inputs or {},
         result.get("sources", []),
+        after=state,
+        cached=state.name == "Cached",
     )
     label = label or stage
     run["states"][label] = state.name
     if result.get("peak_rss_mb") is not None:
         run["peak_rss_gb"][label] = round(result["peak_rss_mb"] / 1024, 2)
     return result
+
+
+def finished(summary: dict) -> dict:
+    """The summary a flow returns: the task states it kept to draw edges are not part of it."""
+    summary.pop("_producers", None)
+    return summary
 
 
 def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, run: dict) -> dict:
@@ -116,7 +135,7 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
     data = call(prepare_task, "prepare", c, None, summary)
     d = summary["datasets"] = data["outputs"]
     if "sft" not in stages:
-        return summary
+        return finished(summary)
     sft_inputs = {"train": d["sft_train"], "heldout": d["sft_heldout"]}
     if cfg.model.init.startswith("artifact:"):  # a stored checkpoint (a previous run's SFT, say)
         from mindrlhf.data.store import ArtifactStore
@@ -179,11 +198,19 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
         summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)
     if "online_dpo" in stages:
         summary["online_dpo"] = run_online_dpo(c, cfg, d, sft_ckpt, rm_ckpt, summary)
+    finals = [
+        part["checkpoint"]
+        for part in (summary.get(k) for k in ("sft", "rm", "ppo", "grpo", "dpo", "online_dpo"))
+        if isinstance(part, dict) and part.get("checkpoint")
+    ]
+    publish_lineage(cfg.name, cfg.store.root, finals)
     logger.info(
         "pipeline summary:\n"
-        + json.dumps({k: v for k, v in summary.items() if k != "datasets"}, indent=1)
+        + json.dumps(
+            {k: v for k, v in summary.items() if k not in ("datasets", "_producers")}, indent=1
+        )
     )
-    return summary
+    return finished(summary)
 
 
 if __name__ == "__main__":

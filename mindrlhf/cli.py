@@ -158,6 +158,13 @@ def cmd_artifacts(args) -> int:
 
 def cmd_lineage(args) -> int:
     store = ArtifactStore(args.store)
+    if args.format != "text":
+        from . import lineage
+
+        nodes = lineage.graph(store, [args.ref])
+        render = {"dot": lineage.to_dot, "json": lineage.to_json}.get(args.format)
+        print(render(nodes) if render else lineage.to_svg(nodes, f"lineage of {args.ref}"), end="")
+        return 0
     for a in store.lineage(args.ref):
         print(
             f"{a.id[:16]}  {a.kind:10s}  {a.name}  <- "
@@ -312,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("ref")
         if name == "show":
             p.add_argument("--rows", type=int, default=5)
+        if name == "lineage":
+            p.add_argument("--format", choices=["text", "dot", "svg", "json"], default="text")
         p.set_defaults(fn=fn)
     p = sub.add_parser("import", help="import JSONL / Parquet user data")
     p.add_argument("file")

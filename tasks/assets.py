@@ -1,9 +1,12 @@
-"""Record each stage's outputs as Prefect assets so the UI draws the lineage graph
-(registry packages -> datasets -> SFT checkpoint -> RM checkpoint -> PPO / DPO checkpoints).
+"""Record what each stage made as Prefect assets, so the Event Feed (and an Assets page, where
+the UI has one) draws the lineage: registry packages and user files -> datasets -> SFT checkpoint
+-> RM checkpoint -> rollouts -> PPO / DPO checkpoints.
 
-Asset keys are the artifact ids (``mindrlhf://<kind>/<sha256>``): a new version is a new asset.
-The ids are only known once a stage has run, so after each stage task the flow runs a small
-materializing task declaring the stage's outputs as assets and its inputs as their upstream."""
+Asset keys are the artifact ids (``mindrlhf://<kind>/<sha256>``): a new version is a new asset,
+named ``<name>@<short id>`` with its kind, rows and headline figure. Every artifact a stage made --
+its outputs and, below them, what it wrote on the way (a PPO stage's rollouts and metrics) -- is
+declared with exactly its own parents upstream (and, for a recipe's text tables, exactly the
+registry packages that recipe read). A cached stage made nothing: it re-emits nothing."""
 
 from __future__ import annotations
 
@@ -11,18 +14,16 @@ from prefect.assets import Asset, AssetProperties, materialize
 
 from mindrlhf.data import registry
 from mindrlhf.data.store import ArtifactStore
+from mindrlhf.lineage import _headline
 
 
 def artifact_asset(store: ArtifactStore, art_id: str) -> Asset:
     a = store.get(art_id, verify=False)
-    rows = a.manifest.get("num_rows")
-    desc = (
-        f"{a.kind} {a.name}"
-        + (f", {rows} rows" if rows is not None else "")
-        + f", store {store.root}"
-    )
+    figure = _headline(a)
+    desc = f"{a.kind} {a.name}" + (f", {figure}" if figure else "") + f", store {store.root}"
     return Asset(
-        key=f"mindrlhf://{a.kind}/{a.id}", properties=AssetProperties(name=a.name, description=desc)
+        key=f"mindrlhf://{a.kind}/{a.id}",
+        properties=AssetProperties(name=f"{a.name}@{a.id[:8]}", description=desc),
     )
 
 
@@ -38,22 +39,90 @@ def source_asset(pin_key: str) -> Asset:
     )
 
 
+def file_asset(f: dict) -> Asset:
+    return Asset(
+        key=f"file://sha256/{f['sha256']}",
+        properties=AssetProperties(
+            name=f"{f.get('name', 'file')}@{f['sha256'][:8]}",
+            description=f"{f.get('bytes', 0)} bytes",
+        ),
+    )
+
+
+def made_by_stage(store: ArtifactStore, outputs: dict, inputs: dict) -> list:
+    """The stage's outputs and every artifact below them that is not one of its inputs."""
+    stop = {i for i in inputs.values() if isinstance(i, str)}
+    made, queue = {}, [i for i in outputs.values() if isinstance(i, str) and store.exists(i)]
+    while queue:
+        a = store.get(queue.pop(), verify=False)
+        if a.id in made or a.id in stop:
+            continue
+        made[a.id] = a
+        queue += [p for p in a.parents if store.exists(p)]
+    return list(made.values())
+
+
+def upstream(store: ArtifactStore, a) -> list[Asset]:
+    deps = [artifact_asset(store, p) for p in a.parents if store.exists(p)]
+    deps += [source_asset(k) for k in (a.meta.get("sources") or {}) if k in registry.PINS]
+    deps += [file_asset(f) for f in (a.meta.get("source") or {}).get("files", [])]
+    return deps
+
+
 def record_lineage(
-    stage: str, store_root: str, outputs: dict, inputs: dict, sources: list[str] = ()
+    stage: str,
+    store_root: str,
+    outputs: dict,
+    inputs: dict,
+    sources: list[str] = (),
+    after=None,
+    cached: bool = False,
 ) -> None:
-    store = ArtifactStore(store_root)
-    outs = [
-        artifact_asset(store, i) for i in outputs.values() if isinstance(i, str) and store.exists(i)
-    ]
-    deps = [
-        artifact_asset(store, i) for i in inputs.values() if isinstance(i, str) and store.exists(i)
-    ]
-    deps += [source_asset(k) for k in sources]
-    if not outs:
+    """Declare what the stage made, grouped by identical upstream (one small task per group,
+    after the stage task in the run graph). ``sources``: pins of the stage itself (unused when
+    every artifact names its own)."""
+    if cached:
         return
+    store = ArtifactStore(store_root)
+    groups: dict[tuple, tuple[list[Asset], list[Asset]]] = {}
+    for a in made_by_stage(store, outputs, inputs):
+        deps = upstream(store, a)
+        key = tuple(sorted(d.key for d in deps))
+        groups.setdefault(key, (deps, []))[1].append(artifact_asset(store, a.id))
+    for deps, outs in groups.values():
 
-    @materialize(*outs, asset_deps=deps or None, by="mindrlhf", name=f"{stage}-assets")
-    def declare() -> list[str]:
-        return [a.key for a in outs]
+        @materialize(*outs, asset_deps=deps or None, by="mindrlhf", name=f"{stage}-assets")
+        def declare(outs=outs) -> list[str]:
+            return [o.key for o in outs]
 
-    declare()
+        declare(wait_for=[after] if after is not None else None)  # hangs off its stage in the graph
+
+
+def publish_lineage(name: str, store_root: str, refs: list[str]) -> str:
+    """The run's lineage picture (every final output and what it descends from) as a Prefect
+    artifact under a stable key per config, ``lineage-<name>``: the newest run's is one click from
+    the Artifacts page. Returns the SVG."""
+    import base64
+    import re
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from mindrlhf import lineage
+
+    store = ArtifactStore(store_root)
+    nodes = lineage.graph(store, [r for r in refs if store.exists(r)])
+    svg = lineage.to_svg(nodes, f"lineage of this run of {name}")
+    img = base64.b64encode(svg.encode()).decode()
+    finals = "\n".join(
+        f"| `{store.get(r, verify=False).name}` | `{r[:16]}` |" for r in refs if store.exists(r)
+    )
+    md = (
+        f"## Lineage\n\n![lineage](data:image/svg+xml;base64,{img})\n\n| output | artifact id |\n"
+        f"|---|---|\n{finals}\n\n"
+        "`mindrlhf lineage <id> --format svg|dot|json` gives the same picture.\n"
+    )
+    key = "lineage-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    create_markdown_artifact(
+        key=key, markdown=md, description=f"lineage of the newest run of {name}"
+    )
+    return svg

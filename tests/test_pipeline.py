@@ -115,42 +115,94 @@ def test_unanswering_prefect_api_fails_fast(tmp_path, monkeypatch, capsys):
     srv.close()
 
 
+def run_graph_parents() -> dict[str, set[str]]:
+    """Task name -> the names of its parents in the newest flow run's graph (graph-v2 endpoint);
+    repeated names (online DPO rounds) are numbered in start order: online_dpo#1, #2."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    newest = {"sort": "START_TIME_DESC", "limit": 1}
+    fr = httpx.post(f"{api}/flow_runs/filter", json=newest).json()[0]
+    graph = httpx.get(f"{api}/flow_runs/{fr['id']}/graph-v2").json()
+    nodes = sorted(graph["nodes"], key=lambda n: n[1]["start_time"] or "")
+    names, seen = {}, {}
+    for node_id, node in nodes:
+        base = node["label"].rsplit("-", 1)[0]
+        seen[base] = seen.get(base, 0) + 1
+        names[node_id] = base if base != "online_dpo" else f"online_dpo#{seen[base]}"
+    return {names[i]: {names[p["id"]] for p in n["parents"]} for i, n in nodes}
+
+
+def lineage_artifact_svg(key: str) -> str:
+    """The SVG inside the newest markdown artifact under ``key``."""
+    import base64
+    import re
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    latest = httpx.post(
+        f"{PREFECT_API_URL.value()}/artifacts/latest/filter",
+        json={"artifacts": {"key": {"any_": [key]}}},
+    ).json()
+    assert latest, f"no artifact {key}"
+    img = re.search(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", latest[0]["data"]).group(1)
+    return base64.b64decode(img).decode()
+
+
 def key(kind, art_id):
     return f"mindrlhf://{kind}/{art_id}"
 
 
-def asset_edges(ready, timeout=60) -> dict[str, set[str]]:
-    """asset key -> keys of its upstream assets, from the materialization events on the server."""
+def materialization_events() -> list[dict]:
+    """Every asset materialization event on the server, all pages."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
-    deadline, edges = time.time() + timeout, {}
+    flt = {
+        "filter": {"event": {"prefix": ["prefect.asset.materialization.succeeded"]}},
+        "limit": 50,
+    }
+    r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=flt)
+    events = []
+    while True:
+        r.raise_for_status()
+        page = r.json()
+        events += page["events"]
+        if not page.get("next_page"):
+            return events
+        r = httpx.get(page["next_page"])
+
+
+def settled_events(quiet_s: float = 3.0, timeout: float = 60) -> list[dict]:
+    """The events once none has arrived for ``quiet_s`` (they are delivered asynchronously)."""
+    deadline, last, since = time.time() + timeout, None, time.time()
     while time.time() < deadline:
-        r = httpx.post(
-            f"{PREFECT_API_URL.value()}/events/filter",
-            json={
-                "filter": {"event": {"prefix": ["prefect.asset.materialization.succeeded"]}},
-                "limit": 50,
-            },
-        )
+        events = materialization_events()
+        if last is None or len(events) != len(last):
+            last, since = events, time.time()
+        elif time.time() - since >= quiet_s:
+            return events
+        time.sleep(0.5)
+    return last
+
+
+def asset_edges(ready, timeout=60) -> dict[str, set[str]]:
+    """asset key -> keys of its upstream assets, from the materialization events on the server."""
+    deadline = time.time() + timeout
+    while True:
         edges = {}
-        while True:
-            r.raise_for_status()
-            page = r.json()
-            for e in page["events"]:
-                ups = {
-                    x["prefect.resource.id"]
-                    for x in e["related"]
-                    if x.get("prefect.resource.role") == "asset"
-                }
-                edges.setdefault(e["resource"]["prefect.resource.id"], set()).update(ups)
-            if not page.get("next_page"):
-                break
-            r = httpx.get(page["next_page"])
-        if ready(edges):
+        for e in materialization_events():
+            ups = {
+                x["prefect.resource.id"]
+                for x in e["related"]
+                if x.get("prefect.resource.role") == "asset"
+            }
+            edges.setdefault(e["resource"]["prefect.resource.id"], set()).update(ups)
+        if ready(edges) or time.time() > deadline:
             return edges
         time.sleep(1)
-    return edges
 
 
 def test_msrun_command():
@@ -241,11 +293,47 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert {key("checkpoint", rm), key("checkpoint", sft)} <= edges[key("checkpoint", ppo)]
     assert key("checkpoint", sft) in edges[key("checkpoint", rm)]
     assert key("dataset", s["datasets"]["sft_train"]) in edges[key("checkpoint", sft)]
-    assert "pypi://vaderSentiment/3.3.2" in edges[key("dataset", s["datasets"]["sft_train"])]
     assert key("checkpoint", sft) in edges[key("checkpoint", s["dpo"]["checkpoint"])]
+    # upstreams are exact: a recipe's text table has only the package it was read from ...
+    reviews, arith = (s["datasets"][f"{r}_sft_train_text"] for r in ("movie_reviews", "arithmetic"))
+    assert edges[key("dataset", reviews)] == {"pypi://vaderSentiment/3.3.2"}
+    assert edges[key("dataset", arith)] == {"pypi://reasoning-gym/0.1.25"}
+    assert edges[key("dataset", s["datasets"]["sft_train"])] == {
+        key("dataset", reviews),
+        key("dataset", arith),
+    }
+    # ... and what a stage wrote on the way is an asset too: each rollout under its inputs
+    assert edges[key("dataset", rollouts[0])] == {
+        key("dataset", s["datasets"]["prompts_movie_reviews_train"]),
+        key("checkpoint", sft),
+        key("checkpoint", rm),
+    }
+    events_before = len(settled_events())
+
+    # the run graph has edges (Prefect's own graph endpoint): each stage after the stages whose
+    # outputs it reads, each asset task after its stage, the online DPO rounds in a chain
+    parents = run_graph_parents()
+    assert {"prepare", "sft", "rm"} <= parents["ppo"] and {"prepare", "sft"} <= parents["rm"]
+    assert parents["sft"] == {"prepare"} and "reflogp" in parents["dpo"]
+    assert "sft" in parents["grpo"]
+    assert parents["online_dpo#2"] >= {"online_dpo#1", "rm", "sft"}
+    assert parents["ppo-assets"] == {"ppo"} and parents["prepare-assets"] == {"prepare"}
+    # the run's lineage picture, under a stable key: every final output and its ancestry in it
+    svg = lineage_artifact_svg("lineage-tiny")
+    for out in (
+        sft,
+        rm,
+        ppo,
+        s["grpo"]["checkpoint"],
+        s["dpo"]["checkpoint"],
+        s["online_dpo"]["checkpoint"],
+    ):
+        assert f"@{out[:8]}" in svg
+    assert "vaderSentiment==3.3.2" in svg and "tiny-ppo-rollouts" in svg
 
     again = rlhf_pipeline("demo", over)
     assert set(again["states"].values()) == {"Cached"}
+    assert len(settled_events()) == events_before  # a cached run re-emits nothing
     # a metrics dataset (an RL stage's second output) corrupted: that stage alone is rebuilt
     metrics = store.get(s["grpo"]["checkpoint"]).parents[-1]
     plot = store.get(metrics).path / "plot.png"
