@@ -12,6 +12,7 @@ chooses which run.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
@@ -125,8 +126,24 @@ def run_online_dpo(c: dict, cfg, d: dict, sft_ckpt: str, rm_ckpt: str, run: dict
     }
 
 
+Stage = Literal["prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "evaluate"]
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
+def rlhf_pipeline(
+    config: str = "demo", stages: list[Stage] | None = None, overrides: dict | None = None
+) -> dict:
+    """The whole chain, each stage a cached task; ``evaluate`` ends it with the promotion gate.
+
+    Args:
+        config: a shipped profile (demo, smollm2-135m) or the path of a config YAML.
+        stages: the stages to run, in place of the config's pipeline.stages (empty: the config's).
+        overrides: config values over the file's, nested by section, e.g.
+            {"sft": {"steps": 100}, "ppo": {"iterations": 5, "kl_coef": 0.05},
+            "promote": {"min_delta": 0.01}}; unknown keys are refused with the known ones listed.
+    """
+    if stages:
+        overrides = {**(overrides or {}), "pipeline": {"stages": list(stages)}}
     cfg = load_config(config, overrides)
     c = cfg.to_dict()
     stages = cfg.pipeline.stages
@@ -198,6 +215,11 @@ def rlhf_pipeline(config: str = "demo", overrides: dict | None = None) -> dict:
         summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)
     if "online_dpo" in stages:
         summary["online_dpo"] = run_online_dpo(c, cfg, d, sft_ckpt, rm_ckpt, summary)
+    if "evaluate" in stages:  # the gate: production moves only to a better policy
+        from flows.promote import evaluate_and_promote
+
+        cand = summary[cfg.promote.candidate]["checkpoint"]
+        summary["promotion"] = evaluate_and_promote(c, cfg, d, cand, sft_ckpt, rm_ckpt, summary)
     finals = [
         part["checkpoint"]
         for part in (summary.get(k) for k in ("sft", "rm", "ppo", "grpo", "dpo", "online_dpo"))

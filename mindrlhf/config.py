@@ -414,6 +414,46 @@ class OnlineDPOConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """What the evaluate stage measures on a policy (mindrlhf/stages/evaluate.py). Values left
+    empty are derived, when the config is built, from the stage ``promote.candidate`` names."""
+
+    prompts: str = ""  # the recipe / data source whose held-out prompts are answered
+    # the judge: "" is ppo.gold_reward (grpo.reward for a GRPO candidate); a recipe (its gold
+    # judge, else its verifiable reward), python:<file>:<fn>, or a list (judge_weights)
+    judge: Union[str, list[str]] = ""
+    judge_weights: list[float] = field(default_factory=list)
+    n_prompts: int = 64
+    max_new_tokens: int = 0  # 0: generation.max_new_tokens (grpo.max_new_tokens for GRPO)
+    greedy: bool = True  # else sampled at temperature 1 with a fixed seed
+
+    def validate(self, p: str = ""):
+        _positive(self.n_prompts, p + "n_prompts")
+        _non_negative(self.max_new_tokens, p + "max_new_tokens")
+
+
+@dataclass
+class PromoteConfig:
+    """The gate between a run's policy and production (mindrlhf/promote.py): promote
+    ``candidate`` when its ``metric`` beats production's, prompt by prompt, by more than
+    ``min_delta`` at ``confidence`` (paired bootstrap)."""
+
+    candidate: Literal["sft", "ppo", "grpo", "dpo", "online_dpo"] = "ppo"
+    metric: Literal["judge", "rm"] = "judge"
+    min_delta: float = 0.0
+    confidence: float = 0.95
+    resamples: int = 2000
+    baseline: Literal["sft", "none"] = "sft"  # the incumbent while nothing is in production
+    seed: int = 0
+
+    def validate(self, p: str = ""):
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"{p}confidence must be in (0, 1), got {self.confidence}")
+        if self.resamples < 100:
+            raise ValueError(f"{p}resamples must be >= 100, got {self.resamples}")
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = 32
     do_sample: bool = True
@@ -494,7 +534,9 @@ class ParallelConfig:
         _non_negative(self.node_rank, p + "node_rank")
 
 
-STAGES = ("prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo")
+STAGES = ("prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "evaluate")
+# what runs when a config lists no stages: the gate (evaluate) is asked for by name
+DEFAULT_STAGES = STAGES[:-1]
 NEEDS = {
     "sft": "prepare",
     "rm": "sft",
@@ -502,12 +544,13 @@ NEEDS = {
     "grpo": "sft",
     "dpo": "sft",
     "online_dpo": "rm",
+    "evaluate": "sft",
 }
 
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
 
     def validate(self, p: str = ""):
         for s in self.stages:
@@ -574,8 +617,28 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        """evaluate's empty values from the candidate stage's own (recorded in to_dict, so the
+        evaluate stage's cache key holds what it really measures)."""
+        ev, cand = self.evaluate, self.promote.candidate
+        if not ev.prompts:
+            ev.prompts = {"grpo": self.grpo.prompts, "online_dpo": self.online_dpo.prompts}.get(
+                cand, self.ppo.prompts
+            )
+        if not ev.judge:
+            if cand == "grpo" and self.grpo.reward != "rm":
+                ev.judge, ev.judge_weights = self.grpo.reward, list(self.grpo.reward_weights)
+            else:
+                ev.judge = self.ppo.gold_reward
+        if not ev.max_new_tokens:
+            ev.max_new_tokens = (
+                self.grpo.max_new_tokens if cand == "grpo" else self.generation.max_new_tokens
+            )
 
     def validate(self):
         from .data.store import check_name
@@ -593,8 +656,12 @@ class Config:
         for key, new in (
             ("generation.max_new_tokens", self.generation.max_new_tokens),
             ("grpo.max_new_tokens", self.grpo.max_new_tokens),
+            ("evaluate.max_new_tokens", self.evaluate.max_new_tokens),
         ):
-            if key.startswith("grpo") and "grpo" not in self.pipeline.stages:
+            if (
+                key.split(".")[0] in ("grpo", "evaluate")
+                and key.split(".")[0] not in self.pipeline.stages
+            ):
                 continue
             if prompt + new > seq:
                 raise ValueError(
@@ -602,6 +669,8 @@ class Config:
                     f"model.max_seq_len ({seq}): a prompt and its sampled response must fit the "
                     "model"
                 )
+        if "evaluate" in self.pipeline.stages:
+            self.check_gate()
         if self.parallel.mode == "semi_auto" and self.device_target != "Ascend":
             raise ValueError(
                 "parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "
@@ -676,6 +745,21 @@ class Config:
         for i, src in enumerate(self.data.sources):
             if src.path and not Path(src.path).exists():
                 raise ValueError(f"data.sources[{i}].path: no such file {src.path}")
+
+    def check_gate(self):
+        cand, metric = self.promote.candidate, self.promote.metric
+        if cand not in self.pipeline.stages:
+            raise ValueError(
+                f"promote.candidate: {cand} is not in pipeline.stages "
+                f"({', '.join(self.pipeline.stages)})"
+            )
+        if metric == "rm" and "rm" not in self.pipeline.stages:
+            raise ValueError("promote.metric: rm needs the rm stage in pipeline.stages")
+        if metric == "judge" and not self.evaluate.judge:
+            raise ValueError(
+                "evaluate.judge: empty, and promote.metric is judge; name a judge (a recipe "
+                "such as movie_reviews, python:<file>:<fn>) or set promote.metric: rm"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -865,7 +949,12 @@ def resolve_paths(data: dict, base: Path) -> dict:
             {**s, "path": _resolve(s["path"], base)} if isinstance(s, dict) and "path" in s else s
             for s in data["data"]["sources"]
         ]
-    for section, key in (("grpo", "reward"), ("ppo", "gold_reward"), ("online_dpo", "judge")):
+    for section, key in (
+        ("grpo", "reward"),
+        ("ppo", "gold_reward"),
+        ("online_dpo", "judge"),
+        ("evaluate", "judge"),
+    ):
         if isinstance(data.get(section), dict) and key in data[section]:
             data[section][key] = _resolve_reward(data[section][key], base)
     return data

@@ -30,6 +30,8 @@ STAGE_SECTIONS = {
     "reflogp": _TRAIN,  # not the dpo section: changing beta must not rerun the reference model
     "dpo": _TRAIN + ("dpo",),
     "online_dpo": _TRAIN + ("dpo", "online_dpo", "generation"),
+    "evaluate": _TRAIN + ("evaluate", "generation"),
+    "promote": ("name", "promote"),
 }
 
 
@@ -111,7 +113,12 @@ def content_keyed(cfg_dict: dict) -> dict:
             else s
             for s in data["sources"]
         ]
-    for section, key in (("grpo", "reward"), ("ppo", "gold_reward"), ("online_dpo", "judge")):
+    for section, key in (
+        ("grpo", "reward"),
+        ("ppo", "gold_reward"),
+        ("online_dpo", "judge"),
+        ("evaluate", "judge"),
+    ):
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section][key] = _reward_keyed(out[section][key])
     return out

@@ -101,3 +101,27 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     assert cfg.sft.lr == 1e-5 and cfg.rm.lr == 2000.0
     with pytest.raises(ConfigError, match="sft.lr must be a number"):
         load_config(write(tmp_path, "sft:\n  lr: 1e-5x\n"))
+
+
+def test_the_flow_form_offers_exactly_the_known_stages():
+    from typing import get_args
+
+    from flows.pipeline import Stage
+    from mindrlhf.config import STAGES
+
+    assert get_args(Stage) == STAGES
+
+
+def test_gate_settings_are_checked_against_the_pipeline():
+    from mindrlhf.config import ConfigError, load_config
+
+    every = ["prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "evaluate"]
+    cfg = load_config("demo", {"promote": {"candidate": "grpo"}})
+    assert (cfg.evaluate.prompts, cfg.evaluate.judge) == ("arithmetic", "arithmetic")
+    assert cfg.evaluate.max_new_tokens == cfg.grpo.max_new_tokens
+    with pytest.raises(ConfigError, match="promote.candidate: ppo is not in pipeline.stages"):
+        load_config("demo", {"pipeline": {"stages": ["prepare", "sft", "evaluate"]}})
+    with pytest.raises(ConfigError, match="evaluate.judge: empty"):
+        load_config("demo", {"ppo": {"gold_reward": ""}, "pipeline": {"stages": every}})
+    with pytest.raises(ConfigError, match="promote.confidence must be in"):
+        load_config("demo", {"promote": {"confidence": 1.5}})

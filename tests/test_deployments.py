@@ -25,11 +25,16 @@ def test_make_deploy_registers_scheduled_deployments(server):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     deps = httpx.post(f"{url}/deployments/filter", json={}).json()
     by_name = {d["name"]: d for d in deps}
-    assert set(by_name) == {"nightly-rlhf", "weekly-dpo", "stage-runner"}
+    assert set(by_name) == {"nightly-rlhf", "weekly-dpo", "stage-runner", "promote-checkpoint"}
     crons = {n: [s["schedule"]["cron"] for s in d["schedules"]] for n, d in by_name.items()}
-    assert crons == {"nightly-rlhf": ["0 2 * * *"], "weekly-dpo": ["0 4 * * 0"], "stage-runner": []}
+    assert crons == {
+        "nightly-rlhf": ["0 2 * * *"],
+        "weekly-dpo": ["0 4 * * 0"],
+        "stage-runner": [],
+        "promote-checkpoint": [],
+    }
     assert all(s["active"] for d in deps for s in d["schedules"])
-    deps = [d for d in deps if d["name"] != "stage-runner"]
+    deps = [d for d in deps if d["name"] not in ("stage-runner", "promote-checkpoint")]
     assert by_name["weekly-dpo"]["parameters"] == {
         "config": "demo",
         "overrides": {"dpo": {"beta": 0.1}},

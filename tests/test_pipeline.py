@@ -175,6 +175,40 @@ def materialization_events() -> list[dict]:
         r = httpx.get(page["next_page"])
 
 
+def named_events(name: str, timeout: float = 30) -> list[dict]:
+    """Events called ``name`` on the server, oldest first, once their count has settled."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    flt = {"filter": {"event": {"name": [name]}, "order": "ASC"}, "limit": 50}
+    last, deadline = None, time.time() + timeout
+    while time.time() < deadline:
+        events = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=flt).json()["events"]
+        if last is not None and len(events) == len(last):
+            return events
+        last = events
+        time.sleep(2)
+    return last
+
+
+def production(store):
+    from mindrlhf.data.store import ArtifactNotFound
+
+    try:
+        return store.resolve("tiny-production")
+    except ArtifactNotFound:
+        return None
+
+
+def never_stops(tensors: dict, eos: int) -> dict:
+    """A GPT-2-layout policy that never ends its answer: the final LayerNorm outputs a constant
+    pointing away from EOS's embedding, so EOS has the lowest logit at every step."""
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["model.norm.weight"][:] = 0.0
+    t["model.norm.bias"][:] = -10.0 * t["model.embed_tokens"][eos]
+    return t
+
+
 def settled_events(quiet_s: float = 3.0, timeout: float = 60) -> list[dict]:
     """The events once none has arrived for ``quiet_s`` (they are delivered asynchronously)."""
     deadline, last, since = time.time() + timeout, None, time.time()
@@ -240,6 +274,8 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     from mindrlhf.data.store import ArtifactStore
 
     over = tiny_full_overrides(tmp_path / "store")
+    over["pipeline"]["stages"].append("evaluate")  # and the promotion gate after them
+    over["evaluate"] = {"n_prompts": 12}
     s = rlhf_pipeline("demo", over)
     assert set(s["states"].values()) == {"Completed"}
     store = ArtifactStore(tmp_path / "store")
@@ -331,9 +367,31 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
         assert f"@{out[:8]}" in svg
     assert "vaderSentiment==3.3.2" in svg and "tiny-ppo-rollouts" in svg
 
+    # the gate judged the PPO policy against the SFT policy it came from (nothing in production)
+    pr = s["promotion"]
+    dec = store.read_dataset(pr["decision"]).to_pylist()[0]
+    assert (dec["candidate"], dec["incumbent"], dec["metric"]) == (ppo, sft, "judge")
+    ev_c, ev_i = (store.read_dataset(e) for e in store.get(pr["decision"]).parents)
+    assert ev_c.num_rows == ev_i.num_rows == 12
+    assert ev_c.column("prompt").to_pylist() == ev_i.column("prompt").to_pylist()
+    for ev in (ev_c, ev_i):  # the judge is VADER on the very answers recorded
+        gold = load_recipe("movie_reviews").gold_reward(
+            ev.column("prompt").to_pylist(), ev.column("response").to_pylist()
+        )
+        np.testing.assert_allclose(ev.column("judge").to_numpy(), gold, atol=1e-9)
+    assert dec["candidate_mean"] == pytest.approx(float(np.mean(ev_c.column("judge"))))
+    assert dec["delta"] == pytest.approx(dec["candidate_mean"] - dec["incumbent_mean"])
+    assert dec["promoted"] == (dec["low"] > 0) and dec["low"] <= dec["delta"] <= dec["high"]
+    assert (production(store) == ppo) == dec["promoted"]
+    decided = named_events("mindrlhf.promotion.decided")
+    assert [e["payload"]["candidate"] for e in decided] == [ppo]
+    assert float(decided[0]["payload"]["delta"]) == pytest.approx(dec["delta"])
+
     again = rlhf_pipeline("demo", over)
     assert set(again["states"].values()) == {"Cached"}
     assert len(settled_events()) == events_before  # a cached run re-emits nothing
+    assert len(named_events("mindrlhf.promotion.decided")) == 1  # and decides nothing again
+    assert production(store) == (ppo if dec["promoted"] else None)
     # a metrics dataset (an RL stage's second output) corrupted: that stage alone is rebuilt
     metrics = store.get(s["grpo"]["checkpoint"]).parents[-1]
     plot = store.get(metrics).path / "plot.png"
@@ -345,6 +403,41 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     changed = rlhf_pipeline("demo", over)
     assert changed["states"]["reflogp"] == "Cached" and changed["states"]["dpo"] == "Completed"
     assert changed["states"]["ppo"] == "Cached" and changed["states"]["online_dpo_0"] == "Completed"
+
+    # the gate on policies whose order is known: the tiny PPO policy answers with EOS at once (it
+    # writes nothing), an edited copy of it never stops; the judge, a user function, counts what
+    # they wrote
+    from flows.promote import promote_pipeline
+
+    writer = store.write_checkpoint(
+        never_stops(store.read_checkpoint(ppo), tok.eos_id),
+        name="tiny-writer",
+        parents=[ppo],
+        meta={**store.get(ppo).meta, "stage": "edited"},
+    ).id
+    judge = tmp_path / "judges.py"
+    judge.write_text(
+        "def written(prompts, completions, **columns):\n"
+        "    return [float(len(c.replace('<|endoftext|>', ''))) for c in completions]\n"
+    )
+    by_length = {**over, "evaluate": {"n_prompts": 12, "judge": f"python:{judge}:written"}}
+    store.set_ref("tiny-production", ppo)
+    better = promote_pipeline("demo", writer, by_length)["promotion"]
+    scores = better["scores"]
+    assert scores["production"]["judge_mean"] < scores["candidate"]["judge_mean"]
+    assert scores["candidate"]["length_mean"] == 6  # generation.max_new_tokens, every prompt
+    assert better["promoted"] and better["incumbent"] == ppo and production(store) == writer
+    worse = promote_pipeline("demo", ppo, by_length)
+    assert not worse["promotion"]["promoted"] and production(store) == writer
+    assert worse["states"]["evaluate_candidate"] == "Cached"  # both evaluated a moment ago
+    assert worse["states"]["evaluate_production"] == "Cached"
+    unchanged = promote_pipeline("demo", writer, by_length)
+    assert "promote" not in unchanged["states"] and production(store) == writer
+    decided = named_events("mindrlhf.promotion.decided")
+    assert [(e["payload"]["candidate"], e["payload"]["promoted"]) for e in decided[1:]] == [
+        (writer, True),
+        (ppo, False),
+    ]
 
 
 def test_killed_stage_is_retried_by_prefect_and_resumes(prefect_server, tmp_path):
