@@ -36,7 +36,7 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 
 test: fetch system-deps lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=12 tests
 
 # Each tests/mutants/*.patch is a realistic bug: applied to a copy of the checkout, the tests it
 # names must fail. Not part of make test (about 40 minutes); prints which test killed each mutant.
@@ -56,12 +56,17 @@ soak: fetch
 # The Prefect server on 127.0.0.1 (SQLite under .prefect/) plus a worker serving the deployments.
 # Open http://127.0.0.1:$(PREFECT_PORT) : Runs shows the flow runs (task timeline, streamed stage logs,
 # summary artifacts); the asset materialization events with their upstream edges are in Event Feed.
-# PREFECT_PORT moves both the server and the API address its UI calls.
+# PREFECT_PORT moves both the server and the API address its UI calls. Ctrl-C stops the worker
+# and the server (a shell's background jobs ignore SIGINT: they are sent SIGTERM, then SIGKILL).
 ui: fetch
-	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
-	  until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do sleep 1; done; \
-	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(MAKE) --no-print-directory deploy && \
-	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect worker start --pool $(POOL)
+	@trap 'kill $$worker $$server 2>/dev/null; sleep 3; kill -9 $$worker $$server 2>/dev/null; exit 0' INT TERM; \
+	  PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	  until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do \
+	    kill -0 $$server 2>/dev/null || exit 1; sleep 1; done; \
+	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(MAKE) --no-print-directory deploy | grep -v -i -e "start a worker" -e "prefect worker start" -e "pulls work from"; \
+	  PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect worker start --pool $(POOL) & worker=$$!; \
+	  echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT) (a worker serves the deployments; Ctrl-C stops both)"; \
+	  wait $$worker
 
 # Register deployments/prefect.yaml against the server at PREFECT_API_URL (default: the local one).
 deploy: fetch

@@ -65,6 +65,27 @@ def call(
     return result
 
 
+def call_chunked(task, stage: str, c: dict, inputs: dict, run: dict) -> dict:
+    """An RL loop as one task, or -- with ``<stage>.iterations_per_task`` -- as a chain of tasks
+    ``<stage>_0, <stage>_1, ...`` of that many iterations each: chunk k starts from the training
+    state chunk k-1 wrote (cached on it), a failed chunk retries alone, and the last one writes
+    what the single task would have written, byte for byte."""
+    sec = c[stage]
+    per, total = sec.get("iterations_per_task") or 0, sec["iterations"]
+    if not per or per >= total:
+        return call(task, stage, c, inputs, run)
+    state = None
+    for k, start in enumerate(range(0, total, per)):
+        cc = {**c, stage: {**sec, "span": [start, min(start + per, total)]}}
+        res = call(
+            task, stage, cc, {**inputs, **({"state": state} if state else {})}, run, f"{stage}_{k}"
+        )
+        if "checkpoint" in res["outputs"]:  # the last chunk (or a loop stopped early)
+            return res
+        state = res["outputs"]["state"]
+    raise RuntimeError(f"{stage}: the last chunk wrote no checkpoint")
+
+
 def finished(summary: dict) -> dict:
     """The summary a flow returns: the task states it kept to draw edges are not part of it."""
     summary.pop("_producers", None)
@@ -131,16 +152,16 @@ Stage = Literal["prepare", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "eva
 
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(
-    config: str = "demo", stages: list[Stage] | None = None, overrides: dict | None = None
+    config: str = "demo", overrides: dict | None = None, stages: list[Stage] | None = None
 ) -> dict:
     """The whole chain, each stage a cached task; ``evaluate`` ends it with the promotion gate.
 
     Args:
         config: a shipped profile (demo, smollm2-135m) or the path of a config YAML.
-        stages: the stages to run, in place of the config's pipeline.stages (empty: the config's).
         overrides: config values over the file's, nested by section, e.g.
             {"sft": {"steps": 100}, "ppo": {"iterations": 5, "kl_coef": 0.05},
             "promote": {"min_delta": 0.01}}; unknown keys are refused with the known ones listed.
+        stages: the stages to run, in place of the config's pipeline.stages (empty: the config's).
     """
     if stages:
         overrides = {**(overrides or {}), "pipeline": {"stages": list(stages)}}
@@ -187,7 +208,7 @@ def rlhf_pipeline(
         summary["rm"] = {"checkpoint": rm_ckpt, **rm["metrics"]}
     if "ppo" in stages:
         p = cfg.ppo.prompts
-        ppo = call(
+        ppo = call_chunked(
             ppo_task,
             "ppo",
             c,

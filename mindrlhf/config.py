@@ -304,10 +304,30 @@ class PPOConfig(OptimConfig):
     entropy_coef: float = 0.0
     ckpt_every: int = 5
     eval_prompts: int = 64
+    # reward-hacking watch (with gold_reward; mindrlhf/monitor.py): the RM score's mean over the
+    # last hacking_window iterations above the window before while the gold's fell by more than
+    # hacking_margin -> event mindrlhf.reward_hacking.suspected; hacking_stop ends the loop there
+    # and keeps the policy of the best gold iteration
+    hacking_window: int = 4
+    hacking_margin: float = 0.1
+    hacking_stop: bool = False
+    # the loop as a chain of Prefect tasks of this many iterations each (0: one task); each
+    # chunk is cached on its input training state and ends with its own (identical results)
+    iterations_per_task: int = 0
+    span: list[int] = field(default_factory=list)  # set by the flow: this task's [start, end)
 
     def validate(self, p: str = ""):
         super().validate(p)
         _positive(self.critic_lr, p + "critic_lr")
+        _positive(self.hacking_window, p + "hacking_window")
+        _non_negative(self.hacking_margin, p + "hacking_margin")
+        _non_negative(self.iterations_per_task, p + "iterations_per_task")
+        if self.span and not (
+            len(self.span) == 2 and 0 <= self.span[0] < self.span[1] <= self.iterations
+        ):
+            raise ValueError(
+                f"{p}span must be [start, end) inside [0, {p}iterations], got {self.span}"
+            )
         for k in (
             "iterations",
             "rollout_batch",

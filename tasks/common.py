@@ -100,7 +100,13 @@ def execute(stage: str, cfg_dict: dict, inputs: dict) -> dict:
                 )
             else:
                 result = run_stage(
-                    stage, cfg, inputs, cfg.store.root, run_dir, log=logger.info, lock=False
+                    stage,
+                    cfg,
+                    inputs,
+                    cfg.store.root,
+                    run_dir,
+                    log=stage_log(logger, cfg.name),
+                    lock=False,
                 )
             atomic_write_bytes(
                 _index_path(root, base),
@@ -113,6 +119,40 @@ def execute(stage: str, cfg_dict: dict, inputs: dict) -> dict:
             f"{stage}: could not publish its figures to the Prefect API ({type(e).__name__}: {e})"
         )
     return result
+
+
+def stage_log(logger, cfg_name: str = ""):
+    """Where a stage's lines go in the task's log: all at INFO but the METRIC lines (one JSON per
+    logging step, kept whole in the stage's history artifact), which are DEBUG unless
+    MINDRLHF_LOG_METRICS=1 asks for them. An ALARM line is a warning and a Prefect event
+    ``mindrlhf.<kind>.suspected`` (e.g. reward_hacking) with its figures."""
+    import os
+
+    metrics = logger.info if os.environ.get("MINDRLHF_LOG_METRICS") == "1" else logger.debug
+
+    def log(line: str) -> None:
+        if line.startswith("METRIC "):
+            metrics(line)
+        elif line.startswith("ALARM "):
+            logger.warning(line)
+            emit_alarm(json.loads(line[len("ALARM ") :]), cfg_name)
+        else:
+            logger.info(line)
+
+    return log
+
+
+def emit_alarm(alarm: dict, cfg_name: str) -> None:
+    from prefect.events import emit_event
+
+    emit_event(
+        event=f"mindrlhf.{alarm['kind']}.suspected",
+        resource={
+            "prefect.resource.id": f"mindrlhf.stage.{cfg_name}.{alarm['stage']}",
+            "prefect.resource.name": f"{cfg_name} {alarm['stage']}",
+        },
+        payload=alarm,
+    )
 
 
 def finished_result(root: str, run_dir: Path) -> dict | None:

@@ -2,6 +2,7 @@
 (started here on 127.0.0.1 with SQLite): both flows, their cron schedules and parameters."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,21 @@ def test_make_deploy_registers_scheduled_deployments(server):
     assert by_name["nightly-rlhf"]["work_pool_name"] == "mindrlhf-local"
     flows = {f["id"]: f["name"] for f in httpx.post(f"{url}/flows/filter", json={}).json()}
     assert {flows[d["flow_id"]] for d in deps} == {"rlhf-pipeline", "dpo-only"}
+    # the automation example registers as written and reacts to the watch's event
+    prefect = str(Path(sys.executable).parent / "prefect")
+    r = subprocess.run(
+        [prefect, "automation", "create", "--from-file", "deployments/automations.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**env, "PREFECT_API_URL": url},
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    autos = httpx.post(f"{url}/automations/filter", json={}).json()
+    (auto,) = [a for a in autos if a["name"] == "mindrlhf-reward-hacking-pauses-schedule"]
+    assert auto["trigger"]["expect"] == ["mindrlhf.reward_hacking.suspected"]
+    assert [a["type"] for a in auto["actions"]] == ["pause-deployment"]
 
 
 def test_stage_runs_on_a_work_pool_through_a_real_worker(server, tmp_path):

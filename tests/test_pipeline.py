@@ -130,7 +130,8 @@ def run_graph_parents() -> dict[str, set[str]]:
     for node_id, node in nodes:
         base = node["label"].rsplit("-", 1)[0]
         seen[base] = seen.get(base, 0) + 1
-        names[node_id] = base if base != "online_dpo" else f"online_dpo#{seen[base]}"
+        numbered = base in ("online_dpo", "ppo", "evaluate")
+        names[node_id] = f"{base}#{seen[base]}" if numbered else base
     return {names[i]: {names[p["id"]] for p in n["parents"]} for i, n in nodes}
 
 
@@ -175,19 +176,21 @@ def materialization_events() -> list[dict]:
         r = httpx.get(page["next_page"])
 
 
-def named_events(name: str, timeout: float = 30) -> list[dict]:
-    """Events called ``name`` on the server, oldest first, once their count has settled."""
+def named_events(name: str, at_least: int = 0, quiet_s: float = 3.0, timeout: float = 60):
+    """Events called ``name`` on the server, oldest first: once there are ``at_least`` and none
+    has arrived for ``quiet_s`` (they are delivered asynchronously)."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
     flt = {"filter": {"event": {"name": [name]}, "order": "ASC"}, "limit": 50}
-    last, deadline = None, time.time() + timeout
+    last, since, deadline = None, time.time(), time.time() + timeout
     while time.time() < deadline:
         events = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=flt).json()["events"]
-        if last is not None and len(events) == len(last):
+        if last is None or len(events) != len(last):
+            last, since = events, time.time()
+        elif len(events) >= at_least and time.time() - since >= quiet_s:
             return events
-        last = events
-        time.sleep(2)
+        time.sleep(0.5)
     return last
 
 
@@ -349,11 +352,13 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     # the run graph has edges (Prefect's own graph endpoint): each stage after the stages whose
     # outputs it reads, each asset task after its stage, the online DPO rounds in a chain
     parents = run_graph_parents()
-    assert {"prepare", "sft", "rm"} <= parents["ppo"] and {"prepare", "sft"} <= parents["rm"]
+    assert {"prepare", "sft", "rm"} <= parents["ppo#1"] and {"prepare", "sft"} <= parents["rm"]
     assert parents["sft"] == {"prepare"} and "reflogp" in parents["dpo"]
     assert "sft" in parents["grpo"]
     assert parents["online_dpo#2"] >= {"online_dpo#1", "rm", "sft"}
-    assert parents["ppo-assets"] == {"ppo"} and parents["prepare-assets"] == {"prepare"}
+    assert parents["ppo-assets"] == {"ppo#1"} and parents["prepare-assets"] == {"prepare"}
+    assert {"ppo#1", "prepare"} <= parents["evaluate#1"]  # the gate: candidate, production
+    assert {"evaluate#1", "evaluate#2"} <= parents["promote"]
     # the run's lineage picture, under a stable key: every final output and its ancestry in it
     svg = lineage_artifact_svg("lineage-tiny")
     for out in (
@@ -383,7 +388,7 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert dec["delta"] == pytest.approx(dec["candidate_mean"] - dec["incumbent_mean"])
     assert dec["promoted"] == (dec["low"] > 0) and dec["low"] <= dec["delta"] <= dec["high"]
     assert (production(store) == ppo) == dec["promoted"]
-    decided = named_events("mindrlhf.promotion.decided")
+    decided = named_events("mindrlhf.promotion.decided", at_least=1)
     assert [e["payload"]["candidate"] for e in decided] == [ppo]
     assert float(decided[0]["payload"]["delta"]) == pytest.approx(dec["delta"])
 
@@ -403,6 +408,22 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     changed = rlhf_pipeline("demo", over)
     assert changed["states"]["reflogp"] == "Cached" and changed["states"]["dpo"] == "Completed"
     assert changed["states"]["ppo"] == "Cached" and changed["states"]["online_dpo_0"] == "Completed"
+
+    # PPO as a chain of one-iteration tasks, each handing its training state to the next: the
+    # checkpoint of the single task, byte for byte
+    one_by_one = {
+        **over,
+        "pipeline": {"stages": ["prepare", "sft", "rm", "ppo"]},
+        "ppo": {**over["ppo"], "iterations_per_task": 1},
+    }
+    chunked = rlhf_pipeline("demo", one_by_one)
+    assert chunked["states"]["ppo_0"] == chunked["states"]["ppo_1"] == "Completed"
+    assert chunked["ppo"]["checkpoint"] == ppo
+    state = store.get("tiny-ppo-state-1")
+    assert state.meta["kind"] == "training_state" and sft in state.parents
+    assert store.get(rollouts[0]).id in state.parents
+    assert run_graph_parents()["ppo#2"] >= {"ppo#1"}  # the second chunk after the first
+    assert rlhf_pipeline("demo", one_by_one)["states"]["ppo_1"] == "Cached"
 
     # the gate on policies whose order is known: the tiny PPO policy answers with EOS at once (it
     # writes nothing), an edited copy of it never stops; the judge, a user function, counts what
@@ -433,7 +454,7 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert worse["states"]["evaluate_production"] == "Cached"
     unchanged = promote_pipeline("demo", writer, by_length)
     assert "promote" not in unchanged["states"] and production(store) == writer
-    decided = named_events("mindrlhf.promotion.decided")
+    decided = named_events("mindrlhf.promotion.decided", at_least=3)
     assert [(e["payload"]["candidate"], e["payload"]["promoted"]) for e in decided[1:]] == [
         (writer, True),
         (ppo, False),

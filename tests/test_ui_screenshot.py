@@ -94,3 +94,12 @@ def test_flow_run_page_renders(server, tmp_path):
     assert img.size == (1400, 1000)
     colours = len(img.resize((140, 100)).getcolors(maxcolors=140 * 100) or [])
     assert colours > 50, f"screenshot looks blank ({colours} colours)"
+    # the run's lineage picture, as the UI shows the lineage-<name> artifact
+    art = httpx.post(
+        f"{url}/artifacts/latest/filter", json={"artifacts": {"key": {"any_": ["lineage-tiny"]}}}
+    ).json()[0]
+    page = f"{ui}/artifacts/artifact/{art['id']}"
+    dom = render(page, tmp_path)
+    (OUT / "lineage.html").write_text(dom)
+    assert "data:image/svg+xml;base64," in dom  # the picture survived the UI's markdown renderer
+    render(page, tmp_path, OUT / "lineage.png")

@@ -68,6 +68,18 @@ class StageContext:
             }
             print("METRIC " + json.dumps({"stage": self.name, **kv}), flush=True)
 
+    def alarm(self, kind: str, **figures) -> None:
+        """An ALARM line: the Prefect task makes it the event ``mindrlhf.<kind>.suspected``."""
+        if self.dist.is_main:
+            self.log(
+                f"ALARM {kind}: "
+                + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in figures.items()
+                )
+            )
+            print("ALARM " + json.dumps({"stage": self.name, "kind": kind, **figures}), flush=True)
+
     def finish(self, outputs: dict, metrics: dict, **extra) -> None:
         if not self.dist.is_main:
             return
@@ -264,18 +276,65 @@ def resume_training_state(
     ctx: "StageContext", ckpts: RunCheckpoints, models: dict, trainers: dict
 ) -> tuple[int, dict]:
     """Load the newest working checkpoint, if any; returns (step, saved JSON state)."""
-    from ..models.decoder import load_state_dict
-
     latest = ckpts.latest()
     if latest is None:
         return 0, {}
     files, state = ckpts.load(latest[1])
+    apply_training_state(files, state, models, trainers, str(latest[1]))
+    ctx.log(f"resuming from step {state['step']} ({latest[1]})")
+    return state["step"], state
+
+
+def apply_training_state(files: dict, state: dict, models: dict, trainers: dict, source: str):
+    from ..models.decoder import load_state_dict
+
     for name, m in models.items():
-        load_state_dict(m, files[name], source=str(latest[1]))
+        load_state_dict(m, files[name], source=source)
     for name, t in trainers.items():
         t.load_optimizer_state(files[f"{name}_optim"])
         t.step_num = state["trainer_steps"][name]
-    ctx.log(f"resuming from step {state['step']} ({latest[1]})")
+
+
+# ---- a loop in chained tasks: its whole training state as a store artifact -----------------------
+
+
+def write_state_artifact(
+    ctx: "StageContext", step: int, models: dict, trainers: dict, state: dict, parents: list[str]
+):
+    """Everything a later chunk of this loop needs to go on exactly as if it had never stopped
+    (weights and optimizer moments of every model, trainer step counts, the JSON state) as one
+    checkpoint artifact ``<name>-<stage>-state-<step>``, named tensors ``<part>/<tensor>``."""
+    from ..models.decoder import state_dict
+
+    files = {name: state_dict(m) for name, m in models.items()}
+    files.update({f"{name}_optim": t.optimizer_state() for name, t in trainers.items()})
+    tensors = {f"{part}/{k}": v for part, ts in files.items() for k, v in ts.items()}
+    steps = {name: t.step_num for name, t in trainers.items()}
+    return ctx.store.write_checkpoint(
+        tensors,
+        name=f"{ctx.cfg.name}-{ctx.name}-state-{step}",
+        parents=parents,
+        meta={
+            "stage": ctx.name,
+            "kind": "training_state",
+            "model": model_meta(ctx.cfg),
+            "state": {**state, "step": step, "trainer_steps": steps},
+        },
+    )
+
+
+def load_state_artifact(
+    ctx: "StageContext", art_id: str, models: dict, trainers: dict
+) -> tuple[int, dict]:
+    """Inverse of :func:`write_state_artifact`: (step, JSON state), models and trainers loaded."""
+    tensors = ctx.store.read_checkpoint(art_id)
+    files: dict[str, dict] = {}
+    for k, v in tensors.items():
+        part, _, name = k.partition("/")
+        files.setdefault(part, {})[name] = v
+    state = ctx.store.get(art_id, verify=False).meta["state"]
+    apply_training_state(files, state, models, trainers, f"training state {art_id[:12]}")
+    ctx.log(f"continuing from iteration {state['step']} (training state {art_id[:12]})")
     return state["step"], state
 
 

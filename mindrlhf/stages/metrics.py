@@ -25,6 +25,9 @@ def plot_png(history: list[dict], keys: list[str], title: str) -> bytes:
     for ax, k in zip(axes[0], keys):
         pts = [(h["step"], h[k]) for h in history if k in h and h[k] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
+        for h in history:  # iterations where the reward-hacking watch fired
+            if h.get("hacking_suspected"):
+                ax.axvline(h["step"], color="tab:red", alpha=0.5, linestyle="--")
         ax.set_title(k)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -40,6 +40,7 @@ from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from ..models.generation import Generation
+from ..monitor import suspect
 from ..parallel import apply_parallel
 from .common import (
     NumericalError,
@@ -48,12 +49,14 @@ from .common import (
     Trainer,
     epoch_order,
     gather_rows,
+    load_state_artifact,
     minibatches,
     model_meta,
     resume_training_state,
     save_training_state,
     shard,
     stage_main,
+    write_state_artifact,
 )
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
@@ -175,11 +178,19 @@ def run(ctx: StageContext) -> None:
     )
     ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"actor": actor, "critic": critic}, {"actor": t_actor, "critic": t_critic}
+    first, end = pc.span or (0, pc.iterations)  # a chunk of the loop, or all of it
     start, state = resume_training_state(ctx, ckpts, models, trainers)
+    if start == 0 and first > 0:  # a later chunk: go on from the chunk before's training state
+        if not ctx.inputs.get("state"):
+            raise ValueError(f"ppo.span {pc.span}: a chunk after the first needs input 'state'")
+        start, state = load_state_artifact(ctx, ctx.inputs["state"], models, trainers)
+    if start < first or start > end:
+        raise ValueError(f"ppo.span {pc.span}: the training state is at iteration {start}")
     history, experience_ids = state.get("history", []), state.get("experience", [])
     kl_ctl.value = state.get("kl_coef", kl_ctl.value)
     rollout_cfg = rollout_config(cfg.generation)
     rollouts = RolloutLog(ctx)
+    best_gold = RunCheckpoints(ctx.run_dir / "best-gold", ctx.key, keep=1)  # hacking_stop only
 
     def make_experience(it: int):
         """Sample this rank's rows of the iteration's prompt batch, score them, gather every rank's
@@ -243,7 +254,7 @@ def run(ctx: StageContext) -> None:
             meta={"stage": "ppo", "iteration": it, "kl_coef": kl_ctl.value},
         )
 
-    for it in range(start, pc.iterations):
+    for it in range(start, end):
         exp_id, ex = rollouts.get_or_make(it, functools.partial(make_experience, it))
         experience_ids.append(exp_id)
 
@@ -305,6 +316,24 @@ def run(ctx: StageContext) -> None:
             row["gold_mean"] = float(ex["gold"].mean())
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
+        alarm = None
+        if gold is not None:  # the proxy up, the gold down: the RM is being exploited
+            seen = history + [row]
+            alarm = suspect(
+                [h["reward_mean"] for h in seen],
+                [h["gold_mean"] for h in seen],
+                pc.hacking_window,
+                pc.hacking_margin,
+            )
+            if alarm:
+                row["hacking_suspected"] = 1.0
+                ctx.alarm("reward_hacking", iteration=it + 1, **alarm)
+            if (
+                pc.hacking_stop
+                and ctx.dist.is_main
+                and row["gold_mean"] >= max(h["gold_mean"] for h in seen)
+            ):
+                best_gold.save(it + 1, {"actor": state_dict(actor)}, {"gold": row["gold_mean"]})
         history.append(row)
         ctx.metric(**row)
         done = it + 1
@@ -317,9 +346,38 @@ def run(ctx: StageContext) -> None:
                 {"history": history, "experience": experience_ids, "kl_coef": kl_ctl.value},
             )
             ctx.log(f"checkpoint at iteration {done}")
+        if alarm and pc.hacking_stop:
+            break
 
     if not ctx.dist.is_main:
         return
+    stop_now = bool(history and history[-1].get("hacking_suspected") and pc.hacking_stop)
+    if end < pc.iterations and not stop_now:  # a chunk: hand the whole state to the next one
+        art = write_state_artifact(
+            ctx,
+            end,
+            models,
+            trainers,
+            {"history": history, "experience": experience_ids, "kl_coef": kl_ctl.value},
+            parents=[ctx.inputs["state"] if ctx.inputs.get("state") else ctx.inputs["sft"]]
+            + sorted(set(experience_ids[first:])),
+        )
+        chunk = history[first:]
+        ctx.finish(
+            {"state": art.id},
+            {"iterations_done": end, "reward_mean": chunk[-1]["reward_mean"]},
+            history=chunk,
+        )
+        return
+    stopped = None
+    if stop_now:
+        step, path = best_gold.latest()
+        load_state_dict(actor, RunCheckpoints.load(path)[0]["actor"], source=str(path))
+        stopped = {"at_iteration": history[-1]["step"], "kept_iteration": step}
+        ctx.log(
+            f"stopped early at iteration {stopped['at_iteration']}: kept the policy of "
+            f"iteration {step}, the best gold score"
+        )
     actor.set_train(False)
     ev = evaluate_policies(
         ctx,
@@ -343,8 +401,9 @@ def run(ctx: StageContext) -> None:
         "heldout_score_sft": ev["sft"]["score"],
         "heldout_score_ppo": ev["ppo"]["score"],
         "heldout_kl_ppo": ev["ppo"]["kl"],
-        "iterations": pc.iterations,
+        "iterations": len(history),
         "final_kl_coef": kl_ctl.value,
+        "hacking_alarms": sum(1 for h in history if h.get("hacking_suspected")),
     }
     if gold is not None:
         metrics.update(heldout_gold_sft=ev["sft"]["gold"], heldout_gold_ppo=ev["ppo"]["gold"])
@@ -365,6 +424,7 @@ def run(ctx: StageContext) -> None:
             "eval": ev,
             "gold_reward": pc.gold_reward,
             "experience": experience_ids,
+            "stopped_early": stopped,
         },
     )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)

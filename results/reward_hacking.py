@@ -1,0 +1,120 @@
+"""Reward hacking, caught. PPO is run twice from the demo's SFT policy with the same settings:
+against the demo's reward model, and against a reward model trained on the same preference pairs
+with chosen and rejected swapped (a labelling mistake that happens: a column mix-up in the
+annotation export). The second RM rewards negative reviews; the gold judge (VADER, which the
+policy never sees) rewards positive ones. The reward-hacking watch (mindrlhf/monitor.py, the
+ppo.hacking_* settings, defaults) must fire on the second run and stay quiet on the first.
+
+    make demo && .venv/bin/python results/reward_hacking.py      # ~6 minutes on 2 CPU cores
+
+Prints JSON and writes results/reward_hacking.png (RM score and gold per iteration, alarms
+marked). Stages run as processes through mindrlhf.launch, in the demo's store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def flipped(store, ref: str) -> str:
+    t = store.read_dataset(ref)
+    swap = {"chosen_ids": "rejected_ids", "rejected_ids": "chosen_ids"}
+    art = store.write_dataset(
+        t.rename_columns([swap.get(c, c) for c in t.column_names]),
+        name=f"{ref}-flipped",
+        parents=[store.resolve(ref)],
+        meta={"edited": "chosen and rejected swapped (a labelling mistake, on purpose)"},
+    )
+    return art.id
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", default="artifacts")
+    args = ap.parse_args()
+    from mindrlhf.config import load_config
+    from mindrlhf.data.store import ArtifactStore
+    from mindrlhf.keys import stage_key
+    from mindrlhf.launch import run_stage
+
+    cfg = load_config("demo", {"store": {"root": args.store}})
+    store = ArtifactStore(cfg.store.root)
+    sft = store.resolve("demo-sft")
+    prompts = {
+        "prompts": store.resolve("demo-prompts_movie_reviews_train"),
+        "heldout": store.resolve("demo-prompts_movie_reviews_heldout"),
+    }
+
+    def stage(name: str, inputs: dict) -> dict:
+        run_dir = (
+            Path(cfg.store.root)
+            / "runs"
+            / f"hack-{name}-{stage_key(name, cfg.to_dict(), inputs)[:16]}"
+        )
+        return run_stage(name, cfg, inputs, cfg.store.root, run_dir, log=lambda s: None)
+
+    bad_rm = stage(
+        "rm",
+        {
+            "train": flipped(store, "demo-pairs_train"),
+            "heldout": flipped(store, "demo-pairs_heldout"),
+            "sft": sft,
+        },
+    )
+    runs = {
+        "demo RM": stage("ppo", {**prompts, "sft": sft, "rm": store.resolve("demo-rm")}),
+        "flipped RM": stage("ppo", {**prompts, "sft": sft, "rm": bad_rm["outputs"]["checkpoint"]}),
+    }
+    out = {
+        "settings": {k: getattr(cfg.ppo, k) for k in ("hacking_window", "hacking_margin")},
+        "flipped_rm_heldout_accuracy_on_its_own_labels": bad_rm["metrics"].get("heldout_accuracy"),
+    }
+    for label, r in runs.items():
+        h = r["history"]
+        out[label] = {
+            "alarms_at_iteration": [x["step"] for x in h if x.get("hacking_suspected")],
+            "rm_score": [round(x["reward_mean"], 3) for x in h],
+            "gold": [round(x["gold_mean"], 3) for x in h],
+            "heldout_gold_sft": round(r["metrics"]["heldout_gold_sft"], 4),
+            "heldout_gold_ppo": round(r["metrics"]["heldout_gold_ppo"], 4),
+            "checkpoint": r["outputs"]["checkpoint"],
+        }
+    print(json.dumps(out, indent=1))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=False)
+    for ax, (label, r) in zip(axes, runs.items()):
+        h = r["history"]
+        steps = [x["step"] for x in h]
+        ax.plot(steps, [x["reward_mean"] for x in h], marker="o", ms=3, label="RM score (proxy)")
+        ax2 = ax.twinx()
+        ax2.plot(
+            steps,
+            [x["gold_mean"] for x in h],
+            marker="s",
+            ms=3,
+            color="tab:green",
+            label="VADER gold",
+        )
+        ax2.set_ylabel("gold (VADER)")
+        for x in h:
+            if x.get("hacking_suspected"):
+                ax.axvline(x["step"], color="tab:red", ls="--", alpha=0.6)
+        ax.set_title(f"PPO vs {label}: {len(out[label]['alarms_at_iteration'])} alarm(s)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("RM score")
+        ax.legend(loc="upper left", fontsize=7)
+        ax2.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(HERE / "reward_hacking.png", dpi=90)
+
+
+if __name__ == "__main__":
+    main()
