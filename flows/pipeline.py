@@ -230,7 +230,7 @@ def rlhf_pipeline(
         }
         if cfg.grpo.reward == "rm":
             inputs["rm"] = rm_ckpt
-        grpo = call(grpo_task, "grpo", c, inputs, summary)
+        grpo = call_chunked(grpo_task, "grpo", c, inputs, summary)
         summary["grpo"] = {"checkpoint": grpo["outputs"]["checkpoint"], **grpo["metrics"]}
     if "dpo" in stages:
         summary["dpo"] = run_dpo_branch(c, d, sft_ckpt, summary)

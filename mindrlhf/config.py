@@ -279,6 +279,13 @@ class RMConfig(OptimConfig):
             _positive(getattr(self, k), p + k)
 
 
+def _check_chunks(c, p: str) -> None:
+    """An RL section's ``iterations_per_task`` and the ``span`` the flow gives a chunk."""
+    _non_negative(c.iterations_per_task, p + "iterations_per_task")
+    if c.span and not (len(c.span) == 2 and 0 <= c.span[0] < c.span[1] <= c.iterations):
+        raise ValueError(f"{p}span must be [start, end) inside [0, {p}iterations], got {c.span}")
+
+
 @dataclass
 class PPOConfig(OptimConfig):
     lr: float = 2e-4  # actor
@@ -321,13 +328,7 @@ class PPOConfig(OptimConfig):
         _positive(self.critic_lr, p + "critic_lr")
         _positive(self.hacking_window, p + "hacking_window")
         _non_negative(self.hacking_margin, p + "hacking_margin")
-        _non_negative(self.iterations_per_task, p + "iterations_per_task")
-        if self.span and not (
-            len(self.span) == 2 and 0 <= self.span[0] < self.span[1] <= self.iterations
-        ):
-            raise ValueError(
-                f"{p}span must be [start, end) inside [0, {p}iterations], got {self.span}"
-            )
+        _check_chunks(self, p)
         for k in (
             "iterations",
             "rollout_batch",
@@ -370,6 +371,8 @@ class GRPOConfig(OptimConfig):
     max_new_tokens: int = 6
     ckpt_every: int = 5
     eval_prompts: int = 64
+    iterations_per_task: int = 0  # as ppo.iterations_per_task
+    span: list[int] = field(default_factory=list)  # set by the flow: this task's [start, end)
 
     def validate(self, p: str = ""):
         super().validate(p)
@@ -392,6 +395,7 @@ class GRPOConfig(OptimConfig):
             )
         _positive(self.clip_range, p + "clip_range")
         _non_negative(self.beta, p + "beta")
+        _check_chunks(self, p)
 
 
 @dataclass

@@ -3,7 +3,8 @@ against the demo's reward model, and against a reward model trained on the same 
 with chosen and rejected swapped (a labelling mistake that happens: a column mix-up in the
 annotation export). The second RM rewards negative reviews; the gold judge (VADER, which the
 policy never sees) rewards positive ones. The reward-hacking watch (mindrlhf/monitor.py, the
-ppo.hacking_* settings, defaults) must fire on the second run and stay quiet on the first.
+ppo.hacking_* settings at their defaults, hacking_stop on) must fire on the second run -- which
+then stops, keeping its best-gold policy -- and stay quiet on the first.
 
     make demo && .venv/bin/python results/reward_hacking.py      # ~6 minutes on 2 CPU cores
 
@@ -40,7 +41,9 @@ def main() -> None:
     from mindrlhf.keys import stage_key
     from mindrlhf.launch import run_stage
 
-    cfg = load_config("demo", {"store": {"root": args.store}})
+    # the watch at its defaults; hacking_stop: a run that fires ends there, keeping its best-gold
+    # policy (a run that never fires is the same as without it)
+    cfg = load_config("demo", {"store": {"root": args.store}, "ppo": {"hacking_stop": True}})
     store = ArtifactStore(cfg.store.root)
     sft = store.resolve("demo-sft")
     prompts = {
@@ -81,6 +84,7 @@ def main() -> None:
             "heldout_gold_sft": round(r["metrics"]["heldout_gold_sft"], 4),
             "heldout_gold_ppo": round(r["metrics"]["heldout_gold_ppo"], 4),
             "checkpoint": r["outputs"]["checkpoint"],
+            "stopped_early": store.get(r["outputs"]["checkpoint"]).meta.get("stopped_early"),
         }
     print(json.dumps(out, indent=1))
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import free_port, tiny_overrides
@@ -223,3 +224,43 @@ def test_memory_estimate_is_a_lower_bound_of_what_sft_used(prepared, tmp_path):
     res = run_stage("sft", cfg, inputs, root, tmp_path / "est", log=lambda s: None)
     assert estimate_memory(cfg, "sft").total < res["peak_rss_mb"] * 2**20
     assert res["peak_rss_mb"] > 100
+
+
+def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
+    """A run killed while it held its run directory (kill -9, OOM) leaves its owner in the lock
+    file; the next run takes the directory at once, without waiting or a message."""
+    import json
+
+    from mindrlhf.launch import run_dir_lock
+
+    code = (
+        "import sys, time\nfrom mindrlhf.launch import run_dir_lock\n"
+        "with run_dir_lock(sys.argv[1], log=lambda s: None):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    assert json.loads((tmp_path / "lock").read_text())["pid"] == holder.pid
+    holder.kill()
+    holder.wait()
+    said, t0 = [], time.time()
+    with run_dir_lock(tmp_path, log=said.append, poll_s=1.0):
+        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+    assert time.time() - t0 < 5 and said == []
+
+
+def test_stage_start_sweeps_what_a_killed_checkpoint_write_left(tmp_path):
+    """.tmp-ckpt-* (a checkpoint being written: ENOSPC, kill -9) and .trash-* (one being dropped)
+    are removed when a stage opens its run directory; finished checkpoints stay."""
+    from mindrlhf.stages.common import RunCheckpoints
+
+    ckpts = RunCheckpoints(tmp_path, key="k")
+    ckpts.save(3, {"model": {"w": np.ones(2, np.float32)}}, {})
+    for junk in (".tmp-ckpt-6-1a2b3c4d", ".trash-ckpt-1-5e6f7a8b"):
+        (tmp_path / junk).mkdir()
+        (tmp_path / junk / "model.safetensors").write_bytes(b"half")
+    again = RunCheckpoints(tmp_path, key="k")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-3"]
+    assert again.latest() == (3, tmp_path / "ckpt-3")

@@ -409,16 +409,19 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert changed["states"]["reflogp"] == "Cached" and changed["states"]["dpo"] == "Completed"
     assert changed["states"]["ppo"] == "Cached" and changed["states"]["online_dpo_0"] == "Completed"
 
-    # PPO as a chain of one-iteration tasks, each handing its training state to the next: the
-    # checkpoint of the single task, byte for byte
+    # PPO and GRPO as chains of one-iteration tasks, each handing its training state to the next:
+    # the checkpoints of the single tasks, byte for byte
     one_by_one = {
         **over,
-        "pipeline": {"stages": ["prepare", "sft", "rm", "ppo"]},
+        "pipeline": {"stages": ["prepare", "sft", "rm", "ppo", "grpo"]},
         "ppo": {**over["ppo"], "iterations_per_task": 1},
+        "grpo": {**over["grpo"], "iterations_per_task": 1},
     }
     chunked = rlhf_pipeline("demo", one_by_one)
     assert chunked["states"]["ppo_0"] == chunked["states"]["ppo_1"] == "Completed"
+    assert chunked["states"]["grpo_0"] == chunked["states"]["grpo_1"] == "Completed"
     assert chunked["ppo"]["checkpoint"] == ppo
+    assert chunked["grpo"]["checkpoint"] == s["grpo"]["checkpoint"]
     state = store.get("tiny-ppo-state-1")
     assert state.meta["kind"] == "training_state" and sft in state.parents
     assert store.get(rollouts[0]).id in state.parents

@@ -27,12 +27,14 @@ from .common import (
     Trainer,
     epoch_order,
     gather_rows,
+    load_state_artifact,
     minibatches,
     model_meta,
     resume_training_state,
     save_training_state,
     shard,
     stage_main,
+    write_state_artifact,
 )
 from .metrics import publish_metrics
 from .ppo import load_policy
@@ -117,7 +119,14 @@ def run(ctx: StageContext) -> None:
     )
     ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"policy": policy}, {"policy": trainer}
+    first, end = gc.span or (0, gc.iterations)  # a chunk of the loop, or all of it
     start, state = resume_training_state(ctx, ckpts, models, trainers)
+    if start == 0 and first > 0:  # a later chunk: go on from the chunk before's training state
+        if not ctx.inputs.get("state"):
+            raise ValueError(f"grpo.span {gc.span}: a chunk after the first needs input 'state'")
+        start, state = load_state_artifact(ctx, ctx.inputs["state"], models, trainers)
+    if start < first or start > end:
+        raise ValueError(f"grpo.span {gc.span}: the training state is at iteration {start}")
     history, experience_ids = state.get("history", []), state.get("experience", [])
     rollouts = RolloutLog(ctx)
 
@@ -173,14 +182,15 @@ def run(ctx: StageContext) -> None:
         )
 
     n_eval = gc.eval_prompts
-    before = {
-        "train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
-        "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
-        "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8),
-    }
-    ctx.log(f"SFT policy: reward/accuracy {before}")
+    if end == gc.iterations:  # the SFT policy's figures, for the last (or only) task's report
+        before = {
+            "train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
+            "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
+            "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8),
+        }
+        ctx.log(f"SFT policy: reward/accuracy {before}")
 
-    for it in range(start, gc.iterations):
+    for it in range(start, end):
         exp_id, ex = rollouts.get_or_make(it, functools.partial(make_rollout, it))
         experience_ids.append(exp_id)
 
@@ -223,6 +233,23 @@ def run(ctx: StageContext) -> None:
             ctx.log(f"checkpoint at iteration {done}")
 
     if not ctx.dist.is_main:
+        return
+    if end < gc.iterations:  # a chunk: hand the whole state to the next one
+        art = write_state_artifact(
+            ctx,
+            end,
+            models,
+            trainers,
+            {"history": history, "experience": experience_ids},
+            parents=[ctx.inputs["state"] if ctx.inputs.get("state") else ctx.inputs["sft"]]
+            + sorted(set(experience_ids[first:])),
+        )
+        chunk = history[first:]
+        ctx.finish(
+            {"state": art.id},
+            {"iterations_done": end, "reward_mean": chunk[-1]["reward_mean"]},
+            history=chunk,
+        )
         return
     policy.set_train(False)
     after = {
