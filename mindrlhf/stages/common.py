@@ -323,6 +323,27 @@ def write_state_artifact(
     )
 
 
+def finish_chunk(ctx, first, end, models, trainers, history, experience_ids, extra) -> None:
+    """The end of a chunk ``[first, end)`` of an RL loop: its training state as an artifact (parent:
+    the state it started from, or the SFT policy, and the chunk's rollouts), reported as the
+    stage's output with the chunk's history."""
+    art = write_state_artifact(
+        ctx,
+        end,
+        models,
+        trainers,
+        {"history": history, "experience": experience_ids, **extra},
+        parents=[ctx.inputs["state"] if ctx.inputs.get("state") else ctx.inputs["sft"]]
+        + sorted(set(experience_ids[first:])),
+    )
+    chunk = history[first:]
+    ctx.finish(
+        {"state": art.id},
+        {"iterations_done": end, "reward_mean": chunk[-1]["reward_mean"]},
+        history=chunk,
+    )
+
+
 def load_state_artifact(
     ctx: "StageContext", art_id: str, models: dict, trainers: dict
 ) -> tuple[int, dict]:

@@ -26,6 +26,7 @@ from .common import (
     StageContext,
     Trainer,
     epoch_order,
+    finish_chunk,
     gather_rows,
     load_state_artifact,
     minibatches,
@@ -34,7 +35,6 @@ from .common import (
     save_training_state,
     shard,
     stage_main,
-    write_state_artifact,
 )
 from .metrics import publish_metrics
 from .ppo import load_policy
@@ -235,22 +235,7 @@ def run(ctx: StageContext) -> None:
     if not ctx.dist.is_main:
         return
     if end < gc.iterations:  # a chunk: hand the whole state to the next one
-        art = write_state_artifact(
-            ctx,
-            end,
-            models,
-            trainers,
-            {"history": history, "experience": experience_ids},
-            parents=[ctx.inputs["state"] if ctx.inputs.get("state") else ctx.inputs["sft"]]
-            + sorted(set(experience_ids[first:])),
-        )
-        chunk = history[first:]
-        ctx.finish(
-            {"state": art.id},
-            {"iterations_done": end, "reward_mean": chunk[-1]["reward_mean"]},
-            history=chunk,
-        )
-        return
+        return finish_chunk(ctx, first, end, models, trainers, history, experience_ids, {})
     policy.set_train(False)
     after = {
         "train": accuracy(ctx, policy, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),

@@ -48,6 +48,7 @@ from .common import (
     StageContext,
     Trainer,
     epoch_order,
+    finish_chunk,
     gather_rows,
     load_state_artifact,
     minibatches,
@@ -56,7 +57,6 @@ from .common import (
     save_training_state,
     shard,
     stage_main,
-    write_state_artifact,
 )
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
@@ -353,22 +353,8 @@ def run(ctx: StageContext) -> None:
         return
     stop_now = bool(history and history[-1].get("hacking_suspected") and pc.hacking_stop)
     if end < pc.iterations and not stop_now:  # a chunk: hand the whole state to the next one
-        art = write_state_artifact(
-            ctx,
-            end,
-            models,
-            trainers,
-            {"history": history, "experience": experience_ids, "kl_coef": kl_ctl.value},
-            parents=[ctx.inputs["state"] if ctx.inputs.get("state") else ctx.inputs["sft"]]
-            + sorted(set(experience_ids[first:])),
-        )
-        chunk = history[first:]
-        ctx.finish(
-            {"state": art.id},
-            {"iterations_done": end, "reward_mean": chunk[-1]["reward_mean"]},
-            history=chunk,
-        )
-        return
+        extra = {"kl_coef": kl_ctl.value}
+        return finish_chunk(ctx, first, end, models, trainers, history, experience_ids, extra)
     stopped = None
     if stop_now:
         step, path = best_gold.latest()
