@@ -80,7 +80,8 @@ def evaluate_and_promote(
         store.set_ref(ref, candidate)  # idempotent: a cached decision is acted on again
         logger.info(f"promote: {ref} -> {candidate[:12]} ({decision['reason']})")
     else:
-        logger.info(f"promote: {ref} stays {str(production)[:12]} ({decision['reason']})")
+        kept = production[:12] if production else "unset (nothing promoted yet)"
+        logger.info(f"promote: {ref} stays {kept} ({decision['reason']})")
     if run["states"]["promote"] != "Cached":  # a decision made now, not one served again
         announce(cfg.name, decision, scores, res["outputs"]["decision"])
     return {
