@@ -98,7 +98,7 @@ def test_flow_run_page_renders(server, tmp_path):
     art = httpx.post(
         f"{url}/artifacts/latest/filter", json={"artifacts": {"key": {"any_": ["lineage-tiny"]}}}
     ).json()[0]
-    page = f"{ui}/artifacts/artifact/{art['id']}"
+    page = f"{ui}/artifacts/artifact/{art['latest_id']}"  # the newest version under the key
     dom = render(page, tmp_path)
     (OUT / "lineage.html").write_text(dom)
     assert "data:image/svg+xml;base64," in dom  # the picture survived the UI's markdown renderer
