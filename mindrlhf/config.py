@@ -313,10 +313,11 @@ class PPOConfig(OptimConfig):
     eval_prompts: int = 64
     # reward-hacking watch (with gold_reward; mindrlhf/monitor.py): the RM score's mean over the
     # last hacking_window iterations above the window before while the gold's fell by more than
-    # hacking_margin -> event mindrlhf.reward_hacking.suspected; hacking_stop ends the loop there
-    # and keeps the policy of the best gold iteration
+    # hacking_margin and hacking_z standard errors -> event mindrlhf.reward_hacking.suspected;
+    # hacking_stop ends the loop there and keeps the policy of the best gold iteration
     hacking_window: int = 4
     hacking_margin: float = 0.1
+    hacking_z: float = 3.0  # and the gold's fall beyond this many standard errors
     hacking_stop: bool = False
     # the loop as a chain of Prefect tasks of this many iterations each (0: one task); each
     # chunk is cached on its input training state and ends with its own (identical results)
@@ -328,6 +329,7 @@ class PPOConfig(OptimConfig):
         _positive(self.critic_lr, p + "critic_lr")
         _positive(self.hacking_window, p + "hacking_window")
         _non_negative(self.hacking_margin, p + "hacking_margin")
+        _non_negative(self.hacking_z, p + "hacking_z")
         _check_chunks(self, p)
         for k in (
             "iterations",

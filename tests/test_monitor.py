@@ -21,6 +21,18 @@ def test_fires_when_the_proxy_climbs_while_the_gold_falls():
     assert suspect([5.0, -5.0] + proxy, [9.0, -9.0] + gold, 4, 0.05) == a
 
 
+def test_a_fall_inside_the_noise_of_the_rollouts_is_not_a_hack():
+    proxy = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1]
+    gold = [0.30, 0.32, 0.31, 0.33, 0.20, 0.18, 0.19, 0.17]  # down 0.13 on average
+    n = [32] * 8
+    # 32 samples an iteration with a spread of 0.2: the difference of the two window means has a
+    # standard error of sqrt(8 * 0.2**2 / 32) / 4 = 0.025, so 0.13 is 5 of them
+    a = suspect(proxy, gold, 4, 0.05, [0.2] * 8, n, z=3.0)
+    assert a is not None and a["gold_change_se"] == pytest.approx(0.025)
+    # a spread of 0.45 (VADER on short reviews): se 0.056, the fall is 2.3 of them -> quiet
+    assert suspect(proxy, gold, 4, 0.05, [0.45] * 8, n, z=3.0) is None
+
+
 def test_quiet_when_the_gold_holds_or_the_proxy_does_not_climb():
     proxy = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1]
     steady = [0.30, 0.32, 0.31, 0.33, 0.29, 0.31, 0.30, 0.28]  # noise inside the margin

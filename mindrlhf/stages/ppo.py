@@ -314,6 +314,7 @@ def run(ctx: StageContext) -> None:
         }
         if gold is not None:
             row["gold_mean"] = float(ex["gold"].mean())
+            row["gold_std"] = float(ex["gold"].std(ddof=1))
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
         alarm = None
@@ -324,6 +325,9 @@ def run(ctx: StageContext) -> None:
                 [h["gold_mean"] for h in seen],
                 pc.hacking_window,
                 pc.hacking_margin,
+                [h["gold_std"] for h in seen],
+                [pc.rollout_batch] * len(seen),
+                pc.hacking_z,
             )
             if alarm:
                 row["hacking_suspected"] = 1.0
