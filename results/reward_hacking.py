@@ -1,15 +1,17 @@
-"""Reward hacking, caught. PPO is run twice from the demo's SFT policy with the same settings:
-against the demo's reward model, and against a reward model trained on the same preference pairs
-with chosen and rejected swapped (a labelling mistake that happens: a column mix-up in the
-annotation export). The second RM rewards negative reviews; the gold judge (VADER, which the
-policy never sees) rewards positive ones. The reward-hacking watch (mindrlhf/monitor.py, the
-ppo.hacking_* settings at their defaults, hacking_stop on) must fire on the second run -- which
-then stops, keeping its best-gold policy -- and stay quiet on the first.
+"""Reward hacking, built on purpose, and what the watch makes of it. PPO is run twice from the
+demo's SFT policy with the same settings: against the demo's reward model, and against a reward
+model trained on the same preference pairs with chosen and rejected swapped (a labelling
+mistake that happens: a column mix-up in an annotation export). The second RM rewards what the
+raters liked least; the gold judge (VADER, which the policy never sees) measures what they
+liked. The reward-hacking watch (mindrlhf/monitor.py, ppo.hacking_* at their defaults,
+hacking_stop on) should fire on the second run -- which then stops, keeping its best-gold policy
+-- and stay quiet on the first. results/README.md has what it did.
 
-    make demo && .venv/bin/python results/reward_hacking.py      # ~6 minutes on 2 CPU cores
+    make demo && .venv/bin/python results/reward_hacking.py      # ~8 minutes on 2 CPU cores
 
-Prints JSON and writes results/reward_hacking.png (RM score and gold per iteration, alarms
-marked). Stages run as processes through mindrlhf.launch, in the demo's store."""
+Prints JSON (also written to results/reward_hacking.json) and writes results/reward_hacking.png
+(RM score and gold per iteration, alarms marked). Stages run as processes through
+mindrlhf.launch, in the demo's store, under the config name ``hackdemo``."""
 
 from __future__ import annotations
 
@@ -43,9 +45,16 @@ def main() -> None:
 
     # the watch at its defaults; hacking_stop: a run that fires ends there, keeping its best-gold
     # policy (a run that never fires is the same as without it)
-    cfg = load_config("demo", {"store": {"root": args.store}, "ppo": {"hacking_stop": True}})
+    # under its own name, so the refs of the demo's artifacts stay where they are; 30 PPO
+    # iterations (the demo runs 15) give the flipped RM time to pull the policy away
+    over = {
+        "name": "hackdemo",
+        "store": {"root": args.store},
+        "ppo": {"hacking_stop": True, "iterations": 30},
+    }
+    cfg = load_config("demo", over)
     store = ArtifactStore(cfg.store.root)
-    sft = store.resolve("demo-sft")
+    sft, demo_rm = store.resolve("demo-sft"), store.resolve("demo-rm")
     prompts = {
         "prompts": store.resolve("demo-prompts_movie_reviews_train"),
         "heldout": store.resolve("demo-prompts_movie_reviews_heldout"),
@@ -68,11 +77,14 @@ def main() -> None:
         },
     )
     runs = {
-        "demo RM": stage("ppo", {**prompts, "sft": sft, "rm": store.resolve("demo-rm")}),
+        "demo RM": stage("ppo", {**prompts, "sft": sft, "rm": demo_rm}),
         "flipped RM": stage("ppo", {**prompts, "sft": sft, "rm": bad_rm["outputs"]["checkpoint"]}),
     }
     out = {
-        "settings": {k: getattr(cfg.ppo, k) for k in ("hacking_window", "hacking_margin")},
+        "settings": {
+            k: getattr(cfg.ppo, k)
+            for k in ("hacking_window", "hacking_margin", "hacking_z", "iterations")
+        },
         "flipped_rm_heldout_accuracy_on_its_own_labels": bad_rm["metrics"].get("heldout_accuracy"),
     }
     for label, r in runs.items():
@@ -87,6 +99,7 @@ def main() -> None:
             "stopped_early": store.get(r["outputs"]["checkpoint"]).meta.get("stopped_early"),
         }
     print(json.dumps(out, indent=1))
+    (HERE / "reward_hacking.json").write_text(json.dumps(out, indent=1) + "\n")
 
     import matplotlib
 

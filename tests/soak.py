@@ -48,12 +48,22 @@ def free_port() -> int:
 
 
 def stage_procs(root: Path) -> list:
+    """Processes of this soak's stages: their command names its store; a stage's watchdog
+    (``mindrlhf.watchdog <launcher> <t> <stage pid>``) is ours if its stage is, or is gone."""
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(m in cmd for m in STAGE_MARKERS) and (
-            str(root) in cmd or "mindrlhf.watchdog" in cmd
-        ):
+        args = p.info["cmdline"] or []
+        cmd = " ".join(args)
+        if not any(m in cmd for m in STAGE_MARKERS):
+            continue
+        if "mindrlhf.watchdog" in cmd:
+            try:
+                stage = " ".join(psutil.Process(int(args[-1])).cmdline())
+            except (psutil.Error, ValueError, IndexError):
+                stage = str(root)  # its stage is gone and it is still here: an orphan
+            if str(root) in stage:
+                out.append(p)
+        elif str(root) in cmd:
             out.append(p)
     return out
 
@@ -120,7 +130,7 @@ def main() -> int:
                 )
                 time.sleep(rnd.uniform(0.0, 2.0))
             killed = None
-            kill_at = t0 + rnd.uniform(10.0, 60.0)
+            kill_at = t0 + rnd.uniform(5.0, 25.0)  # a run takes ~35-65 s: land inside it
             while time.time() < kill_at and any(p.poll() is None for p, _ in runs):
                 time.sleep(0.2)
             victims = [
