@@ -66,6 +66,28 @@ def randomize(model, seed: int = 0, qk_scale: float = 1.0) -> dict:
     return w
 
 
+TINY_SETS = {
+    "model.d_model": 16,
+    "model.n_layers": 1,
+    "model.n_heads": 2,
+    "model.max_seq_len": 64,
+    "data.max_len": 32,
+    "data.max_prompt_len": 12,
+    "sft.batch_size": 4,
+    "generation.max_new_tokens": 6,
+}
+
+
+def tiny_sft_stage_args(root, inputs: dict, sets: dict, run_dir=None) -> list[str]:
+    """Arguments of `mindrlhf stage sft demo` for the tiny model on ``inputs`` (train, heldout
+    ids) in the store ``root``, with ``sets`` (dotted key -> value) over TINY_SETS."""
+    args = ["stage", "sft", "demo"] + (["--run-dir", str(run_dir)] if run_dir else [])
+    args += ["--input", f"train={inputs['train']}", "--input", f"heldout={inputs['heldout']}"]
+    for k, v in {"store.root": root, **TINY_SETS, **sets}.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
 def tiny_overrides(root, **sft):
     """A config small enough that a stage process finishes in seconds."""
     return {

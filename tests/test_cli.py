@@ -141,7 +141,7 @@ def test_huge_single_line_is_refused_without_reading_it_whole(tmp_path):
 
 
 def test_stage_failure_is_one_message_with_the_stage_output(tmp_path, capsys):
-    from conftest import tiny_overrides
+    from conftest import tiny_overrides, tiny_sft_stage_args
     from mindrlhf.config import load_config
     from mindrlhf.launch import run_stage
 
@@ -150,40 +150,9 @@ def test_stage_failure_is_one_message_with_the_stage_output(tmp_path, capsys):
     d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)[
         "outputs"
     ]
+    inputs = {"train": d["sft_train"], "heldout": d["sft_heldout"]}
     rc, out, err = cli(
-        [
-            "stage",
-            "sft",
-            "demo",
-            "--input",
-            f"train={d['sft_train']}",
-            "--input",
-            f"heldout={d['sft_heldout']}",
-            "--set",
-            f"store.root={root}",
-            "--set",
-            "model.d_model=16",
-            "--set",
-            "model.n_layers=1",
-            "--set",
-            "model.n_heads=2",
-            "--set",
-            "model.max_seq_len=64",
-            "--set",
-            "data.max_len=32",
-            "--set",
-            "data.max_prompt_len=12",
-            "--set",
-            "sft.lr=1e9",
-            "--set",
-            "sft.grad_clip=0",
-            "--set",
-            "sft.steps=20",
-            "--set",
-            "sft.batch_size=4",
-            "--set",
-            "generation.max_new_tokens=6",
-        ],
+        tiny_sft_stage_args(root, inputs, {"sft.lr": 1e9, "sft.grad_clip": 0, "sft.steps": 20}),
         capsys,
     )
     assert rc == 1, err

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import free_port, tiny_overrides
+from conftest import free_port, tiny_overrides, tiny_sft_stage_args
 from mindrlhf.config import ConfigError, load_config
 from mindrlhf.launch import run_stage, stage_processes
 
@@ -59,48 +59,18 @@ def test_killed_launcher_leaves_no_msrun_workers(prepared, tmp_path):
     failed to form its cluster); the rerun in the same run directory then succeeds."""
     root, inputs = prepared
     run_dir = tmp_path / "dp"
-    args = [
-        sys.executable,
-        "-m",
-        "mindrlhf.cli",
-        "stage",
-        "sft",
-        "demo",
-        "--run-dir",
-        str(run_dir),
-        "--input",
-        f"train={inputs['train']}",
-        "--input",
-        f"heldout={inputs['heldout']}",
-        "--set",
-        f"store.root={root}",
-        "--set",
-        "model.d_model=16",
-        "--set",
-        "model.n_layers=1",
-        "--set",
-        "model.n_heads=2",
-        "--set",
-        "model.max_seq_len=64",
-        "--set",
-        "data.max_len=32",
-        "--set",
-        "data.max_prompt_len=12",
-        "--set",
-        "sft.steps=400",
-        "--set",
-        "sft.batch_size=4",
-        "--set",
-        "sft.ckpt_every=50",
-        "--set",
-        "generation.max_new_tokens=6",
-        "--set",
-        "parallel.worker_num=2",
-        "--set",
-        "parallel.local_worker_num=2",
-        "--set",
-        f"parallel.master_port={free_port()}",
-    ]
+    args = [sys.executable, "-m", "mindrlhf.cli"] + tiny_sft_stage_args(
+        root,
+        inputs,
+        {
+            "sft.steps": 400,
+            "sft.ckpt_every": 50,
+            "parallel.worker_num": 2,
+            "parallel.local_worker_num": 2,
+            "parallel.master_port": free_port(),
+        },
+        run_dir,
+    )
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     spec = run_dir / "spec.json"
     deadline = time.time() + 180
@@ -128,42 +98,9 @@ def test_killed_launcher_leaves_no_msrun_workers(prepared, tmp_path):
 def test_sigterm_stops_the_stage_tree(prepared, tmp_path):
     root, inputs = prepared
     run_dir = tmp_path / "term"
-    args = [
-        sys.executable,
-        "-m",
-        "mindrlhf.cli",
-        "stage",
-        "sft",
-        "demo",
-        "--run-dir",
-        str(run_dir),
-        "--input",
-        f"train={inputs['train']}",
-        "--input",
-        f"heldout={inputs['heldout']}",
-        "--set",
-        f"store.root={root}",
-        "--set",
-        "model.d_model=16",
-        "--set",
-        "model.n_layers=1",
-        "--set",
-        "model.n_heads=2",
-        "--set",
-        "model.max_seq_len=64",
-        "--set",
-        "data.max_len=32",
-        "--set",
-        "data.max_prompt_len=12",
-        "--set",
-        "sft.steps=100000",
-        "--set",
-        "sft.batch_size=4",
-        "--set",
-        "sft.ckpt_every=100000",
-        "--set",
-        "generation.max_new_tokens=6",
-    ]
+    args = [sys.executable, "-m", "mindrlhf.cli"] + tiny_sft_stage_args(
+        root, inputs, {"sft.steps": 100000, "sft.ckpt_every": 100000}, run_dir
+    )
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     spec = run_dir / "spec.json"
     deadline = time.time() + 120
