@@ -17,7 +17,6 @@ is already production is not evaluated again: an unchanged nightly run is all Ca
 from __future__ import annotations
 
 import json
-import re
 
 from prefect import flow, get_run_logger
 
@@ -25,6 +24,7 @@ from flows.pipeline import call, finished
 from mindrlhf.config import Config, load_config
 from mindrlhf.data.store import ArtifactNotFound, ArtifactStore
 from mindrlhf.promote import production_ref
+from tasks.assets import run_artifact_key
 from tasks.stages import evaluate_task, prepare_task, promote_task
 
 
@@ -131,8 +131,11 @@ def announce(name: str, decision: dict, scores: dict, decision_id: str) -> None:
         "|---|---|---|---|---|\n"
         f"{figures}\n\n| field | value |\n|---|---|\n{rows}\n"
     )
-    key = "promotion-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    create_markdown_artifact(key=key, markdown=md, description=f"promotion decision for {name}")
+    create_markdown_artifact(
+        key=run_artifact_key("promotion", name),
+        markdown=md,
+        description=f"promotion decision for {name}",
+    )
 
 
 @flow(name="promote")

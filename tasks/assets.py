@@ -98,12 +98,18 @@ def record_lineage(
         declare(wait_for=[after] if after is not None else None)  # hangs off its stage in the graph
 
 
+def run_artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key per config (``lineage-demo``): keys allow only a-z, 0-9 and '-'."""
+    import re
+
+    return f"{prefix}-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
 def publish_lineage(name: str, store_root: str, refs: list[str]) -> str:
     """The run's lineage picture (every final output and what it descends from) as a Prefect
     artifact under a stable key per config, ``lineage-<name>``: the newest run's is one click from
     the Artifacts page. Returns the SVG."""
     import base64
-    import re
 
     from prefect.artifacts import create_markdown_artifact
 
@@ -121,7 +127,7 @@ def publish_lineage(name: str, store_root: str, refs: list[str]) -> str:
         f"|---|---|\n{finals}\n\n"
         "`mindrlhf lineage <id> --format svg|dot|json` gives the same picture.\n"
     )
-    key = "lineage-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    key = run_artifact_key("lineage", name)
     create_markdown_artifact(
         key=key, markdown=md, description=f"lineage of the newest run of {name}"
     )

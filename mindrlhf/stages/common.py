@@ -323,6 +323,25 @@ def write_state_artifact(
     )
 
 
+def start_chunk(ctx, section, ckpts: RunCheckpoints, models: dict, trainers: dict):
+    """Where an RL loop's task starts: (first, end, start, state). ``section.span`` is this task's
+    ``[first, end)`` (empty: the whole loop); ``start`` the iteration its state is at: a working
+    checkpoint of this task, else -- for a chunk after the first -- the training state the chunk
+    before wrote (input ``state``)."""
+    name = ctx.name
+    first, end = section.span or (0, section.iterations)
+    start, state = resume_training_state(ctx, ckpts, models, trainers)
+    if start == 0 and first > 0:
+        if not ctx.inputs.get("state"):
+            raise ValueError(
+                f"{name}.span {section.span}: a chunk after the first needs input 'state'"
+            )
+        start, state = load_state_artifact(ctx, ctx.inputs["state"], models, trainers)
+    if start < first or start > end:
+        raise ValueError(f"{name}.span {section.span}: the training state is at iteration {start}")
+    return first, end, start, state
+
+
 def finish_chunk(ctx, first, end, models, trainers, history, experience_ids, extra) -> None:
     """The end of a chunk ``[first, end)`` of an RL loop: its training state as an artifact (parent:
     the state it started from, or the SFT policy, and the chunk's rollouts), reported as the

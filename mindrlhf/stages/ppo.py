@@ -50,13 +50,12 @@ from .common import (
     epoch_order,
     finish_chunk,
     gather_rows,
-    load_state_artifact,
     minibatches,
     model_meta,
-    resume_training_state,
     save_training_state,
     shard,
     stage_main,
+    start_chunk,
 )
 from .metrics import publish_metrics
 from .rm import load_reward_model, score_sequences
@@ -178,14 +177,7 @@ def run(ctx: StageContext) -> None:
     )
     ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"actor": actor, "critic": critic}, {"actor": t_actor, "critic": t_critic}
-    first, end = pc.span or (0, pc.iterations)  # a chunk of the loop, or all of it
-    start, state = resume_training_state(ctx, ckpts, models, trainers)
-    if start == 0 and first > 0:  # a later chunk: go on from the chunk before's training state
-        if not ctx.inputs.get("state"):
-            raise ValueError(f"ppo.span {pc.span}: a chunk after the first needs input 'state'")
-        start, state = load_state_artifact(ctx, ctx.inputs["state"], models, trainers)
-    if start < first or start > end:
-        raise ValueError(f"ppo.span {pc.span}: the training state is at iteration {start}")
+    first, end, start, state = start_chunk(ctx, pc, ckpts, models, trainers)
     history, experience_ids = state.get("history", []), state.get("experience", [])
     kl_ctl.value = state.get("kl_coef", kl_ctl.value)
     rollout_cfg = rollout_config(cfg.generation)
