@@ -54,7 +54,6 @@ def call(
         c["store"]["root"],
         result.get("outputs", {}),
         inputs or {},
-        result.get("sources", []),
         after=state,
         cached=state.name == "Cached",
     )

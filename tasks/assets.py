@@ -74,13 +74,11 @@ def record_lineage(
     store_root: str,
     outputs: dict,
     inputs: dict,
-    sources: list[str] = (),
     after=None,
     cached: bool = False,
 ) -> None:
     """Declare what the stage made, grouped by identical upstream (one small task per group,
-    after the stage task in the run graph). ``sources``: pins of the stage itself (unused when
-    every artifact names its own)."""
+    after the stage task in the run graph); each artifact names its own registry pins."""
     if cached:
         return
     store = ArtifactStore(store_root)
