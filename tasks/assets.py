@@ -6,11 +6,23 @@ Asset keys are the artifact ids (``mindrlhf://<kind>/<sha256>``): a new version 
 named ``<name>@<short id>`` with its kind, rows and headline figure. Every artifact a stage made --
 its outputs and, below them, what it wrote on the way (a PPO stage's rollouts and metrics) -- is
 declared with exactly its own parents upstream (and, for a recipe's text tables, exactly the
-registry packages that recipe read). A cached stage made nothing: it re-emits nothing."""
+registry packages that recipe read). A cached stage made nothing: it re-emits nothing.
+
+The events are Prefect's own (``prefect.asset.materialization.succeeded`` with the upstream
+assets as related resources, ``prefect.asset.referenced`` for each upstream), emitted by one
+``<stage>-assets`` task that runs after its stage. They are emitted here rather than through
+``@materialize``, which adds to every materialization the assets of whatever its task waited for
+(Prefect's inferred lineage): on a 3.9 server that intermittently gave a stage-level table its
+sibling tables as parents (issue #16). Here the upstream of an asset is its manifest's parents
+and nothing else."""
 
 from __future__ import annotations
 
-from prefect.assets import Asset, AssetProperties, materialize
+from prefect import task
+from prefect.assets import Asset, AssetProperties
+from prefect.cache_policies import NO_CACHE
+from prefect.context import AssetContext
+from prefect.events import emit_event
 
 from mindrlhf.data import registry
 from mindrlhf.data.store import ArtifactStore
@@ -69,6 +81,28 @@ def upstream(store: ArtifactStore, a) -> list[Asset]:
     return deps
 
 
+def emit_materialization(asset: Asset, deps: list[Asset], by: str = "mindrlhf") -> None:
+    """One asset's materialization event, its upstream exactly ``deps`` (as Prefect writes it)."""
+    for d in deps:
+        emit_event(
+            "prefect.asset.referenced", resource=AssetContext.asset_as_resource(d), related=[]
+        )
+    emit_event(
+        "prefect.asset.materialization.succeeded",
+        resource=AssetContext.asset_as_resource(asset),
+        related=[AssetContext.asset_as_related(d) for d in deps]
+        + [AssetContext.related_materialized_by(by)],
+    )
+
+
+@task(cache_policy=NO_CACHE)  # an event per run that made something: never a cached no-op
+def declare_assets(made: list[tuple[Asset, list[Asset]]]) -> list[str]:
+    """The materialization events of what a stage made: (asset, its upstream) pairs."""
+    for asset, deps in made:
+        emit_materialization(asset, deps)
+    return [a.key for a, _ in made]
+
+
 def record_lineage(
     stage: str,
     store_root: str,
@@ -77,23 +111,19 @@ def record_lineage(
     after=None,
     cached: bool = False,
 ) -> None:
-    """Declare what the stage made, grouped by identical upstream (one small task per group,
-    after the stage task in the run graph); each artifact names its own registry pins."""
+    """Declare what the stage made, each artifact with its own upstream, in one ``<stage>-assets``
+    task after the stage task (it hangs off its stage in the run graph)."""
     if cached:
         return
     store = ArtifactStore(store_root)
-    groups: dict[tuple, tuple[list[Asset], list[Asset]]] = {}
-    for a in made_by_stage(store, outputs, inputs):
-        deps = upstream(store, a)
-        key = tuple(sorted(d.key for d in deps))
-        groups.setdefault(key, (deps, []))[1].append(artifact_asset(store, a.id))
-    for deps, outs in groups.values():
-
-        @materialize(*outs, asset_deps=deps or None, by="mindrlhf", name=f"{stage}-assets")
-        def declare(outs=outs) -> list[str]:
-            return [o.key for o in outs]
-
-        declare(wait_for=[after] if after is not None else None)  # hangs off its stage in the graph
+    made = [
+        (artifact_asset(store, a.id), upstream(store, a))
+        for a in made_by_stage(store, outputs, inputs)
+    ]
+    if made:
+        declare_assets.with_options(name=f"{stage}-assets")(
+            made, wait_for=[after] if after is not None else None
+        )
 
 
 def run_artifact_key(prefix: str, name: str) -> str:

@@ -351,9 +351,8 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     reviews, arith = (s["datasets"][f"{r}_sft_train_text"] for r in ("movie_reviews", "arithmetic"))
     assert edges[key("dataset", reviews)] == {"pypi://vaderSentiment/3.3.2"}
     assert edges[key("dataset", arith)] == {"pypi://reasoning-gym/0.1.25"}
-    # a stage-level table has its own text tables upstream; exactly them is the aim, but Prefect
-    # 3.9 sometimes adds sibling outputs of the same prepare task (issue #16, left open)
-    assert edges[key("dataset", s["datasets"]["sft_train"])] >= {
+    # ... and a stage-level table exactly its own text tables, not its sibling outputs
+    assert edges[key("dataset", s["datasets"]["sft_train"])] == {
         key("dataset", reviews),
         key("dataset", arith),
     }
