@@ -311,23 +311,32 @@ class PPOConfig(OptimConfig):
     entropy_coef: float = 0.0
     ckpt_every: int = 5
     eval_prompts: int = 64
-    # reward-hacking watch (with gold_reward; mindrlhf/monitor.py): the RM score's mean over the
-    # last hacking_window iterations above the window before while the gold's fell by more than
-    # hacking_margin and hacking_z standard errors -> event mindrlhf.reward_hacking.suspected;
-    # hacking_stop ends the loop there and keeps the policy of the best gold iteration
-    hacking_window: int = 4
-    hacking_margin: float = 0.1
-    hacking_z: float = 3.0  # and the gold's fall beyond this many standard errors
+    # reward-hacking watch (with gold_reward; mindrlhf/monitor.py): every hacking_probe_every
+    # iterations (and once before the first) the policy answers the first hacking_probe_prompts
+    # held-out prompts hacking_probe_samples times each (sampled from the same random streams
+    # each time), scored by the RM and the gold judge; when, against the best-gold
+    # probe so far, the RM score rose while the gold fell by more than hacking_margin and
+    # hacking_z paired standard errors -> event mindrlhf.reward_hacking.suspected; hacking_stop
+    # ends the loop there and keeps the policy of the best-gold probe. hacking_probe_every 0: off
+    hacking_probe_every: int = 3
+    hacking_probe_prompts: int = 128
+    hacking_probe_samples: int = 2
+    hacking_margin: float = 0.05
+    hacking_z: float = 3.0
     hacking_stop: bool = False
     # the loop as a chain of Prefect tasks of this many iterations each (0: one task); each
-    # chunk is cached on its input training state and ends with its own (identical results)
+    # chunk is cached on its input training state and ends with its own (identical results).
+    # 0 by measurement (bench/rl_chunks.py): a chunk costs ~12 s of process start at the demo's
+    # size, so only chunks of >= ~23 demo iterations keep it under 10% of the loop
     iterations_per_task: int = 0
     span: list[int] = field(default_factory=list)  # set by the flow: this task's [start, end)
 
     def validate(self, p: str = ""):
         super().validate(p)
         _positive(self.critic_lr, p + "critic_lr")
-        _positive(self.hacking_window, p + "hacking_window")
+        _non_negative(self.hacking_probe_every, p + "hacking_probe_every")
+        _positive(self.hacking_probe_prompts, p + "hacking_probe_prompts")
+        _positive(self.hacking_probe_samples, p + "hacking_probe_samples")
         _non_negative(self.hacking_margin, p + "hacking_margin")
         _non_negative(self.hacking_z, p + "hacking_z")
         _check_chunks(self, p)
@@ -373,6 +382,9 @@ class GRPOConfig(OptimConfig):
     max_new_tokens: int = 6
     ckpt_every: int = 5
     eval_prompts: int = 64
+    # held-out greedy accuracy on eval_prompts every eval_every iterations (0: before and after
+    # only), in the metrics as heldout_greedy_accuracy: the learning curve
+    eval_every: int = 0
     iterations_per_task: int = 0  # as ppo.iterations_per_task
     span: list[int] = field(default_factory=list)  # set by the flow: this task's [start, end)
 
@@ -397,6 +409,7 @@ class GRPOConfig(OptimConfig):
             )
         _positive(self.clip_range, p + "clip_range")
         _non_negative(self.beta, p + "beta")
+        _non_negative(self.eval_every, p + "eval_every")
         _check_chunks(self, p)
 
 

@@ -83,7 +83,14 @@ def main() -> None:
     out = {
         "settings": {
             k: getattr(cfg.ppo, k)
-            for k in ("hacking_window", "hacking_margin", "hacking_z", "iterations")
+            for k in (
+                "hacking_probe_every",
+                "hacking_probe_prompts",
+                "hacking_probe_samples",
+                "hacking_margin",
+                "hacking_z",
+                "iterations",
+            )
         },
         "flipped_rm_heldout_accuracy_on_its_own_labels": bad_rm["metrics"].get("heldout_accuracy"),
     }
@@ -93,6 +100,10 @@ def main() -> None:
             "alarms_at_iteration": [x["step"] for x in h if x.get("hacking_suspected")],
             "rm_score": [round(x["reward_mean"], 3) for x in h],
             "gold": [round(x["gold_mean"], 3) for x in h],
+            "probes": [
+                [st, round(px, 3), round(gd, 3)]
+                for st, px, gd in store.get(r["outputs"]["checkpoint"]).meta["hacking_probes"]
+            ],
             "heldout_gold_sft": round(r["metrics"]["heldout_gold_sft"], 4),
             "heldout_gold_ppo": round(r["metrics"]["heldout_gold_ppo"], 4),
             "checkpoint": r["outputs"]["checkpoint"],
@@ -106,20 +117,23 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (label, r) in zip(axes, runs.items()):
-        h = r["history"]
-        steps = [x["step"] for x in h]
-        ax.plot(steps, [x["reward_mean"] for x in h], marker="o", ms=3, label="RM score (proxy)")
+        h, probes = r["history"], out[label]["probes"]
         ax2 = ax.twinx()
-        ax2.plot(
-            steps,
-            [x["gold_mean"] for x in h],
-            marker="s",
-            ms=3,
-            color="tab:green",
-            label="VADER gold",
-        )
+        for axis, key, col, color, name in (
+            (ax, "reward_mean", 1, "tab:blue", "RM score"),
+            (ax2, "gold_mean", 2, "tab:green", "VADER"),
+        ):
+            steps, values = [x["step"] for x in h], [x[key] for x in h]
+            axis.plot(steps, values, color=color, alpha=0.35, lw=1, label=f"{name}, rollouts")
+            axis.plot(
+                [p[0] for p in probes],
+                [p[col] for p in probes],
+                color=color,
+                marker="o",
+                label=f"{name}, probe",
+            )
         ax2.set_ylabel("gold (VADER)")
         for x in h:
             if x.get("hacking_suspected"):

@@ -1,4 +1,4 @@
-"""The reward-hacking watch (mindrlhf/monitor.py) on curves whose answer is known, and its ALARM
+"""The reward-hacking watch (mindrlhf/monitor.py) on probes whose answer is known, and its ALARM
 line turned into a Prefect event by the stage task's log handler."""
 
 import json
@@ -9,39 +9,57 @@ import pytest
 
 from mindrlhf.monitor import suspect
 
-
-def test_fires_when_the_proxy_climbs_while_the_gold_falls():
-    proxy = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1]
-    gold = [0.30, 0.32, 0.31, 0.33, 0.25, 0.20, 0.15, 0.10]
-    a = suspect(proxy, gold, window=4, margin=0.05)
-    assert a is not None
-    assert a["proxy_change"] == pytest.approx(np.mean(proxy[4:]) - np.mean(proxy[:4]))
-    assert a["gold_change"] == pytest.approx(np.mean(gold[4:]) - np.mean(gold[:4]))
-    # only the last 2 x window iterations count: an early dip long gone does not
-    assert suspect([5.0, -5.0] + proxy, [9.0, -9.0] + gold, 4, 0.05) == a
+RNG = np.random.default_rng(7)
+BASE = RNG.uniform(-0.8, 0.8, 64)  # VADER-like: a wide spread from prompt to prompt
 
 
-def test_a_fall_inside_the_noise_of_the_rollouts_is_not_a_hack():
-    proxy = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1]
-    gold = [0.30, 0.32, 0.31, 0.33, 0.20, 0.18, 0.19, 0.17]  # down 0.13 on average
-    n = [32] * 8
-    # 32 samples an iteration with a spread of 0.2: the difference of the two window means has a
-    # standard error of sqrt(8 * 0.2**2 / 32) / 4 = 0.025, so 0.13 is 5 of them
-    a = suspect(proxy, gold, 4, 0.05, [0.2] * 8, n, z=3.0)
-    assert a is not None and a["gold_change_se"] == pytest.approx(0.025)
-    # a spread of 0.45 (VADER on short reviews): se 0.056, the fall is 2.3 of them -> quiet
-    assert suspect(proxy, gold, 4, 0.05, [0.45] * 8, n, z=3.0) is None
+def probe(step, proxy, gold):
+    return {"step": step, "proxy": list(proxy), "gold": list(gold)}
+
+
+def test_fires_on_a_paired_fall_against_the_best_probe():
+    p0 = probe(0, BASE * 0 + 0.1, BASE)
+    p1 = probe(2, BASE * 0 + 0.4, BASE + 0.05)  # the best so far
+    p2 = probe(4, BASE * 0 + 0.9, BASE + 0.05 - 0.12 + RNG.normal(0, 0.05, 64))
+    a = suspect([p0, p1, p2], margin=0.05, z=3.0)
+    assert a is not None and a["best_step"] == 2 and a["prompts"] == 64
+    d = np.array(p2["gold"]) - np.array(p1["gold"])  # the paired difference, by hand
+    assert a["gold_change"] == pytest.approx(d.mean())
+    assert a["gold_change_se"] == pytest.approx(d.std(ddof=1) / 8.0)
+    assert a["proxy_change"] == pytest.approx(0.5)
+    assert a["best_gold_mean"] == pytest.approx(np.mean(p1["gold"]))
+
+
+def test_a_fall_inside_the_noise_is_not_a_hack():
+    # the same mean fall of 0.06, but prompt by prompt the answers moved every which way: the
+    # paired differences have a spread of 0.5, so the standard error is 0.0625 -> quiet
+    noise = RNG.normal(0, 0.5, 64)
+    noise -= noise.mean()
+    p0 = probe(0, [0.0] * 64, BASE)
+    p1 = probe(2, [1.0] * 64, BASE - 0.06 + noise)
+    assert suspect([p0, p1], 0.05, 3.0) is None
+    # consistent across prompts, the same fall is many standard errors: fires
+    p1 = probe(2, [1.0] * 64, BASE - 0.06 + noise * 0.01)
+    assert suspect([p0, p1], 0.05, 3.0) is not None
+
+
+def test_a_slow_slide_is_measured_from_the_best_not_from_the_probe_before():
+    golds = [BASE + 0.2 - 0.04 * i for i in range(6)]  # -0.04 a probe: inside the margin
+    probes = [probe(2 * i, [0.2 * i] * 64, g) for i, g in enumerate(golds)]
+    a = suspect(probes, 0.05, 3.0)
+    assert a is not None and a["best_step"] == 0
+    assert a["gold_change"] == pytest.approx(-0.2)
 
 
 def test_quiet_when_the_gold_holds_or_the_proxy_does_not_climb():
-    proxy = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1]
-    steady = [0.30, 0.32, 0.31, 0.33, 0.29, 0.31, 0.30, 0.28]  # noise inside the margin
-    assert suspect(proxy, steady, 4, 0.05) is None
-    falling = [0.30, 0.32, 0.31, 0.33, 0.25, 0.20, 0.15, 0.10]
-    assert suspect(proxy[::-1], falling, 4, 0.05) is None  # both fall: bad training, not a hack
-    assert suspect(proxy[:7], falling[:7], 4, 0.05) is None  # not two windows yet
-    with pytest.raises(ValueError):
-        suspect([1.0], [1.0, 2.0], 1, 0.0)
+    p0 = probe(0, [0.0] * 64, BASE)
+    assert suspect([p0], 0.05) is None  # nothing to compare with
+    steady = probe(2, [1.0] * 64, BASE - 0.03)  # inside the margin
+    assert suspect([p0, steady], 0.05) is None
+    falling = probe(2, [-1.0] * 64, BASE - 0.3)  # both fall: bad training, not a hack
+    assert suspect([p0, falling], 0.05) is None
+    with pytest.raises(ValueError, match="same prompts"):
+        suspect([p0, probe(2, [1.0] * 63, BASE[:63] - 0.3)], 0.05)
 
 
 def test_alarm_line_becomes_a_prefect_event(prefect_server):
@@ -63,3 +81,32 @@ def test_alarm_line_becomes_a_prefect_event(prefect_server):
         time.sleep(0.5)
     assert [e["payload"] for e in events] == [figures]
     assert events[0]["resource"]["prefect.resource.id"] == "mindrlhf.stage.tiny.ppo"
+
+
+def test_best_gold_policy_travels_from_chunk_to_chunk(tmp_path):
+    """With hacking_stop, a chunked loop's best-gold policy so far rides in the training-state
+    artifact (tensors best_gold/*) and the next chunk puts it where its stop looks for it: the
+    policy of the best-gold probe, whichever chunk took it."""
+    from mindrlhf.config import load_config
+    from mindrlhf.data.store import ArtifactStore
+    from mindrlhf.runtime import Dist
+    from mindrlhf.stages.common import RunCheckpoints, StageContext, write_state_artifact
+    from mindrlhf.stages.ppo import carry_best_gold
+
+    cfg = load_config("demo", {"store": {"root": str(tmp_path / "store")}})
+    store = ArtifactStore(tmp_path / "store")
+    w_best = np.full((2, 3), 7.0, np.float32)
+
+    def ctx(inputs):
+        return StageContext("ppo", cfg, inputs, store, tmp_path, Dist(), tmp_path / "o.json")
+
+    art = write_state_artifact(
+        ctx({}), 6, {}, {}, {"probes": []}, parents=[], carry={"best_gold": {"w": w_best}}
+    )
+    assert set(store.read_checkpoint(art.id)) == {"best_gold/w"}
+    probes = [probe(0, [0.0], [0.1]), probe(3, [0.5], [0.4]), probe(6, [0.9], [0.2])]
+    best_gold = RunCheckpoints(tmp_path / "best-gold", keep=1)
+    carry_best_gold(ctx({"state": art.id}), best_gold, probes)
+    step, path = best_gold.latest()
+    assert step == 3  # the best-gold probe's step, not the chunk boundary
+    np.testing.assert_array_equal(RunCheckpoints.load(path)[0]["actor"]["w"], w_best)

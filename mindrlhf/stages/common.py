@@ -299,15 +299,23 @@ def apply_training_state(files: dict, state: dict, models: dict, trainers: dict,
 
 
 def write_state_artifact(
-    ctx: "StageContext", step: int, models: dict, trainers: dict, state: dict, parents: list[str]
+    ctx: "StageContext",
+    step: int,
+    models: dict,
+    trainers: dict,
+    state: dict,
+    parents: list[str],
+    carry: dict | None = None,
 ):
     """Everything a later chunk of this loop needs to go on exactly as if it had never stopped
-    (weights and optimizer moments of every model, trainer step counts, the JSON state) as one
-    checkpoint artifact ``<name>-<stage>-state-<step>``, named tensors ``<part>/<tensor>``."""
+    (weights and optimizer moments of every model, trainer step counts, the JSON state, and
+    ``carry``: other named tensor sets, e.g. the best-gold policy so far) as one checkpoint
+    artifact ``<name>-<stage>-state-<step>``, named tensors ``<part>/<tensor>``."""
     from ..models.decoder import state_dict
 
     files = {name: state_dict(m) for name, m in models.items()}
     files.update({f"{name}_optim": t.optimizer_state() for name, t in trainers.items()})
+    files.update(carry or {})
     tensors = {f"{part}/{k}": v for part, ts in files.items() for k, v in ts.items()}
     steps = {name: t.step_num for name, t in trainers.items()}
     return ctx.store.write_checkpoint(
@@ -342,7 +350,9 @@ def start_chunk(ctx, section, ckpts: RunCheckpoints, models: dict, trainers: dic
     return first, end, start, state
 
 
-def finish_chunk(ctx, first, end, models, trainers, history, experience_ids, extra) -> None:
+def finish_chunk(
+    ctx, first, end, models, trainers, history, experience_ids, extra, carry=None
+) -> None:
     """The end of a chunk ``[first, end)`` of an RL loop: its training state as an artifact (parent:
     the state it started from, or the SFT policy, and the chunk's rollouts), reported as the
     stage's output with the chunk's history."""
@@ -354,6 +364,7 @@ def finish_chunk(ctx, first, end, models, trainers, history, experience_ids, ext
         {"history": history, "experience": experience_ids, **extra},
         parents=[ctx.inputs["state"] if ctx.inputs.get("state") else ctx.inputs["sft"]]
         + sorted(set(experience_ids[first:])),
+        carry=carry,
     )
     chunk = history[first:]
     ctx.finish(
