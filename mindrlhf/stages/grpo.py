@@ -215,6 +215,11 @@ def run(ctx: StageContext) -> None:
         }
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
+        if gc.eval_every and (it + 1) % gc.eval_every == 0 and it + 1 < gc.iterations:
+            policy.set_train(False)
+            row["heldout_greedy_accuracy"] = accuracy(
+                ctx, policy, heldout, reward_fn, tok, n_eval, True, 0
+            )[1]
         history.append(row)
         ctx.metric(**row)
         done = it + 1
@@ -247,7 +252,10 @@ def run(ctx: StageContext) -> None:
         "iterations": gc.iterations,
     }
     mart = publish_metrics(
-        ctx, history, ["reward_mean", "accuracy", "kl", "loss"], parents=sorted(set(experience_ids))
+        ctx,
+        history,
+        ["reward_mean", "accuracy", "heldout_greedy_accuracy", "kl", "loss"],
+        parents=sorted(set(experience_ids)),
     )
     parents = [ctx.inputs["prompts"], ctx.inputs["heldout"], ctx.inputs["sft"], mart.id]
     art = ctx.store.write_checkpoint(
