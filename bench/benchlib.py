@@ -87,3 +87,61 @@ def peer_tokenizer_and_config(args):
         attn_pdrop=0.0,
     )
     return tok, cfg
+
+
+def train_flops(cfg, rows: int, length: int, logit_positions: int | None = None) -> float:
+    """Floating-point operations one training step (forward + backward) of a decoder of ``cfg``
+    (a ModelConfig) executes on ``rows`` sequences padded to ``length``: every matmul that runs,
+    counted on the padded shapes -- the q/k/v/o projections (k and v at the kv-head width), the
+    attention scores and their weighted sum over all ``length`` keys (computed dense, the causal
+    mask applied after), the MLP (three matrices for a gated LLaMA MLP, two for GPT-2) and the
+    vocabulary projection on ``logit_positions`` positions per row (default: all of them). The
+    embedding lookup is not a matmul. Backward costs two forwards (input and weight gradients)."""
+    d, h = cfg.d_model, cfg.n_heads
+    dh = cfg.attn_head_dim or d // h
+    kv = cfg.n_kv_heads or h
+    d_ff = cfg.d_ff or (4 * d if cfg.family == "gpt2" else int(8 * d / 3))
+    proj = 2 * d * (h * dh) + 2 * 2 * d * (kv * dh) + 2 * (h * dh) * d
+    scores = 2 * 2 * length * h * dh  # q k^T and the weighted sum of v, per query position
+    mlp = (3 if cfg.family == "llama" else 2) * 2 * d * d_ff
+    per_token = cfg.n_layers * (proj + scores + mlp)
+    head = 2 * d * cfg.vocab_size * (length if logit_positions is None else logit_positions)
+    return 3.0 * rows * (length * per_token + head)
+
+
+def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 4) -> dict:
+    """This process's best fp32 matmul rate (GFLOP/s) through MindSpore, the same runtime and
+    thread pool the training steps use: the best single run over a few square sizes, each timed
+    ``repeats`` times after a warm-up."""
+    import numpy as np
+    from mindspore import Tensor, ops
+
+    best = {}
+    for n in sizes:
+        a = Tensor(np.random.default_rng(n).standard_normal((n, n)).astype(np.float32))
+        ops.matmul(a, a).asnumpy()
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ops.matmul(a, a).asnumpy()
+            runs.append(time.perf_counter() - t)
+        best[n] = 2 * n**3 / min(runs) / 1e9
+    return {"gflops": max(best.values()), "by_size": {k: round(v, 1) for k, v in best.items()}}
+
+
+# SmolLM2-135M's shape: LLaMA, grouped-query attention, its own 49k vocabulary
+SMOLLM2 = dict(
+    family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536
+)
+
+
+def model_config(shape: str, seq: int, layers: int = 6, d: int = 512, heads: int = 8):
+    """(ModelConfig, tokenizer name) of a bench shape: ``gpt2`` (``layers`` x ``d``, ``heads``,
+    GPT-2's vocabulary) or ``smollm2`` (SmolLM2-135M's)."""
+    from mindrlhf.config import ModelConfig
+
+    if shape == "smollm2":
+        return ModelConfig(**SMOLLM2, max_seq_len=seq), "smollm2"
+    return ModelConfig(
+        family="gpt2", vocab_size=50257, d_model=d, n_layers=layers, n_heads=heads, max_seq_len=seq
+    ), "gpt2_bpe"

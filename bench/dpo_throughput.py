@@ -22,7 +22,7 @@ import json
 import time
 
 import numpy as np
-from benchlib import run_peer, write_inputs
+from benchlib import matmul_peak_gflops, model_config, run_peer, train_flops, write_inputs
 
 
 def make_pairs(n: int, target_tokens: int) -> list[dict]:
@@ -47,23 +47,12 @@ def make_pairs(n: int, target_tokens: int) -> list[dict]:
     return out
 
 
-def matmul_peak_gflops() -> float:
-    from mindspore import Tensor, ops
-
-    a = Tensor(np.random.randn(2048, 2048).astype(np.float32))
-    ops.matmul(a, a).asnumpy()
-    t = time.perf_counter()
-    for _ in range(5):
-        ops.matmul(a, a).asnumpy()
-    return 2 * 2048**3 * 5 / (time.perf_counter() - t) / 1e9
-
-
 def ours(pairs, args, compiled: bool) -> dict:
     import mindspore as ms  # noqa: F401
     import pyarrow as pa
     from mindspore import Tensor
 
-    from mindrlhf.config import DPOConfig, ModelConfig
+    from mindrlhf.config import DPOConfig
     from mindrlhf.data.tokenize import pair_batch, tokenize_pairs
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.models.decoder import CausalLM
@@ -71,16 +60,9 @@ def ours(pairs, args, compiled: bool) -> dict:
     from mindrlhf.stages.common import Trainer
     from mindrlhf.stages.dpo import make_dpo_loss, pair_logps
 
-    tok = load_tokenizer("gpt2_bpe")
+    cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
+    tok = load_tokenizer(tok_name)
     table = tokenize_pairs(pa.Table.from_pylist(pairs), tok, args.seq // 4, args.seq)
-    cfg = ModelConfig(
-        family="gpt2",
-        vocab_size=50257,
-        d_model=args.d,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        max_seq_len=args.seq,
-    )
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     rc, rr = pair_logps(
         ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
@@ -90,11 +72,12 @@ def ours(pairs, args, compiled: bool) -> dict:
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
     )
     policy.set_train(True)
-    times, tokens, shapes = [], [], []
+    times, tokens, shapes, rows = [], [], [], []
     for s in range(args.steps + 1):
         idx = np.arange(s * args.batch, (s + 1) * args.batch)
         bt = pair_batch(table, idx, tok.pad_id, dc.pad_to)
         shapes.append(bt["input_ids"].shape[1])
+        rows.append(bt["input_ids"].shape[0])  # chosen and rejected stacked
         t = time.perf_counter()
         trainer.step(
             Tensor(bt["input_ids"]),
@@ -109,9 +92,11 @@ def ours(pairs, args, compiled: bool) -> dict:
     new_shape = [compiled and x not in shapes[:i] for i, x in enumerate(shapes)][1:]
     steady = [t for t, new in zip(timed, new_shape) if not new]
     n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
+    # what the steady steps executed: chosen and rejected rows at their padded length, logits at
+    # every position (the DPO loss reads the log-prob of every response token)
     flops = sum(
-        6 * n_params * tk for tk, new in zip(toks, new_shape) if not new
-    )  # dense part, fwd + bwd
+        train_flops(cfg, r, n) for r, n, new in zip(rows[1:], shapes[1:], new_shape) if not new
+    )
     return {
         "impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
         "steps": len(timed),
@@ -128,6 +113,13 @@ def ours(pairs, args, compiled: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument(
+        "--shape",
+        choices=["gpt2", "smollm2"],
+        default="gpt2",
+        help="gpt2: the --layers/--d/--heads GPT-2 shape; smollm2: SmolLM2-135M's (no peer yet)",
+    )
+    ap.add_argument("--no-peers", action="store_true", help="only our side (and the peak)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
@@ -149,14 +141,18 @@ def main() -> None:
     modes = args.modes.split(",")
     runs = {m: ours(pairs, args, compiled=m == "compiled") for m in modes}
     for r in runs.values():
-        r["fraction_of_peak"] = round(r["achieved_gflops"] / peak, 3)
+        r["mfu"] = round(r["achieved_gflops"] / peak["gflops"], 3)
     result = {
         "bench": "dpo_throughput",
         "config": vars(args),
-        "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_gflops": round(peak["gflops"], 1),
+        "matmul_peak_by_size": peak["by_size"],
         "ours": runs[modes[0]],
         "ours_by_mode": runs,
     }
+    if args.no_peers or args.shape != "gpt2":
+        print(json.dumps(result))
+        return
     for key, extra in (("trl_precomputed_ref", ["--precompute-ref"]), ("trl_default", [])):
         result[key] = run_peer(
             "peer_trl_dpo.py",

@@ -31,7 +31,7 @@ import json
 import time
 
 import numpy as np
-from benchlib import run_peer, write_inputs
+from benchlib import model_config, run_peer, write_inputs
 from peer_trl_grpo import (
     bench_reward,
 )  # pure Python at import time; the peer uses the same function
@@ -53,7 +53,7 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
     from mindspore import Tensor
 
     from mindrlhf.algos.grpo import group_advantages, grpo_loss
-    from mindrlhf.config import GenerationConfig, GRPOConfig, ModelConfig
+    from mindrlhf.config import GenerationConfig, GRPOConfig
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
@@ -68,15 +68,8 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
         table_arrays,
     )
 
-    tok = load_tokenizer("gpt2_bpe")
-    cfg = ModelConfig(
-        family="gpt2",
-        vocab_size=50257,
-        d_model=args.d,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        max_seq_len=args.seq,
-    )
+    cfg, tok_name = model_config("gpt2", args.seq, args.layers, args.d, args.heads)
+    tok = load_tokenizer(tok_name)
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     ref.set_train(False)
     batch = args.prompts * args.group

@@ -18,6 +18,7 @@ import json
 import time
 
 import numpy as np
+from benchlib import model_config
 
 from mindrlhf.config import GenerationConfig, ModelConfig, load_config
 from mindrlhf.models.decoder import CausalLM
@@ -32,16 +33,7 @@ MODELS = {
     "gpt2-small": lambda: ModelConfig(
         family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024
     ),
-    "llama-small": lambda: ModelConfig(
-        family="llama",
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        d_ff=1536,
-        max_seq_len=2048,
-    ),
+    "llama-small": lambda: model_config("smollm2", 2048)[0],
 }
 
 
