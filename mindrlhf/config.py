@@ -287,13 +287,40 @@ def _check_chunks(c, p: str) -> None:
 
 
 @dataclass
-class PPOConfig(OptimConfig):
+class WatchConfig:
+    """The reward-hacking watch of an RL loop (PPO, GRPO); mindrlhf/monitor.py."""
+
+    # an independent judge logged beside the reward, never optimised: a recipe with a
+    # gold_reward() (movie_reviews: VADER) or python:<file.py or module>:<function>; "" for none
+    gold_reward: str = ""
+    # reward-hacking watch (with gold_reward): every hacking_probe_every iterations (and once
+    # before the first) the policy answers the first hacking_probe_prompts held-out prompts
+    # hacking_probe_samples times each (sampled from the same random streams each time), scored
+    # by the reward the loop optimises (PPO: the RM; GRPO: grpo.reward) and the gold judge; when,
+    # against the best-gold probe so far, that reward rose while the gold fell by more than
+    # hacking_margin and hacking_z paired standard errors -> event
+    # mindrlhf.reward_hacking.suspected; hacking_stop ends the loop there and keeps the policy of
+    # the best-gold probe. hacking_probe_every 0: off
+    hacking_probe_every: int = 3
+    hacking_probe_prompts: int = 128
+    hacking_probe_samples: int = 2
+    hacking_margin: float = 0.05
+    hacking_z: float = 3.0
+    hacking_stop: bool = False
+
+    def validate_watch(self, p: str = ""):
+        _non_negative(self.hacking_probe_every, p + "hacking_probe_every")
+        _positive(self.hacking_probe_prompts, p + "hacking_probe_prompts")
+        _positive(self.hacking_probe_samples, p + "hacking_probe_samples")
+        _non_negative(self.hacking_margin, p + "hacking_margin")
+        _non_negative(self.hacking_z, p + "hacking_z")
+
+
+@dataclass
+class PPOConfig(OptimConfig, WatchConfig):
     lr: float = 2e-4  # actor
     critic_lr: float = 5e-4
     prompts: str = "movie_reviews"  # which recipe's (or data source's) prompt table
-    # an independent judge logged beside the RM score, never optimised: a recipe with a
-    # gold_reward() (movie_reviews: VADER) or python:<file.py or module>:<function>; "" for none
-    gold_reward: str = ""
     iterations: int = 20  # rollout + update rounds
     rollout_batch: int = 32  # prompts per rollout
     mini_batch: int = 8
@@ -311,19 +338,6 @@ class PPOConfig(OptimConfig):
     entropy_coef: float = 0.0
     ckpt_every: int = 5
     eval_prompts: int = 64
-    # reward-hacking watch (with gold_reward; mindrlhf/monitor.py): every hacking_probe_every
-    # iterations (and once before the first) the policy answers the first hacking_probe_prompts
-    # held-out prompts hacking_probe_samples times each (sampled from the same random streams
-    # each time), scored by the RM and the gold judge; when, against the best-gold
-    # probe so far, the RM score rose while the gold fell by more than hacking_margin and
-    # hacking_z paired standard errors -> event mindrlhf.reward_hacking.suspected; hacking_stop
-    # ends the loop there and keeps the policy of the best-gold probe. hacking_probe_every 0: off
-    hacking_probe_every: int = 3
-    hacking_probe_prompts: int = 128
-    hacking_probe_samples: int = 2
-    hacking_margin: float = 0.05
-    hacking_z: float = 3.0
-    hacking_stop: bool = False
     # the loop as a chain of Prefect tasks of this many iterations each (0: one task); each
     # chunk is cached on its input training state and ends with its own (identical results).
     # 0 by measurement (bench/rl_chunks.py): a chunk costs ~12 s of process start at the demo's
@@ -334,11 +348,7 @@ class PPOConfig(OptimConfig):
     def validate(self, p: str = ""):
         super().validate(p)
         _positive(self.critic_lr, p + "critic_lr")
-        _non_negative(self.hacking_probe_every, p + "hacking_probe_every")
-        _positive(self.hacking_probe_prompts, p + "hacking_probe_prompts")
-        _positive(self.hacking_probe_samples, p + "hacking_probe_samples")
-        _non_negative(self.hacking_margin, p + "hacking_margin")
-        _non_negative(self.hacking_z, p + "hacking_z")
+        self.validate_watch(p)
         _check_chunks(self, p)
         for k in (
             "iterations",
@@ -365,7 +375,7 @@ class PPOConfig(OptimConfig):
 
 
 @dataclass
-class GRPOConfig(OptimConfig):
+class GRPOConfig(OptimConfig, WatchConfig):
     lr: float = 2e-4
     prompts: str = "arithmetic"  # a recipe or data source whose prompt tables GRPO samples
     # "rm" (the reward model), a recipe's reward function, python:<file.py or module>:<function>,
@@ -410,6 +420,7 @@ class GRPOConfig(OptimConfig):
         _positive(self.clip_range, p + "clip_range")
         _non_negative(self.beta, p + "beta")
         _non_negative(self.eval_every, p + "eval_every")
+        self.validate_watch(p)
         _check_chunks(self, p)
 
 
@@ -762,6 +773,7 @@ class Config:
             ("grpo.reward", self.grpo.reward, self.grpo.reward_weights),
             ("online_dpo.judge", self.online_dpo.judge, self.online_dpo.judge_weights),
             ("ppo.gold_reward", self.ppo.gold_reward or [], []),
+            ("grpo.gold_reward", self.grpo.gold_reward or [], []),
         ):
             if spec == "rm":
                 continue
@@ -991,6 +1003,7 @@ def resolve_paths(data: dict, base: Path) -> dict:
     for section, key in (
         ("grpo", "reward"),
         ("ppo", "gold_reward"),
+        ("grpo", "gold_reward"),
         ("online_dpo", "judge"),
         ("evaluate", "judge"),
     ):

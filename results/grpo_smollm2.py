@@ -7,8 +7,10 @@ occur in training (split by a hash of their text).
 The answer-extraction rule is fixed and strict: the response, stripped, must *be* the answer
 (``score_answer`` gives 1.0; an answer buried in a longer text earns partial credit, which the
 accuracy does not count). Greedy held-out accuracy on ``--heldout`` problems is measured before
-training, every ``--eval-every`` iterations and after; the curve is drawn against wall-clock
-time. "format" is the fraction of each rollout's responses that are a bare integer.
+training, every ``--eval-every`` iterations and after; the curve is drawn against the
+wall-clock time of the GRPO stage (process start, model loading and the mid-run evaluations
+included; the final point at the loop's end, before the closing evaluations). "format" is the
+fraction of each rollout's responses that are a bare integer.
 
     .venv/bin/python results/grpo_smollm2.py [--iterations 60] [--eval-every 10]
 
@@ -113,7 +115,8 @@ def main() -> None:
         for t, x in marks
         if "heldout_greedy_accuracy" in x
     ]
-    curve.append((round(wall, 1), m["accuracy_greedy_grpo"]))
+    trained = max(t for t, x in marks if "step" in x) - t0  # the loop's end, before evaluation
+    curve.append((round(trained, 1), m["accuracy_greedy_grpo"]))
     tok = load_tokenizer(cfg.tokenizer)
     art = store.get(res["outputs"]["checkpoint"], verify=False)
     fmt = []
@@ -135,6 +138,7 @@ def main() -> None:
         "sampled_accuracy_before": m["accuracy_sft"],
         "sampled_accuracy_after": m["accuracy_grpo"],
         "grpo_stage_wall_s": round(wall, 1),
+        "grpo_loop_wall_s": round(trained, 1),
         "peak_rss_gb": round((res.get("peak_rss_mb") or 0) / 1024, 2),
         "accuracy_vs_wall_s": curve,
         "reward_per_iteration": [round(x["reward_mean"], 3) for x in h],

@@ -87,26 +87,41 @@ def test_best_gold_policy_travels_from_chunk_to_chunk(tmp_path):
     """With hacking_stop, a chunked loop's best-gold policy so far rides in the training-state
     artifact (tensors best_gold/*) and the next chunk puts it where its stop looks for it: the
     policy of the best-gold probe, whichever chunk took it."""
+    import pyarrow as pa
+
     from mindrlhf.config import load_config
     from mindrlhf.data.store import ArtifactStore
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import RunCheckpoints, StageContext, write_state_artifact
-    from mindrlhf.stages.ppo import carry_best_gold
+    from mindrlhf.stages.watch import HackingWatch
 
     cfg = load_config("demo", {"store": {"root": str(tmp_path / "store")}})
+    cfg.ppo.hacking_stop = True
     store = ArtifactStore(tmp_path / "store")
     w_best = np.full((2, 3), 7.0, np.float32)
 
-    def ctx(inputs):
-        return StageContext("ppo", cfg, inputs, store, tmp_path, Dist(), tmp_path / "o.json")
+    def ctx(inputs, run_dir):
+        spec = {"config": cfg.to_dict()}
+        return StageContext("ppo", cfg, inputs, store, run_dir, Dist(), tmp_path / "o", spec)
 
     art = write_state_artifact(
-        ctx({}), 6, {}, {}, {"probes": []}, parents=[], carry={"best_gold": {"w": w_best}}
+        ctx({}, tmp_path), 6, {}, {}, {}, parents=[], carry={"best_gold": {"w": w_best}}
     )
     assert set(store.read_checkpoint(art.id)) == {"best_gold/w"}
     probes = [probe(0, [0.0], [0.1]), probe(3, [0.5], [0.4]), probe(6, [0.9], [0.2])]
-    best_gold = RunCheckpoints(tmp_path / "best-gold", keep=1)
-    carry_best_gold(ctx({"state": art.id}), best_gold, probes)
-    step, path = best_gold.latest()
+    table = pa.table({"prompt": ["a"], "prompt_ids": [[1]]})
+    watch = HackingWatch(
+        ctx({"state": art.id}, tmp_path / "next"),
+        cfg.ppo,
+        "actor",
+        None,
+        None,
+        len,
+        table,
+        None,
+        probes,
+    )
+    step, path = watch.best.latest()
     assert step == 3  # the best-gold probe's step, not the chunk boundary
     np.testing.assert_array_equal(RunCheckpoints.load(path)[0]["actor"]["w"], w_best)
+    assert watch.carry_out()["best_gold"]["w"].tolist() == w_best.tolist()  # and on it goes

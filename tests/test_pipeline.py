@@ -292,6 +292,14 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     over = tiny_full_overrides(tmp_path / "store")
     over["pipeline"]["stages"].append("evaluate")  # and the promotion gate after them
     over["evaluate"] = {"n_prompts": 12}
+    # GRPO's reward-hacking watch on, probing after every iteration (VADER as a stand-in gold
+    # judge): its probes ride through the chunked run below, which must still match
+    over["grpo"].update(
+        gold_reward="movie_reviews",
+        hacking_probe_every=1,
+        hacking_probe_prompts=8,
+        hacking_probe_samples=1,
+    )
     s = rlhf_pipeline("demo", over)
     first_run = newest_flow_run_id()
     assert set(s["states"].values()) == {"Completed"}
@@ -362,7 +370,6 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
         key("checkpoint", sft),
         key("checkpoint", rm),
     }
-    events_before = len(settled_events())
 
     # the run graph has edges (Prefect's own graph endpoint): each stage after the stages whose
     # outputs it reads, each asset task after its stage, the online DPO rounds in a chain
@@ -407,9 +414,19 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert [e["payload"]["candidate"] for e in decided] == [ppo]
     assert float(decided[0]["payload"]["delta"]) == pytest.approx(dec["delta"])
 
+    from datetime import datetime, timezone
+
+    rerun_start = datetime.now(timezone.utc)
     again = rlhf_pipeline("demo", over)
     assert set(again["states"].values()) == {"Cached"}
-    assert len(settled_events()) == events_before  # a cached run re-emits nothing
+    # a cached run re-emits nothing (events carry the time they were emitted; the server
+    # persists them a few seconds later, hence the longer quiet spell)
+    late = [
+        e["resource"]["prefect.resource.id"]
+        for e in settled_events(quiet_s=8.0)
+        if datetime.fromisoformat(e["occurred"].replace("Z", "+00:00")) >= rerun_start
+    ]
+    assert late == []
     assert len(named_events("mindrlhf.promotion.decided")) == 1  # and decides nothing again
     assert production(store) == (ppo if dec["promoted"] else None)
     # a metrics dataset (an RL stage's second output) corrupted: that stage alone is rebuilt
@@ -437,6 +454,8 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert chunked["states"]["grpo_0"] == chunked["states"]["grpo_1"] == "Completed"
     assert chunked["ppo"]["checkpoint"] == ppo
     assert chunked["grpo"]["checkpoint"] == s["grpo"]["checkpoint"]
+    probes = store.get(s["grpo"]["checkpoint"]).meta["hacking_probes"]
+    assert [p[0] for p in probes] == [0, 1, 2]  # before the loop and after each iteration
     state = store.get("tiny-ppo-state-1")
     assert state.meta["kind"] == "training_state" and sft in state.parents
     assert store.get(rollouts[0]).id in state.parents

@@ -6,6 +6,8 @@ Inputs: ``prompts`` / ``heldout`` prompt datasets (with the columns the reward n
 with a recipe's verifiable reward function (``grpo.reward: arithmetic``) or the reward model
 (``grpo.reward: rm``), normalises rewards within each group, writes the rollout as an Arrow
 dataset, and runs clipped policy updates with a k3 KL penalty to the reference. No critic.
+With ``grpo.gold_reward`` the reward-hacking watch (:mod:`.watch`) probes the policy as in PPO,
+the optimised reward as the proxy.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .common import (
     start_chunk,
 )
 from .metrics import publish_metrics
-from .ppo import load_policy
+from .ppo import load_gold_reward, load_policy
 from .rm import load_reward_model, score_sequences
 from .rollout import (
     RolloutLog,
@@ -48,6 +50,7 @@ from .rollout import (
     score_mask,
     score_rollout,
 )
+from .watch import HackingWatch
 
 
 def make_reward_fn(ctx: StageContext, tok):
@@ -121,6 +124,18 @@ def run(ctx: StageContext) -> None:
     first, end, start, state = start_chunk(ctx, gc, ckpts, models, trainers)
     history, experience_ids = state.get("history", []), state.get("experience", [])
     rollouts = RolloutLog(ctx)
+    watch = HackingWatch(
+        ctx,
+        gc,
+        "policy",
+        policy,
+        reward_fn,
+        load_gold_reward(gc.gold_reward),
+        heldout,
+        tok,
+        state.get("probes"),
+    )
+    watch.start(start)
 
     def make_rollout(it: int):
         """This rank's rows of the iteration's groups (each prompt repeated group_size times),
@@ -174,14 +189,7 @@ def run(ctx: StageContext) -> None:
         )
 
     n_eval = gc.eval_prompts
-    if end == gc.iterations:  # the SFT policy's figures, for the last (or only) task's report
-        before = {
-            "train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
-            "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
-            "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8),
-        }
-        ctx.log(f"SFT policy: reward/accuracy {before}")
-
+    alarm = None
     for it in range(start, end):
         exp_id, ex = rollouts.get_or_make(it, functools.partial(make_rollout, it))
         experience_ids.append(exp_id)
@@ -220,19 +228,37 @@ def run(ctx: StageContext) -> None:
             row["heldout_greedy_accuracy"] = accuracy(
                 ctx, policy, heldout, reward_fn, tok, n_eval, True, 0
             )[1]
+        alarm = watch.check(it + 1, row)
         history.append(row)
         ctx.metric(**row)
         done = it + 1
         if done % gc.ckpt_every == 0 and done < gc.iterations and ctx.dist.is_main:
             save_training_state(
-                ckpts, done, models, trainers, {"history": history, "experience": experience_ids}
+                ckpts,
+                done,
+                models,
+                trainers,
+                {"history": history, "experience": experience_ids, "probes": watch.probes},
             )
             ctx.log(f"checkpoint at iteration {done}")
+        if watch.stops(alarm):
+            break
 
     if not ctx.dist.is_main:
         return
-    if end < gc.iterations:  # a chunk: hand the whole state to the next one
-        return finish_chunk(ctx, first, end, models, trainers, history, experience_ids, {})
+    stop_now = watch.stops(alarm)
+    if end < gc.iterations and not stop_now:  # a chunk: hand the whole state to the next one
+        extra, carry = {"probes": watch.probes}, watch.carry_out()
+        return finish_chunk(
+            ctx, first, end, models, trainers, history, experience_ids, extra, carry
+        )
+    stopped = watch.restore_best(alarm, history[-1]["step"]) if stop_now else None
+    before = {  # the SFT policy's figures (the reference: frozen, so the same at any time)
+        "train": accuracy(ctx, ref, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
+        "heldout_greedy": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, True, 0),
+        "heldout": accuracy(ctx, ref, heldout, reward_fn, tok, n_eval, False, cfg.seed + 8),
+    }
+    ctx.log(f"SFT policy: reward/accuracy {before}")
     policy.set_train(False)
     after = {
         "train": accuracy(ctx, policy, prompts, reward_fn, tok, n_eval, False, cfg.seed + 7),
@@ -249,12 +275,13 @@ def run(ctx: StageContext) -> None:
         "train_prompts_accuracy_grpo": after["train"][1],
         "reward_sft": before["heldout"][0],
         "reward_grpo": after["heldout"][0],
-        "iterations": gc.iterations,
+        "iterations": len(history),
+        "hacking_alarms": sum(1 for h in history if h.get("hacking_suspected")),
     }
     mart = publish_metrics(
         ctx,
         history,
-        ["reward_mean", "accuracy", "heldout_greedy_accuracy", "kl", "loss"],
+        ["reward_mean", "accuracy", "heldout_greedy_accuracy", "probe_gold", "kl", "loss"],
         parents=sorted(set(experience_ids)),
     )
     parents = [ctx.inputs["prompts"], ctx.inputs["heldout"], ctx.inputs["sft"], mart.id]
@@ -268,6 +295,9 @@ def run(ctx: StageContext) -> None:
             "metrics": metrics,
             "reward": gc.reward,
             "experience": experience_ids,
+            "gold_reward": gc.gold_reward,
+            "stopped_early": stopped,
+            "hacking_probes": watch.summary(),  # step, mean reward, mean gold score
         },
     )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history)

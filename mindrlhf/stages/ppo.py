@@ -43,7 +43,6 @@ from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from ..models.generation import Generation
-from ..monitor import suspect
 from ..parallel import apply_parallel
 from .common import (
     NumericalError,
@@ -73,6 +72,7 @@ from .rollout import (
     score_mask,
     score_rollout,
 )
+from .watch import HackingWatch
 
 
 def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> CausalLM:
@@ -139,36 +139,6 @@ def evaluate_policies(
     return out
 
 
-def probe_policy(policy, reward, norm, rows, texts, tok, gold, gen_cfg, samples: int) -> dict:
-    """The policy's answers to the fixed probe prompts, ``samples`` per prompt, sampled as in the
-    rollouts but from the same random streams at every probe (common random numbers: a policy
-    that did not change gives the same answers), scored per prompt (mean over its samples) by
-    the RM (the proxy) and the gold judge: what the reward-hacking watch compares."""
-    gen = rollout_config(gen_cfg)
-    proxy, golds = np.zeros((samples, len(rows))), np.zeros((samples, len(rows)))
-    for k in range(samples):
-        for s in range(0, len(rows), 32):
-            g = sample(policy, rows[s : s + 32], gen, tok, seed=7919 * (k + 1) + s)
-            proxy[k, s : s + 32] = score_sequences(
-                reward, g.sequences, score_mask(g, tok.eos_id), norm
-            )
-            golds[k, s : s + 32] = gold(texts[s : s + 32], decode_responses(g, tok))
-    return {"proxy": proxy.mean(0).tolist(), "gold": golds.mean(0).tolist()}
-
-
-def carry_best_gold(ctx, best_gold: RunCheckpoints, probes: list[dict]) -> None:
-    """A chunk after the first, with ``hacking_stop``: the best-gold policy of the chunks before
-    travels in the training state it starts from (tensors ``best_gold/*``); put it where this
-    chunk's stop looks for it."""
-    if not probes:
-        return
-    tensors = ctx.store.read_checkpoint(ctx.inputs["state"])
-    kept = {k.partition("/")[2]: v for k, v in tensors.items() if k.startswith("best_gold/")}
-    if kept:
-        best = max(probes, key=lambda p: float(np.mean(p["gold"])))
-        best_gold.save(best["step"], {"actor": kept}, {"gold": float(np.mean(best["gold"]))})
-
-
 def run(ctx: StageContext) -> None:
     from mindspore import Tensor
 
@@ -215,40 +185,18 @@ def run(ctx: StageContext) -> None:
     kl_ctl.value = state.get("kl_coef", kl_ctl.value)
     rollout_cfg = rollout_config(cfg.generation)
     rollouts = RolloutLog(ctx)
-    watch = gold is not None and pc.hacking_probe_every > 0
-    probes = state.get("probes", [])  # the watch's probes: {"step", "proxy", "gold"} per prompt
-    n_probe = min(pc.hacking_probe_prompts, heldout.num_rows)
-    probe_rows = heldout.column("prompt_ids").to_pylist()[:n_probe]
-    probe_texts = heldout.column("prompt").to_pylist()[:n_probe]
-    best_gold = RunCheckpoints(ctx.run_dir / "best-gold", ctx.key, keep=1)  # hacking_stop only
-    if watch and pc.hacking_stop and ctx.inputs.get("state") and best_gold.latest() is None:
-        carry_best_gold(ctx, best_gold, probes)
-
-    def take_probe(step: int) -> dict | None:
-        """Probe the policy at ``step``; the alarm's figures if the watch suspects a hack."""
-        actor.set_train(False)
-        probe = {
-            "step": step,
-            **probe_policy(
-                actor,
-                reward,
-                norm,
-                probe_rows,
-                probe_texts,
-                tok,
-                gold,
-                cfg.generation,
-                pc.hacking_probe_samples,
-            ),
-        }
-        probes.append(probe)
-        best = max(float(np.mean(p["gold"])) for p in probes)
-        if pc.hacking_stop and ctx.dist.is_main and float(np.mean(probe["gold"])) >= best:
-            best_gold.save(step, {"actor": state_dict(actor)}, {"gold": best})
-        return suspect(probes, pc.hacking_margin, pc.hacking_z)
-
-    if watch and start == 0 and not probes:
-        take_probe(0)  # the SFT policy: the first best
+    watch = HackingWatch(
+        ctx,
+        pc,
+        "actor",
+        actor,
+        lambda g, rows: score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm),
+        gold,
+        heldout,
+        tok,
+        state.get("probes"),
+    )
+    watch.start(start)
 
     def make_experience(it: int):
         """Sample this rank's rows of the iteration's prompt batch, score them, gather every rank's
@@ -376,14 +324,7 @@ def run(ctx: StageContext) -> None:
             row["gold_std"] = float(ex["gold"].std(ddof=1))
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
-        alarm = None
-        if watch and (it + 1) % pc.hacking_probe_every == 0:
-            alarm = take_probe(it + 1)
-            row["probe_proxy"] = float(np.mean(probes[-1]["proxy"]))
-            row["probe_gold"] = float(np.mean(probes[-1]["gold"]))
-            if alarm:  # the proxy up, the gold down: the RM is being exploited
-                row["hacking_suspected"] = 1.0
-                ctx.alarm("reward_hacking", iteration=it + 1, **alarm)
+        alarm = watch.check(it + 1, row)
         history.append(row)
         ctx.metric(**row)
         done = it + 1
@@ -397,32 +338,22 @@ def run(ctx: StageContext) -> None:
                     "history": history,
                     "experience": experience_ids,
                     "kl_coef": kl_ctl.value,
-                    "probes": probes,
+                    "probes": watch.probes,
                 },
             )
             ctx.log(f"checkpoint at iteration {done}")
-        if alarm and pc.hacking_stop:
+        if watch.stops(alarm):
             break
 
     if not ctx.dist.is_main:
         return
-    stop_now = bool(history and history[-1].get("hacking_suspected") and pc.hacking_stop)
+    stop_now = watch.stops(alarm)
     if end < pc.iterations and not stop_now:  # a chunk: hand the whole state to the next one
-        extra = {"kl_coef": kl_ctl.value, "probes": probes}
-        kept = best_gold.latest() if watch and pc.hacking_stop else None
-        carry = {"best_gold": RunCheckpoints.load(kept[1])[0]["actor"]} if kept else None
+        extra = {"kl_coef": kl_ctl.value, "probes": watch.probes}
         return finish_chunk(
-            ctx, first, end, models, trainers, history, experience_ids, extra, carry
+            ctx, first, end, models, trainers, history, experience_ids, extra, watch.carry_out()
         )
-    stopped = None
-    if stop_now:
-        step, path = best_gold.latest()
-        load_state_dict(actor, RunCheckpoints.load(path)[0]["actor"], source=str(path))
-        stopped = {"at_iteration": history[-1]["step"], "kept_iteration": step, "alarm": alarm}
-        ctx.log(
-            f"stopped early at iteration {stopped['at_iteration']}: kept the policy of "
-            f"iteration {step}, the best gold score on the probe prompts"
-        )
+    stopped = watch.restore_best(alarm, history[-1]["step"]) if stop_now else None
     actor.set_train(False)
     ev = evaluate_policies(
         ctx,
@@ -470,9 +401,7 @@ def run(ctx: StageContext) -> None:
             "gold_reward": pc.gold_reward,
             "experience": experience_ids,
             "stopped_early": stopped,
-            "hacking_probes": [  # the watch's probes: step, mean RM score, mean gold score
-                [p["step"], float(np.mean(p["proxy"])), float(np.mean(p["gold"]))] for p in probes
-            ],
+            "hacking_probes": watch.summary(),  # step, mean RM score, mean gold score
         },
     )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)
