@@ -1,16 +1,15 @@
 """GRPO on the real SmolLM2-135M-Instruct with a verifiable reward: does RLHF here make a real
 model better? The imported GGUF weights are the policy and the reference; prompts are
 reasoning-gym ``basic_arithmetic`` problems (two terms, up to two digits, + and -: "Calculate
-47 - 9. Answer:"), rewarded by reasoning-gym's own ``score_answer``; held-out problems never
-occur in training (split by a hash of their text).
+47 - 9. Answer:"); held-out problems never occur in training (split by a hash of their text).
 
-The answer-extraction rule is fixed and strict: the response, stripped, must *be* the answer
-(``score_answer`` gives 1.0; an answer buried in a longer text earns partial credit, which the
-accuracy does not count). Greedy held-out accuracy on ``--heldout`` problems is measured before
+The answer-extraction rule is fixed (``results/arith_reward.py``): the first integer in the
+response is the answer, right or wrong, no partial credit; it is both the GRPO reward and the
+accuracy. Greedy held-out accuracy on ``--heldout`` problems is measured before
 training, every ``--eval-every`` iterations and after; the curve is drawn against the
 wall-clock time of the GRPO stage (process start, model loading and the mid-run evaluations
 included; the final point at the loop's end, before the closing evaluations). "format" is the
-fraction of each rollout's responses that are a bare integer.
+fraction of each rollout's responses that are a bare integer (nothing after the number).
 
     .venv/bin/python results/grpo_smollm2.py [--iterations 60] [--eval-every 10]
 
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BARE_INT = re.compile(r"^-?\d+$")
+BARE_INT = re.compile(r"^-?\d+\.?$")
 
 
 def main() -> None:
@@ -39,8 +38,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=224)
     ap.add_argument("--prompts-per-iter", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--beta", type=float, default=0.02)
+    ap.add_argument("--lr", type=float, default=2e-6)
+    ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     args = ap.parse_args()
     os.environ["MINDRLHF_LOG_METRICS"] = "1"
@@ -62,7 +61,7 @@ def main() -> None:
         },
         "grpo": {
             "prompts": "arithmetic",
-            "reward": "arithmetic",
+            "reward": f"python:{HERE / 'arith_reward.py'}:first_integer",
             "compiled": False,
             "iterations": args.iterations,
             "prompts_per_iter": args.prompts_per_iter,
@@ -124,7 +123,8 @@ def main() -> None:
         t = store.read_dataset(exp)
         seqs = t.column("sequence").to_pylist()
         resp = t.column("response_mask").to_pylist()
-        texts = [tok.decode([s for s, r in zip(q, rm) if r]) for q, rm in zip(seqs, resp)]
+        p = t.column("prompt_len")[0].as_py()  # the response mask covers the response block
+        texts = [tok.decode([s for s, r in zip(q[p:], rm) if r]) for q, rm in zip(seqs, resp)]
         fmt.append(sum(bool(BARE_INT.match(x.strip())) for x in texts) / len(texts))
     out = {
         "experiment": "grpo_smollm2",
