@@ -20,7 +20,7 @@ from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from .common import StageContext, stage_main
 from .grpo import rows_of
-from .ppo import load_policy
+from .ppo import load_policy, recipe_gold
 from .rm import load_reward_model, score_sequences
 from .rollout import decode_responses, response_logprobs, rollout_config, sample, score_mask
 
@@ -35,9 +35,7 @@ def load_judge(spec, weights=None):
         except FileNotFoundError:
             recipe = None
         if recipe is not None and hasattr(recipe, "gold_reward"):
-            return lambda prompts, completions, columns: rewards.check(
-                recipe.gold_reward(prompts, completions), len(completions), f"{spec}.gold_reward"
-            )
+            return recipe_gold(spec, recipe)
     return rewards.load(spec, weights)
 
 

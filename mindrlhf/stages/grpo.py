@@ -130,7 +130,7 @@ def run(ctx: StageContext) -> None:
         "policy",
         policy,
         reward_fn,
-        load_gold_reward(gc.gold_reward),
+        load_gold_reward(gc.gold_reward, "grpo.gold_reward"),
         heldout,
         tok,
         state.get("probes"),

@@ -84,10 +84,18 @@ def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> C
     return m
 
 
-def load_gold_reward(spec: str):
+def recipe_gold(spec: str, recipe):
+    """A recipe's independent judge (``gold_reward``, movie_reviews: VADER) as (prompts, responses,
+    columns) -> scores, its output checked."""
+    return lambda prompts, responses, columns=None: rewards.check(
+        recipe.gold_reward(prompts, responses), len(responses), f"{spec}.gold_reward"
+    )
+
+
+def load_gold_reward(spec: str, key: str = "ppo.gold_reward"):
     """(prompt texts, response texts, columns) -> gold scores from an independent judge: a recipe's
     ``gold_reward`` (movie_reviews: VADER) or a user function ``python:<file>:<fn>``; None if
-    unset."""
+    unset. ``key`` names the setting in errors."""
     if not spec:
         return None
     if spec.startswith("python:"):
@@ -95,10 +103,8 @@ def load_gold_reward(spec: str):
         return lambda prompts, responses, columns=None: fn(prompts, responses, columns)
     recipe = load_recipe(spec)
     if not hasattr(recipe, "gold_reward"):
-        raise ValueError(f"ppo.gold_reward: recipe {spec!r} has no gold_reward function")
-    return lambda prompts, responses, columns=None: rewards.check(
-        recipe.gold_reward(prompts, responses), len(responses), f"{spec}.gold_reward"
-    )
+        raise ValueError(f"{key}: recipe {spec!r} has no gold_reward function")
+    return recipe_gold(spec, recipe)
 
 
 def evaluate_policies(
