@@ -96,11 +96,12 @@ def emit_materialization(asset: Asset, deps: list[Asset], by: str = "mindrlhf") 
 
 
 @task(cache_policy=NO_CACHE)  # an event per run that made something: never a cached no-op
-def declare_assets(made: list[tuple[Asset, list[Asset]]]) -> list[str]:
-    """The materialization events of what a stage made: (asset, its upstream) pairs."""
+def declare_assets(made: list[tuple[Asset, list[Asset]]]) -> None:
+    """The materialization events of what a stage made: (asset, its upstream) pairs. It returns
+    nothing: Prefect links a later task to an earlier one whose result object it is passed (by
+    object identity), and a returned list of keys gave later asset tasks spurious parents."""
     for asset, deps in made:
         emit_materialization(asset, deps)
-    return [a.key for a, _ in made]
 
 
 def record_lineage(
