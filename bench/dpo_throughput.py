@@ -12,7 +12,12 @@ side; a compiled step that meets a new padded length later compiles inside the t
 is counted there (``compiles``); ``pairs_per_s_steady`` leaves those steps out, which is what a
 long stage converges to.
 
+Each of our modes and each TRL configuration runs in its own process, so each reports its own
+peak resident memory (``peak_rss_gb``). ``--shape smollm2`` times SmolLM2-135M's shape and
+vocabulary (random weights; the peer a transformers LlamaForCausalLM of the same config):
+
     make bench-peers && .venv/bin/python bench/dpo_throughput.py
+    .venv/bin/python bench/dpo_throughput.py --shape smollm2 --seq 128 --batch 8 --modes pynative
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ import json
 import time
 
 import numpy as np
-from benchlib import matmul_peak_gflops, model_config, run_peer, train_flops, write_inputs
+from benchlib import (
+    matmul_peak_gflops,
+    model_config,
+    own_side,
+    peak_rss_gb,
+    run_peer,
+    train_flops,
+    write_inputs,
+)
 
 
 def make_pairs(n: int, target_tokens: int) -> list[dict]:
@@ -67,6 +80,7 @@ def ours(pairs, args, compiled: bool) -> dict:
     rc, rr = pair_logps(
         ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
     )
+    del ref  # the pipeline computes these in their own stage (reflogp): no reference in memory
     dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled)
     trainer = Trainer(
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
@@ -117,7 +131,8 @@ def main() -> None:
         "--shape",
         choices=["gpt2", "smollm2"],
         default="gpt2",
-        help="gpt2: the --layers/--d/--heads GPT-2 shape; smollm2: SmolLM2-135M's (no peer yet)",
+        help="gpt2: the --layers/--d/--heads GPT-2 shape; smollm2: SmolLM2-135M's (LLaMA, GQA, "
+        "its 49k vocabulary; the peer a transformers LlamaForCausalLM of the same shape)",
     )
     ap.add_argument("--no-peers", action="store_true", help="only our side (and the peak)")
     ap.add_argument("--layers", type=int, default=6)
@@ -131,28 +146,36 @@ def main() -> None:
         default="compiled,pynative",
         help="our configurations to time (compiled = default)",
     )
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
-    from mindrlhf.runtime import init_runtime
-
-    init_runtime("CPU")
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)
-    data, tokdir = write_inputs(pairs, "bench-dpo-")
-    peak = matmul_peak_gflops()
-    modes = args.modes.split(",")
-    runs = {m: ours(pairs, args, compiled=m == "compiled") for m in modes}
-    for r in runs.values():
+    if args.child:
+        from mindrlhf.runtime import init_runtime
+
+        init_runtime("CPU")
+        peak = matmul_peak_gflops()
+        r = ours(pairs, args, compiled=args.child == "compiled")
         r["mfu"] = round(r["achieved_gflops"] / peak["gflops"], 3)
+        r["matmul_peak_gflops"] = round(peak["gflops"], 1)
+        r["matmul_peak_by_size"] = peak["by_size"]
+        r["peak_rss_gb"] = peak_rss_gb()
+        print(json.dumps(r))
+        return
+    # each side in its own process, one after the other: its own peak RSS, nothing shared
+    modes = args.modes.split(",")
+    runs = {m: own_side(__file__, m) for m in modes}
     result = {
         "bench": "dpo_throughput",
         "config": vars(args),
-        "matmul_peak_gflops": round(peak["gflops"], 1),
-        "matmul_peak_by_size": peak["by_size"],
+        "matmul_peak_gflops": runs[modes[0]]["matmul_peak_gflops"],
+        "matmul_peak_by_size": runs[modes[0]]["matmul_peak_by_size"],
         "ours": runs[modes[0]],
         "ours_by_mode": runs,
     }
-    if args.no_peers or args.shape != "gpt2":
+    if args.no_peers:
         print(json.dumps(result))
         return
+    data, tokdir = write_inputs(pairs, "bench-dpo-", model_config(args.shape, args.seq)[1])
     for key, extra in (("trl_precomputed_ref", ["--precompute-ref"]), ("trl_default", [])):
         result[key] = run_peer(
             "peer_trl_dpo.py",
@@ -161,6 +184,8 @@ def main() -> None:
                 str(data),
                 "--tokenizer-dir",
                 str(tokdir),
+                "--shape",
+                args.shape,
                 "--layers",
                 str(args.layers),
                 "--d",
@@ -192,6 +217,10 @@ def main() -> None:
             )
         }
         for m, r in runs.items()
+    }
+    result["peak_rss_gb"] = {
+        **{f"ours_{m}": r["peak_rss_gb"] for m, r in runs.items()},
+        **{k: result[k]["peak_rss_gb"] for k in ("trl_precomputed_ref", "trl_default")},
     }
     print(json.dumps(result))
 

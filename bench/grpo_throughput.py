@@ -16,10 +16,18 @@ multiple of 8, the KV-cache decoder, responses padded to the training step's mul
 ``group_advantages``,
 the experience table round trip, ``Trainer`` steps on mini-batches with ``grpo_loss``; the
 artifact-store write of the rollout and the evaluation passes are left out. It runs once per
-``--modes`` entry: ``compiled`` is the default configuration (decode step and training step as
-``mindspore.jit`` graphs, generation.compiled / grpo.compiled), ``pynative`` the same with both
-off. Graph compilation happens in the warm-up iteration, which is not timed (as TRL's), and is
-reported as ``warmup_iter_s``.
+``--modes`` entry, each in its own process (its own peak RSS): ``compiled`` is the default
+configuration (decode step and training step as ``mindspore.jit`` graphs, generation.compiled /
+grpo.compiled), ``pynative`` the same with both off, ``decode`` compiled decoding with an eager
+training step (the smollm2-135m profile's setting). Graph compilation happens in the warm-up
+iteration, which is not timed (as TRL's), and is reported as ``warmup_iter_s``.
+
+``--shape smollm2`` times SmolLM2-135M's shape and vocabulary (LLaMA, 30 layers, d=576, 9 heads /
+3 kv heads, 49,152 tokens; random weights, its own tokenizer on both sides; the peer a
+transformers LlamaForCausalLM of the same config), e.g. as results/grpo_smollm2.py trains it:
+
+    .venv/bin/python bench/grpo_throughput.py --shape smollm2 --seq 64 --prompts 8 --group 8 \
+        --new-tokens 8 --mini-batch 32 --lr 2e-6 --modes decode
 
     make bench-peers && .venv/bin/python bench/grpo_throughput.py
 """
@@ -31,7 +39,7 @@ import json
 import time
 
 import numpy as np
-from benchlib import model_config, run_peer, write_inputs
+from benchlib import model_config, own_side, peak_rss_gb, run_peer, write_inputs
 from peer_trl_grpo import (
     bench_reward,
 )  # pure Python at import time; the peer uses the same function
@@ -46,7 +54,11 @@ def make_prompts(n: int, seed: int = 0, max_digits: int = 3) -> list[dict]:
     return [{"prompt": ds[i]["question"] + ar.SUFFIX, "answer": ds[i]["answer"]} for i in range(n)]
 
 
-def ours(prompts: list[dict], args, compiled: bool) -> dict:
+def ours(prompts: list[dict], args, mode: str) -> dict:
+    """Our iteration in ``mode``: compiled (decode and training steps as graphs), pynative
+    (neither), decode (compiled decoding, eager training and scoring: the smollm2-135m profile's
+    setting, where a compiled SmolLM2 training step costs ~7 GB per batch length)."""
+    compiled, gen_compiled = mode == "compiled", mode in ("compiled", "decode")
     from types import SimpleNamespace
 
     import mindspore as ms  # noqa: F401
@@ -68,7 +80,7 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
         table_arrays,
     )
 
-    cfg, tok_name = model_config("gpt2", args.seq, args.layers, args.d, args.heads)
+    cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     ref.set_train(False)
@@ -87,7 +99,7 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
     )
     gc.validate()
     gen = rollout_config(
-        GenerationConfig(compiled=compiled), max_new_tokens=args.new_tokens
+        GenerationConfig(compiled=gen_compiled), max_new_tokens=args.new_tokens
     )  # as the stage
     no_eos = SimpleNamespace(
         pad_id=tok.pad_id, eos_id=-1
@@ -169,7 +181,7 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
     }  # the first iteration pays one-off costs on both sides
     n_params = sum(int(np.prod(q.shape)) for q in policy.trainable_params())
     return {
-        "impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
+        "impl": f"mindrlhf-flow / mindspore 2.9.0 {mode}",
         "iterations": len(steady["iter"]),
         "warmup_iter_s": round(phases["iter"][0], 2),
         "samples_per_iter": batch,
@@ -187,6 +199,12 @@ def ours(prompts: list[dict], args, compiled: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--shape",
+        choices=["gpt2", "smollm2"],
+        default="gpt2",
+        help="gpt2: the --layers/--d/--heads GPT-2 shape; smollm2: SmolLM2-135M's",
     )
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d", type=int, default=512)
@@ -213,17 +231,24 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="compiled,pynative",
-        help="our configurations to time (compiled = default)",
+        help="our configurations to time: compiled (the default), pynative, decode (compiled "
+        "decoding, eager training)",
     )
     ap.add_argument("--skip-peer", action="store_true", help="only our side")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
-    from mindrlhf.runtime import init_runtime
-
-    init_runtime("CPU")
     prompts = make_prompts(args.prompts * (args.iters + 1))
-    data, tokdir = write_inputs(prompts, "bench-grpo-")
+    if args.child:
+        from mindrlhf.runtime import init_runtime
+
+        init_runtime("CPU")
+        r = ours(prompts, args, args.child)
+        r["peak_rss_gb"] = peak_rss_gb()
+        print(json.dumps(r))
+        return
+    # each side in its own process, one after the other: its own peak RSS, nothing shared
     modes = args.modes.split(",")
-    runs = {m: ours(prompts, args, compiled=m == "compiled") for m in modes}
+    runs = {m: own_side(__file__, m) for m in modes}
     result = {
         "bench": "grpo_throughput",
         "config": vars(args),
@@ -231,8 +256,10 @@ def main() -> None:
         "ours_by_mode": runs,
     }
     if not args.skip_peer:
+        data, tokdir = write_inputs(prompts, "bench-grpo-", model_config(args.shape, args.seq)[1])
         cmd = ["--data", str(data), "--tokenizer-dir", str(tokdir)]
         for k in (
+            "shape",
             "layers",
             "d",
             "heads",
@@ -260,6 +287,10 @@ def main() -> None:
             k: round(o[f"{k}_s"] / trl[f"{k}_s"], 3)
             for k in ("generation", "score", "update")
             if trl[f"{k}_s"] > 0
+        }
+        result["peak_rss_gb"] = {
+            **{f"ours_{m}": r["peak_rss_gb"] for m, r in runs.items()},
+            "trl": trl["peak_rss_gb"],
         }
     print(json.dumps(result))
 

@@ -1,5 +1,5 @@
 """The peer side of bench/dpo_throughput.py: TRL's DPOTrainer on PyTorch CPU, the same
-GPT-2-shaped model config, the same pairs, the same number of steps. Runs in .venv-bench
+model shape (GPT-2 or SmolLM2-135M), the same pairs, the same number of steps. Runs in .venv-bench
 (`make bench-peers`); prints one JSON object."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--tokenizer-dir", required=True)
+    ap.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
@@ -25,14 +26,14 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    from benchlib import peer_tokenizer_and_config, step_timer
-    from transformers import GPT2LMHeadModel
+    from benchlib import peak_rss_gb, peer_tokenizer_and_config, step_timer
+    from transformers import AutoModelForCausalLM
 
     from datasets import Dataset
 
     torch.manual_seed(0)
     tok, cfg = peer_tokenizer_and_config(args)
-    model = GPT2LMHeadModel(cfg)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     rows = [json.loads(line) for line in open(args.data)]
     ds = Dataset.from_list(rows)
 
@@ -86,6 +87,7 @@ def main() -> None:
                 "train_wall_s": round(wall, 2),
                 "train_runtime_s": out.metrics.get("train_runtime"),
                 "tokens_per_step": mean_tokens,
+                "peak_rss_gb": peak_rss_gb(),
             }
         )
     )

@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="JSONL rows {prompt, answer}, in iteration order")
     ap.add_argument("--tokenizer-dir", required=True)
+    ap.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
@@ -60,8 +61,8 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    from benchlib import peer_tokenizer_and_config, step_timer
-    from transformers import GPT2LMHeadModel
+    from benchlib import peak_rss_gb, peer_tokenizer_and_config, step_timer
+    from transformers import AutoModelForCausalLM
 
     from datasets import Dataset
 
@@ -78,8 +79,8 @@ def main() -> None:
     # GRPOTrainer builds the reference with from_pretrained(model.config._name_or_path), so the
     # random init goes through a directory: policy and reference then start from the same weights.
     model_dir = tempfile.mkdtemp(prefix="trl-grpo-model-")
-    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
-    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     rows = [json.loads(line) for line in open(args.data)]
     n_prompts = args.prompts * (args.iters + 1)
@@ -194,6 +195,7 @@ def main() -> None:
                 "samples_per_iter": batch,
                 "trl_steps_per_iter": steps_per_iter,
                 "samples_per_s": round(batch * len(it_s) / sum(it_s), 3),
+                "peak_rss_gb": peak_rss_gb(),
                 "iter_s": mean(it_s),
                 "generation_s": mean(gen_s),
                 "score_s": mean(score_s),
