@@ -251,11 +251,15 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig(OptimConfig):
-    batch_size: int = 8
+    batch_size: int = 8  # rows per step (packed rows with packing)
     steps: int = 200
     ckpt_every: int = 50
     log_every: int = 10
     eval_batches: int = 4
+    # several examples per row, up to data.max_len tokens, attention and positions kept per
+    # example (mindrlhf/data/packing.py): a mixture of short and long examples stops paying for
+    # padding; held-out losses stay unpacked
+    packing: bool = False
 
     def validate(self, p: str = ""):
         super().validate(p)

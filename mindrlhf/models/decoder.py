@@ -210,14 +210,26 @@ class Transformer(nn.Cell):
             (1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
         )
 
-    def construct(self, input_ids, attention_mask, past=None):
+    def construct(self, input_ids, attention_mask, past=None, segments=None):
+        """``segments`` (B, T) for packed rows (mindrlhf/data/packing.py): the example each token
+        belongs to (1, 2, ...; 0 padding). A token then attends only to earlier tokens of its own
+        example and positions restart at each example's first token; ``attention_mask`` is not
+        read (no cache with packed rows)."""
         b, t = input_ids.shape
         s = attention_mask.shape[1]  # keys: cached + current
         p = s - t
         if s > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {s} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        positions = ops.clamp(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1, min=0)[:, p:]
-        allowed = self.causal[p:s, :s][None] * attention_mask.astype(ms.float32)[:, None, :]
+        if segments is None:
+            positions = ops.clamp(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1, min=0)
+            positions = positions[:, p:]
+            allowed = self.causal[p:s, :s][None] * attention_mask.astype(ms.float32)[:, None, :]
+        else:
+            seg = segments.astype(ms.int32)
+            same = ops.equal(seg[:, :, None], seg[:, None, :]).astype(ms.float32)
+            allowed = self.causal[:t, :t][None] * same * (seg > 0).astype(ms.float32)[:, None, :]
+            # a token's position in its example: the keys it may see, itself included, minus one
+            positions = ops.clamp(allowed.sum(-1).astype(ms.int32) - 1, min=0)
         bias = ((1.0 - allowed) * NEG_INF)[:, None]
         x, cos, sin = self._embed(input_ids, positions)
         presents = []
@@ -329,8 +341,10 @@ class CausalLM(nn.Cell):
         h, _ = self.model(input_ids, attention_mask)
         return self.logits_from_hidden(h[:, prompt_len - 1 : -1])
 
-    def construct(self, input_ids, attention_mask, past=None, last_only: bool = False):
-        h, presents = self.model(input_ids, attention_mask, past)
+    def construct(
+        self, input_ids, attention_mask, past=None, last_only: bool = False, segments=None
+    ):
+        h, presents = self.model(input_ids, attention_mask, past, segments)
         if last_only:
             h = h[:, -1:]
         return self.logits_from_hidden(h), presents

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..algos.sft import sft_loss
+from ..data.packing import pack_sft_table, packed_batch
 from ..data.schema import validate_table
 from ..data.tokenize import longest_row, sft_batch
 from ..data.tokenizer import load_tokenizer
@@ -89,6 +90,24 @@ def run(ctx: StageContext) -> None:
         loss = sft_loss(logits, input_ids, loss_mask, denom)
         return loss, loss
 
+    def packed_loss_fn(input_ids, segment_ids, loss_mask, denom):
+        logits, _ = model(input_ids, segment_ids, segments=segment_ids)
+        loss = sft_loss(logits, input_ids, loss_mask, denom)
+        return loss, loss
+
+    rows, batch_of, mask_key = train, sft_batch, "attention_mask"
+    if sc.packing:
+        rows, batch_of, mask_key = (
+            pack_sft_table(train, cfg.data.max_len),
+            packed_batch,
+            "segment_ids",
+        )
+        loss_fn = packed_loss_fn
+        ctx.log(
+            f"packing: {train.num_rows} examples in {rows.num_rows} rows of <= {cfg.data.max_len} "
+            "tokens"
+        )
+
     trainer = Trainer(model.trainable_params(), loss_fn, sc, ctx.dist, sc.steps)
     ckpts = RunCheckpoints(ctx.run_dir, ctx.key)
     models, trainers = {"model": model}, {"model": trainer}
@@ -104,16 +123,22 @@ def run(ctx: StageContext) -> None:
         ctx.metric(step=0, heldout_loss=loss0)
 
     model.set_train(True)
-    longest = longest_row(train, "input_ids")
+    longest = longest_row(rows, "input_ids")
     window = state.get("window", [])  # losses since the last log line: part of the resumed state
-    t_train = time.perf_counter()
+    t_train, seen, examples = time.perf_counter(), 0, 0
     for step in range(start, sc.steps):
-        global_idx = epoch_order(train.num_rows, step, sc.batch_size, cfg.seed)
-        bt = sft_batch(train, shard(global_idx, ctx.dist), tok.pad_id, sc.pad_to, longest)
-        tokens = sum(sum(m[1:]) for m in train.column("loss_mask").take(global_idx).to_pylist())
+        global_idx = epoch_order(rows.num_rows, step, sc.batch_size, cfg.seed)
+        bt = batch_of(rows, shard(global_idx, ctx.dist), tok.pad_id, sc.pad_to, longest)
+        tokens = sum(sum(m[1:]) for m in rows.column("loss_mask").take(global_idx).to_pylist())
         denom = Tensor(np.float32(max(tokens, 1) / ctx.dist.size))
         loss, gnorm, _ = trainer.step(
-            Tensor(bt["input_ids"]), Tensor(bt["attention_mask"]), Tensor(bt["loss_mask"]), denom
+            Tensor(bt["input_ids"]), Tensor(bt[mask_key]), Tensor(bt["loss_mask"]), denom
+        )
+        seen += int((bt[mask_key] > 0).sum())
+        examples += (
+            sum(len(e) for e in rows.column("examples").take(global_idx).to_pylist())
+            if sc.packing
+            else len(global_idx)
         )
         window.append(loss)
         done = step + 1
@@ -159,7 +184,10 @@ def run(ctx: StageContext) -> None:
     )
     curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
     # timing goes in the result only: the manifest (and so the artifact id) must be reproducible
-    speed = {"train_samples_per_s": (sc.steps - start) * sc.batch_size / max(train_seconds, 1e-9)}
+    speed = {
+        "train_samples_per_s": examples / max(train_seconds, 1e-9),  # examples, packed or not
+        "train_tokens_per_s": seen / max(train_seconds, 1e-9),  # this rank's, padding not counted
+    }
     ctx.finish({"checkpoint": art.id}, {**metrics, **speed}, samples=samples, loss_curve=curve)
 
 
