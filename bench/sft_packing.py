@@ -40,7 +40,7 @@ def mixture(n_reviews: int, n_gsm: int, max_len: int):
                 "gsm_size": n_gsm,
                 "max_len": max_len,
                 "max_prompt_len": 160,
-            }
+            },
         },
     )
     tok = load_tokenizer(cfg.tokenizer)
