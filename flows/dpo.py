@@ -1,5 +1,6 @@
-"""DPO only: prepare -> sft -> reference log-probs -> dpo, for users who want preference
-optimisation without a reward model. The same cached tasks as the full pipeline, so a DPO run
+"""DPO only: prepare -> sft -> reference log-probs -> dpo (no reference stage for the
+reference-free dpo.loss orpo / simpo), for users who want preference optimisation without a
+reward model. The same cached tasks as the full pipeline, so a DPO run
 after a pipeline run reuses its prepared data, SFT checkpoint and reference log-probs."""
 
 from __future__ import annotations

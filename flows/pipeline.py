@@ -3,7 +3,7 @@
     prepare -> sft -> rm -> ppo
                   |     `-> online DPO rounds (policy_0 = SFT -> pairs_1 -> policy_1 -> ...)
                   |-> grpo (verifiable rewards)
-                  `-> reference log-probs -> dpo
+                  `-> reference log-probs -> dpo   (no reference for orpo / simpo)
 
 Each box is a cached Prefect task running one stage process; ``pipeline.stages`` in the config
 chooses which run.
@@ -16,7 +16,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
-from mindrlhf.config import load_config
+from mindrlhf.config import DPOConfig, load_config
 from tasks.assets import publish_lineage, record_lineage
 from tasks.stages import (
     dpo_task,
@@ -91,27 +91,38 @@ def finished(summary: dict) -> dict:
     return summary
 
 
+def dpo_plan(c: dict, d: dict, sft_ckpt: str) -> tuple[dict | None, dict]:
+    """The DPO branch's graph for ``dpo.loss``: (the reflogp task's inputs, or None when the loss
+    is reference-free and the branch skips it; the dpo task's inputs but the reference ids).
+    KTO also reads the unpaired examples, and asks reflogp for its per-example layout."""
+    dc = DPOConfig(**c["dpo"])
+    kto = dc.loss == "kto"
+    kinds = ("pairs", "unpaired") if kto else ("pairs",)
+    data = {
+        (s if kind == "pairs" else f"unpaired_{s}"): d[f"{kind}_{s}"]
+        for kind in kinds
+        for s in ("train", "heldout")
+        if f"{kind}_{s}" in d
+    }
+    if not ({"train", "unpaired_train"} & set(data)):
+        what = "pairs or unpaired examples" if kto else "pairs"
+        kind = "pairs or unpaired" if kto else "pairs"
+        raise ValueError(
+            f"dpo.loss {dc.loss} needs preference {what}: a recipe that builds them or a "
+            f"data.sources entry of kind {kind}"
+        )
+    inputs = {**data, "sft": sft_ckpt}
+    if dc.reference_free:
+        return None, inputs
+    return {**data, "model": sft_ckpt, **({"examples": "kto"} if kto else {})}, inputs
+
+
 def run_dpo_branch(c: dict, d: dict, sft_ckpt: str, run: dict) -> dict:
-    ref = call(
-        reflogp_task,
-        "reflogp",
-        c,
-        {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "model": sft_ckpt},
-        run,
-    )
-    dpo = call(
-        dpo_task,
-        "dpo",
-        c,
-        {
-            "train": d["pairs_train"],
-            "heldout": d["pairs_heldout"],
-            "sft": sft_ckpt,
-            "ref_train": ref["outputs"]["train"],
-            "ref_heldout": ref["outputs"]["heldout"],
-        },
-        run,
-    )
+    ref_inputs, inputs = dpo_plan(c, d, sft_ckpt)
+    if ref_inputs is not None:  # reference-free losses (orpo, simpo) skip the reference model
+        ref = call(reflogp_task, "reflogp", c, ref_inputs, run)
+        inputs.update(ref_train=ref["outputs"]["train"], ref_heldout=ref["outputs"]["heldout"])
+    dpo = call(dpo_task, "dpo", c, inputs, run)
     return {"checkpoint": dpo["outputs"]["checkpoint"], **dpo["metrics"]}
 
 

@@ -129,7 +129,8 @@ RECIPES = ("movie_reviews", "arithmetic", "gsm_symbolic")  # the modules in data
 class DataSource:
     """One source of rows: a user file (``path``) or a built-in recipe (``recipe``)."""
 
-    kind: Literal["", "sft", "pairs", "prompts"] = ""  # what the file holds ("" for a recipe)
+    # what the file holds ("" for a recipe); unpaired: prompt, completion, boolean label (KTO)
+    kind: Literal["", "sft", "pairs", "prompts", "unpaired"] = ""
     path: str = (
         ""  # .jsonl/.json, .parquet, .arrow/.feather, .csv or a datasets save_to_disk directory
     )
@@ -151,7 +152,7 @@ class DataSource:
                 f"{p}recipe: unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})"
             )
         if self.path and not self.kind:
-            raise ValueError(f"{p}kind must be sft, pairs or prompts for a file source")
+            raise ValueError(f"{p}kind must be sft, pairs, prompts or unpaired for a file source")
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", self.name):
             raise ValueError(f"{p}name {self.name!r}: letters, digits, '_' and '-'")
 
@@ -392,6 +393,8 @@ class GRPOConfig(OptimConfig, WatchConfig):
     mini_batch: int = 16
     epochs: int = 1
     clip_range: float = 0.2
+    # the KL to the reference: k3 in the loss; with estimator reinforce_pp, the coefficient of the
+    # per-token KL in the reward instead (and no KL term in the loss)
     beta: float = 0.04
     max_new_tokens: int = 6
     ckpt_every: int = 5
@@ -401,6 +404,51 @@ class GRPOConfig(OptimConfig, WatchConfig):
     eval_every: int = 0
     iterations_per_task: int = 0  # as ppo.iterations_per_task
     span: list[int] = field(default_factory=list)  # set by the flow: this task's [start, end)
+    # ---- online RL variants (README "Online RL estimators"); the defaults are plain GRPO
+    # advantages: "grpo" (r - group mean) / group std; "rloo" r_i - mean of the group's other
+    # k - 1 rewards (Ahmadian et al. 2024); "reinforce_pp" REINFORCE++ (Hu 2025): -beta * (log
+    # pi_old - log pi_ref) per token plus the reward on the last, summed to go, normalised over
+    # every token of the batch, no KL in the loss
+    estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    # how the token terms of the loss aggregate: "grpo" each sequence's mean over its tokens,
+    # then the mean over sequences; "dr_grpo" (Liu et al. 2025) each sequence's token sum /
+    # max_new_tokens, then the mean over sequences, and (unless std_normalize says otherwise)
+    # advantages not divided by the group std -- both halves of Dr. GRPO; "dapo" (Yu et al.
+    # 2025) the mean over every token of the mini-batch
+    loss_agg: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    # estimator grpo only: divide advantages by the group std. Unset (null): true, except with
+    # loss_agg dr_grpo. Set it to use one half of Dr. GRPO alone (false with loss_agg grpo: std
+    # removal only; true with loss_agg dr_grpo: the constant normaliser only)
+    std_normalize: Optional[bool] = None
+    # the ratio is clamped to [1 - clip_low, 1 + clip_high]; unset: both clip_range. DAPO's
+    # clip-higher: clip_low 0.2, clip_high 0.28
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
+    # DAPO dynamic sampling: groups whose rewards (overlong penalty included) are all equal carry
+    # no signal; they are dropped and up to dynamic_sampling_max_tries more rounds of
+    # prompts_per_iter prompts are sampled to fill the batch (if still short, the dropped groups
+    # fill it, in the order they were drawn). Counts in the metrics: groups_dropped,
+    # sampling_tries (extra rounds), groups_unfilled
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_tries: int = 4
+    # DAPO soft overlong punishment, added to the training reward (not to the reported accuracy):
+    # a response of L tokens, L_max = max_new_tokens, L_cache = overlong_buffer: 0 up to
+    # L_max - L_cache, then falling linearly to -overlong_penalty at L_max. 0: off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """(clip_low, clip_high) in effect."""
+        low = self.clip_range if self.clip_low is None else self.clip_low
+        return low, self.clip_range if self.clip_high is None else self.clip_high
+
+    @property
+    def scales_by_std(self) -> bool:
+        """Whether estimator grpo divides advantages by the group std (see std_normalize)."""
+        if self.std_normalize is None:
+            return self.loss_agg != "dr_grpo"
+        return self.std_normalize
 
     def validate(self, p: str = ""):
         super().validate(p)
@@ -413,8 +461,24 @@ class GRPOConfig(OptimConfig, WatchConfig):
             "max_new_tokens",
             "ckpt_every",
             "eval_prompts",
+            "dynamic_sampling_max_tries",
         ):
             _positive(getattr(self, k), p + k)
+        if self.clip_low is not None and not 0.0 < self.clip_low < 1.0:
+            raise ValueError(f"{p}clip_low must be in (0, 1), got {self.clip_low!r}")
+        if self.clip_high is not None:
+            _positive(self.clip_high, p + "clip_high")
+        if self.std_normalize is not None and self.estimator != "grpo":
+            raise ValueError(
+                f"{p}std_normalize applies to {p}estimator grpo only, not {self.estimator!r}"
+            )
+        _non_negative(self.overlong_buffer, p + "overlong_buffer")
+        _non_negative(self.overlong_penalty, p + "overlong_penalty")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(
+                f"{p}overlong_buffer ({self.overlong_buffer}) must be <= {p}max_new_tokens "
+                f"({self.max_new_tokens}): the buffer is the last tokens of the budget"
+            )
         if self.group_size < 2:
             raise ValueError(f"{p}group_size must be >= 2 (advantages are relative within a group)")
         if (self.prompts_per_iter * self.group_size) % self.mini_batch:
@@ -431,19 +495,40 @@ class GRPOConfig(OptimConfig, WatchConfig):
 @dataclass
 class DPOConfig(OptimConfig):
     lr: float = 5e-4
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    beta: float = 0.1
+    # the offline preference loss (mindrlhf/algos/dpo.py, preference.py):
+    #   sigmoid, ipo  DPO / IPO on pairs against reference log-probs (the reflogp stage)
+    #   kto           unpaired desirable / undesirable completions against the reference: each
+    #                 pair gives its chosen (desirable) and rejected (undesirable) answer, plus
+    #                 the rows of data sources of kind unpaired
+    #   orpo, simpo   reference-free, on pairs: the reflogp stage does not run
+    loss: Literal["sigmoid", "ipo", "kto", "orpo", "simpo"] = "sigmoid"
+    beta: float = 0.1  # DPO / IPO / KTO's beta; SimPO's reward scale (its paper: 2.0 - 2.5)
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    desirable_weight: float = 1.0  # kto: lambda_D, the weight of desirable examples' losses
+    undesirable_weight: float = 1.0  # kto: lambda_U, the weight of undesirable examples' losses
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term beside the SFT NLL (TRL: beta)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin gamma
     batch_size: int = 16
     steps: int = 150
     ckpt_every: int = 50
     log_every: int = 10
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss reads no reference log-probs (no reflogp stage)."""
+        return self.loss in ("orpo", "simpo")
 
     def validate(self, p: str = ""):
         super().validate(p)
         _positive(self.beta, p + "beta")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"{p}label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss in ("kto", "orpo", "simpo"):
+            raise ValueError(f"{p}label_smoothing applies to loss sigmoid only, not {self.loss}")
+        _positive(self.desirable_weight, p + "desirable_weight")
+        _positive(self.undesirable_weight, p + "undesirable_weight")
+        _non_negative(self.orpo_lambda, p + "orpo_lambda")
+        _non_negative(self.simpo_gamma, p + "simpo_gamma")
         for k in ("batch_size", "steps", "ckpt_every", "log_every"):
             _positive(getattr(self, k), p + k)
 

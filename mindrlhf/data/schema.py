@@ -11,12 +11,13 @@ class DataError(ValueError):
     """A dataset row is malformed. The message names the file (or artifact), row and field."""
 
 
-# column kinds: "text" (non-empty str), "number" (finite float), "int", "ids" (non-empty list of
-# ints)
+# column kinds: "text" (non-empty str), "number" (finite float), "int", "bool" (true / false),
+# "ids" (non-empty list of ints)
 SCHEMAS: dict[str, dict[str, str]] = {
     "sft_text": {"prompt": "text", "response": "text"},
     "pairs_text": {"prompt": "text", "chosen": "text", "rejected": "text"},
     "prompts_text": {"prompt": "text"},
+    "unpaired_text": {"prompt": "text", "completion": "text", "label": "bool"},
     "sft_tokens": {"input_ids": "ids", "loss_mask": "ids", "prompt_len": "int"},
     "prompt_tokens": {"prompt_ids": "ids"},
 }
@@ -72,6 +73,9 @@ def _check(v, kind: str, max_chars: int) -> str | None:
             return f"must be a number, got {v!r}"
         if not math.isfinite(v):
             return f"must be finite, got {v!r}"
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            return f"must be a boolean (true: desirable, false: undesirable), got {v!r}"
     elif kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
             return f"must be an integer, got {v!r}"

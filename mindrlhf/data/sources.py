@@ -15,6 +15,9 @@ functions by name):
     sft       prompt, response            | messages (chat: the last turn is the assistant's)
     pairs     prompt, chosen, rejected    | messages (chat: the conversation before the answers)
     prompts   prompt                      | messages (chat)
+    unpaired  prompt, completion, label   | messages, completion, label (chat: as pairs)
+              label: a boolean, true for a desirable completion, false for an undesirable one
+              (KTO's data: ``dpo.loss: kto``)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ NEEDED = {
     "sft": ("prompt", "response"),
     "pairs": ("prompt", "chosen", "rejected"),
     "prompts": ("prompt",),
+    "unpaired": ("prompt", "completion", "label"),
 }
 TRAIN_SPLITS = {"train", "training"}
 HELDOUT_SPLITS = {"heldout", "held_out", "test", "validation", "valid", "eval", "dev"}
@@ -48,10 +52,15 @@ def read_table(path: Path) -> tuple[pa.Table, str]:
         if suffix in (".jsonl", ".json"):
             from .user_import import _rows_jsonl
 
-            rows = [row for _, row in _rows_jsonl(path)]
-            if not rows:
+            items = list(_rows_jsonl(path))
+            if not items:
                 raise DataError(f"{path}: no rows")
-            return pa.Table.from_pylist(rows), "line"
+            try:
+                return pa.Table.from_pylist([row for _, row in items]), "line"
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise DataError(
+                    _mixed_types(path, items) or f"{path}: not a readable jsonl file ({e})"
+                ) from None
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -69,6 +78,27 @@ def read_table(path: Path) -> tuple[pa.Table, str]:
     raise DataError(
         f"{path}: unknown format {suffix!r} (jsonl, parquet, arrow, csv, or a datasets directory)"
     )
+
+
+def _mixed_types(path: Path, items) -> str | None:
+    """The first JSONL line whose field has another type than on the first line that has it (a
+    column holds one type: a label 1 among true / false), as an error naming line and field."""
+    first: dict[str, tuple[str, str]] = {}
+    for where, row in items:
+        line = where.rsplit(" ", 1)[-1]
+        for k, v in row.items():
+            if v is None:
+                continue
+            t = "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+            t = t or type(v).__name__
+            if k not in first:
+                first[k] = (t, line)
+            elif first[k][0] != t:
+                return (
+                    f"{path}: line {line}: field {k!r}: {v!r} is a {t} where line {first[k][1]} "
+                    f"has a {first[k][0]} (one type per field)"
+                )
+    return None
 
 
 def _read_hf_datasets(d: Path) -> pa.Table:
@@ -146,6 +176,8 @@ def build_source(
     needed = ("messages",) if spec.format == "chat" else NEEDED[spec.kind]
     if spec.kind == "pairs" and spec.format == "chat":
         needed = ("messages", "chosen", "rejected")
+    if spec.kind == "unpaired" and spec.format == "chat":
+        needed = ("messages", "completion", "label")
     cols, splits = {}, []
     first = 1 if unit == "line" else 0
     for n, raw in enumerate(table.to_pylist()):
@@ -160,10 +192,14 @@ def build_source(
             msgs = _messages(row["messages"], where)
             if spec.kind == "sft" and msgs[-1]["role"] != "assistant":
                 raise DataError(f"{where}: field 'messages': the last turn must be the assistant's")
-            if spec.kind in ("pairs", "prompts") and msgs[-1]["role"] == "assistant":
+            if spec.kind in ("pairs", "prompts", "unpaired") and msgs[-1]["role"] == "assistant":
+                answers = {
+                    "pairs": "are chosen / rejected",
+                    "prompts": "are to be sampled",
+                    "unpaired": "are in 'completion'",
+                }[spec.kind]
                 raise DataError(
-                    f"{where}: field 'messages': ends with an assistant turn; the answers "
-                    f"{'are chosen / rejected' if spec.kind == 'pairs' else 'are to be sampled'}"
+                    f"{where}: field 'messages': ends with an assistant turn; the answers {answers}"
                 )
             row["messages"] = json.dumps(msgs, ensure_ascii=False)
             prompt_turns = msgs[:-1] if spec.kind == "sft" else msgs

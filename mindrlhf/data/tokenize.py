@@ -105,6 +105,35 @@ def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len
     return pa.table(out)
 
 
+def tokenize_unpaired(
+    table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int
+) -> pa.Table:
+    """prompt/completion/label text -> completion_ids (prompt + completion + eos, cut at
+    max_len), prompt_len and desirable (1: label true, 0: false), KTO's examples."""
+    chats = _chat(table)
+    if chats is None:
+        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+        answers = [
+            c + [tok.eos_id] for c in tok.encode_batch(table.column("completion").to_pylist())
+        ]
+    else:
+        prompts, answers = [], []
+        for i, (msgs, c) in enumerate(zip(chats, table.column("completion").to_pylist())):
+            p = tok.encode_chat(msgs, add_generation_prompt=True)
+            full = tok.encode_chat(
+                msgs + [{"role": "assistant", "content": c}], add_generation_prompt=False
+            )
+            answers.append(_after(tok, p, full, i))
+            prompts.append(p[-max_prompt_len:])
+    return pa.table(
+        {
+            "completion_ids": pa.array([(p + c)[:max_len] for p, c in zip(prompts, answers)], IDS),
+            "prompt_len": pa.array([len(p) for p in prompts], pa.int32()),
+            "desirable": pa.array([int(b) for b in table.column("label").to_pylist()], pa.int8()),
+        }
+    )
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -133,11 +162,17 @@ def longest_row(table: pa.Table, *columns: str) -> int:
 
 
 def pair_batch(
-    table: pa.Table, idx: np.ndarray, pad_id: int, multiple: int = 1, cap: int | None = None
+    table: pa.Table,
+    idx: np.ndarray,
+    pad_id: int,
+    multiple: int = 1,
+    cap: int | None = None,
+    columns: tuple[str, str] = ("chosen_ids", "rejected_ids"),
 ) -> dict[str, np.ndarray]:
-    """Chosen rows then rejected rows, right-padded to one :func:`bucket_length`: (2B, T)."""
+    """Chosen rows then rejected rows (or the two ``columns``, which share each row's
+    prompt_len), right-padded to one :func:`bucket_length`: (2B, T)."""
     sub = table.take(pa.array(idx))
-    rows = sub.column("chosen_ids").to_pylist() + sub.column("rejected_ids").to_pylist()
+    rows = sub.column(columns[0]).to_pylist() + sub.column(columns[1]).to_pylist()
     plen = sub.column("prompt_len").to_numpy()
     t = bucket_length(max(len(r) for r in rows), multiple, cap)
     resp = np.zeros((len(rows), t), np.float32)

@@ -2,11 +2,16 @@
 
 ``python -m mindrlhf.stages.reflogp``: summed reference log-probs of chosen and rejected responses
 for a pair dataset, written once as a versioned Arrow dataset (its cache key ignores the DPO
-hyperparameters, so changing beta or the loss does not rerun the reference model).
+hyperparameters, so changing beta or the loss does not rerun the reference model). With the
+input ``examples: kto`` (the flow adds it for ``dpo.loss: kto``) it scores KTO's examples
+instead: every desirable / undesirable completion and its mismatched KL sequence.
 
-``python -m mindrlhf.stages.dpo``: offline DPO from the SFT checkpoint on (prompt, chosen,
-rejected) pairs with those stored reference log-probs; held-out preference accuracy of the
-implicit reward (ties count one half, so the SFT policy itself scores 0.5) and margins.
+``python -m mindrlhf.stages.dpo``: offline preference optimisation from the SFT checkpoint with
+``dpo.loss``: sigmoid / IPO DPO on (prompt, chosen, rejected) pairs and KTO on labelled single
+completions, both with those stored reference log-probs, or the reference-free ORPO and SimPO on
+pairs (no reference inputs). Held-out figures: the preference accuracy of the loss's own implicit
+reward (ties count one half, so a reference-based loss at its start scores 0.5), its margin and
+the plain likelihood preference; KTO adds its label accuracy and the KL estimate.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..algos.dpo import dpo_loss, preference_accuracy, sequence_logps
 from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
+from ..data.unpaired import EXAMPLE_COLUMNS, kl_partners, kto_examples, with_kl_sequences
 from ..models.decoder import state_dict
 from .common import (
     RunCheckpoints,
@@ -29,27 +34,9 @@ from .common import (
     shard,
     stage_main,
 )
+from .dpo_losses import IMPLICIT_REWARD, evaluate, make_dpo_loss, pair_logps, step_columns
 
-
-def pair_logps(
-    model, table: pa.Table, pad_id: int, batch: int = 32
-) -> tuple[np.ndarray, np.ndarray]:
-    """Summed response log-probs of every row's chosen and rejected sequence under ``model``."""
-    from mindspore import Tensor
-
-    model.set_train(False)
-    chosen, rejected = [], []
-    for s in range(0, table.num_rows, batch):
-        idx = np.arange(s, min(s + batch, table.num_rows))
-        bt = pair_batch(table, idx, pad_id)
-        ids = Tensor(bt["input_ids"])
-        logits, _ = model(ids, Tensor(bt["attention_mask"]))
-        lp = sequence_logps(logits, ids, Tensor(bt["response_mask"])).asnumpy()
-        chosen.append(lp[: len(idx)])
-        rejected.append(lp[len(idx) :])
-    if not chosen:  # no pairs (an online DPO round whose judge tied them all)
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(chosen), np.concatenate(rejected)
+SPLITS = ("train", "heldout")
 
 
 def reference_table(chosen: np.ndarray, rejected: np.ndarray) -> pa.Table:
@@ -61,38 +48,43 @@ def reference_table(chosen: np.ndarray, rejected: np.ndarray) -> pa.Table:
     )
 
 
-def make_dpo_loss(policy, dc):
-    def loss_fn(input_ids, attention_mask, response_mask, ref_chosen, ref_rejected):
-        logits, _ = policy(input_ids, attention_mask)
-        lp = sequence_logps(logits, input_ids, response_mask)
-        k = lp.shape[0] // 2
-        loss, rc, rr = dpo_loss(
-            lp[:k], lp[k:], ref_chosen, ref_rejected, dc.beta, dc.loss, dc.label_smoothing
-        )
-        return loss, preference_accuracy(rc, rr), (rc - rr).mean()
-
-    return loss_fn
+def kto_table(pairs: pa.Table | None, unpaired: pa.Table | None, partner=None, seed=0):
+    """KTO's examples of one split with their KL sequences; the partners are drawn from ``seed``
+    unless given (read back from the reference table reflogp wrote)."""
+    ex = kto_examples(pairs, unpaired)
+    if partner is None:
+        partner = kl_partners(ex.num_rows, seed)
+    if len(partner) != ex.num_rows:
+        raise ValueError(f"{ex.num_rows} KTO examples but {len(partner)} reference log-probs")
+    return with_kl_sequences(ex, np.asarray(partner))
 
 
-def evaluate(policy, table, ref: pa.Table, pad_id: int, dc) -> dict:
-    """Implicit-reward accuracy and margin on held-out pairs, plus the plain likelihood
-    preference (log pi(chosen) > log pi(rejected))."""
-    c, r = pair_logps(policy, table, pad_id)
-    rc = dc.beta * (c - ref.column("ref_chosen_logp").to_numpy())
-    rr = dc.beta * (r - ref.column("ref_rejected_logp").to_numpy())
-    acc = float(((rc > rr) + 0.5 * (rc == rr)).mean())
-    return {
-        "reward_accuracy": acc,
-        "reward_margin": float((rc - rr).mean()),
-        "likelihood_accuracy": float((c > r).mean()),
-    }
+def reference_logps(
+    model, pairs: pa.Table | None, pad_id: int, kto: bool, seed: int, unpaired=None
+) -> tuple[pa.Table, pa.Table]:
+    """(the table a loss trains on, its reference log-probs under ``model``): the pairs and
+    their chosen / rejected log-probs, or with ``kto`` KTO's examples (see data/unpaired.py) and
+    each example's and its mismatched sequence's log-prob with the partner it was paired with."""
+    if not kto:
+        return pairs, reference_table(*pair_logps(model, pairs, pad_id))
+    partner = kl_partners(kto_examples(pairs, unpaired).num_rows, seed)
+    ex = kto_table(pairs, unpaired, partner)
+    lp, kl = pair_logps(model, ex, pad_id, columns=EXAMPLE_COLUMNS)
+    ref = pa.table(
+        {
+            "ref_logp": pa.array(lp, pa.float32()),
+            "ref_kl_logp": pa.array(kl, pa.float32()),
+            "kl_partner": pa.array(partner, pa.int32()),
+        }
+    )
+    return ex, ref
 
 
 def train_dpo(
     ctx: StageContext,
     policy,
     train: pa.Table,
-    ref: pa.Table,
+    ref: pa.Table | None,
     steps: int,
     seed: int,
     tok,
@@ -100,8 +92,9 @@ def train_dpo(
     log_prefix: str = "",
     dc=None,
 ) -> list[dict]:
-    """``steps`` DPO updates over ``train`` with resume from the run directory's checkpoints;
-    ``dc`` overrides the config's dpo section (online DPO's learning rate)."""
+    """``steps`` updates of ``dc.loss`` over ``train`` (pairs, or KTO's examples) with its
+    reference log-probs ``ref`` (None for a reference-free loss), resuming from the run
+    directory's checkpoints; ``dc`` overrides the config's dpo section (online DPO's lr)."""
     from mindspore import Tensor
 
     dc = dc or ctx.cfg.dpo
@@ -110,20 +103,18 @@ def train_dpo(
     models, trainers = {"policy": policy}, {"policy": trainer}
     start, state = resume_training_state(ctx, ckpts, models, trainers)
     history = state.get("history", history or [])
-    longest = longest_row(train, "chosen_ids", "rejected_ids")
-    ref_c = ref.column("ref_chosen_logp").to_numpy()
-    ref_r = ref.column("ref_rejected_logp").to_numpy()
+    columns, per_row = step_columns(train, ref, dc)
+    longest = longest_row(train, *columns)
     policy.set_train(True)
     window = state.get("window", [])  # losses since the last log line: part of the resumed state
     for step in range(start, steps):
         idx = shard(epoch_order(train.num_rows, step, dc.batch_size, seed), ctx.dist)
-        bt = pair_batch(train, idx, tok.pad_id, dc.pad_to, longest)
+        bt = pair_batch(train, idx, tok.pad_id, dc.pad_to, longest, columns)
         loss, gnorm, (acc, margin) = trainer.step(
             Tensor(bt["input_ids"]),
             Tensor(bt["attention_mask"]),
             Tensor(bt["response_mask"]),
-            Tensor(ref_c[idx]),
-            Tensor(ref_r[idx]),
+            *(Tensor(x[idx]) for x in per_row),
         )
         window.append((loss, float(acc.asnumpy()), float(margin.asnumpy())))
         done = step + 1
@@ -155,21 +146,56 @@ def run_reflogp(ctx: StageContext) -> None:
 
     tok = load_tokenizer(ctx.cfg.tokenizer)
     model = load_policy(ctx.store, ctx.inputs["model"], ctx.cfg.model, train=False)
+    kto = ctx.inputs.get("examples") == "kto"
     out = {}
-    for split in ("train", "heldout"):
-        table = ctx.store.read_dataset(ctx.inputs[split])
-        c, r = pair_logps(model, table, tok.pad_id)
+    for k, split in enumerate(SPLITS):
+        names = (split, f"unpaired_{split}") if kto else (split,)
+        tables = {n: ctx.store.read_dataset(ctx.inputs[n]) for n in names if n in ctx.inputs}
+        table, ref = reference_logps(
+            model,
+            tables.get(split),
+            tok.pad_id,
+            kto,
+            seed=ctx.cfg.seed * 1000 + 700 + k,
+            unpaired=tables.get(f"unpaired_{split}"),
+        )
         if ctx.dist.is_main:
             art = ctx.store.write_dataset(
-                reference_table(c, r),
-                name=f"{ctx.cfg.name}-ref-logps-{split}",
-                parents=[ctx.inputs[split], ctx.inputs["model"]],
-                meta={"stage": "reflogp", "split": split},
+                ref,
+                name=f"{ctx.cfg.name}-ref-logps-{'kto-' if kto else ''}{split}",
+                parents=[*(ctx.inputs[n] for n in tables), ctx.inputs["model"]],
+                meta={"stage": "reflogp", "split": split, **({"examples": "kto"} if kto else {})},
             )
             out[split] = art.id
-            ctx.log(f"{split}: {table.num_rows} pairs -> {art.id[:12]}")
+            ctx.log(f"{split}: {table.num_rows} {'examples' if kto else 'pairs'} -> {art.id[:12]}")
     if ctx.dist.is_main:
-        ctx.finish(out, {"pairs_train": ctx.store.get(out["train"]).manifest["num_rows"]})
+        count = "examples_train" if kto else "pairs_train"
+        ctx.finish(out, {count: ctx.store.get(out["train"]).manifest["num_rows"]})
+
+
+def preference_data(ctx: StageContext, dc) -> tuple[list[pa.Table], list]:
+    """[train, held-out] tables ``dc.loss`` reads (pairs, or KTO's examples built from the
+    pairs and unpaired rows) and their reference log-probs (None for a reference-free loss)."""
+
+    def read(name):
+        return ctx.store.read_dataset(ctx.inputs[name]) if name in ctx.inputs else None
+
+    refs = [None, None] if dc.reference_free else [read(f"ref_{s}") for s in SPLITS]
+    if dc.loss == "kto":
+        tables = [
+            kto_table(read(s), read(f"unpaired_{s}"), r.column("kl_partner").to_numpy())
+            for s, r in zip(SPLITS, refs)
+        ]
+    else:
+        tables = [read(s) for s in SPLITS]
+    for name, t, r in zip(SPLITS, tables, refs):
+        if r is not None and t.num_rows != r.num_rows:
+            raise ValueError(f"{name}: {t.num_rows} pairs but {r.num_rows} reference log-probs")
+    return tables, refs
+
+
+# held-out figures that are 0 by construction at the start of a loss with a reference
+ZERO_AT_START = ("reward_margin", "kl")
 
 
 def run(ctx: StageContext) -> None:
@@ -177,15 +203,7 @@ def run(ctx: StageContext) -> None:
 
     cfg, dc = ctx.cfg, ctx.cfg.dpo
     tok = load_tokenizer(cfg.tokenizer)
-    train, heldout = (
-        ctx.store.read_dataset(ctx.inputs["train"]),
-        ctx.store.read_dataset(ctx.inputs["heldout"]),
-    )
-    ref_train = ctx.store.read_dataset(ctx.inputs["ref_train"])
-    ref_heldout = ctx.store.read_dataset(ctx.inputs["ref_heldout"])
-    for name, t, r in (("train", train, ref_train), ("heldout", heldout, ref_heldout)):
-        if t.num_rows != r.num_rows:
-            raise ValueError(f"{name}: {t.num_rows} pairs but {r.num_rows} reference log-probs")
+    (train, heldout), (ref_train, ref_heldout) = preference_data(ctx, dc)
     policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     before = evaluate(policy, heldout, ref_heldout, tok.pad_id, dc)
     ctx.metric(step=0, **{f"heldout_{k}": v for k, v in before.items()})
@@ -194,17 +212,16 @@ def run(ctx: StageContext) -> None:
     ctx.metric(step=dc.steps, **{f"heldout_{k}": v for k, v in after.items()})
     if not ctx.dist.is_main:
         return
-    metrics = {
-        "heldout_reward_accuracy_sft": before["reward_accuracy"],
-        "heldout_reward_accuracy_dpo": after["reward_accuracy"],
-        "heldout_reward_margin_dpo": after["reward_margin"],
-        "heldout_likelihood_accuracy_sft": before["likelihood_accuracy"],
-        "heldout_likelihood_accuracy_dpo": after["likelihood_accuracy"],
-        "loss": dc.loss,
-        "beta": dc.beta,
-        "steps": dc.steps,
-    }
-    parents = [ctx.inputs[k] for k in ("train", "heldout", "sft", "ref_train", "ref_heldout")]
+    metrics = {}
+    for k, v in after.items():
+        if k in before and (dc.reference_free or k not in ZERO_AT_START):
+            metrics[f"heldout_{k}_sft"] = before[k]
+        metrics[f"heldout_{k}_dpo"] = v
+    metrics.update({"loss": dc.loss, "beta": dc.beta, "steps": dc.steps})
+    if dc.loss in IMPLICIT_REWARD:
+        metrics["implicit_reward"] = IMPLICIT_REWARD[dc.loss]
+    keys = ("train", "heldout", "unpaired_train", "unpaired_heldout", "sft", "ref_train")
+    parents = [ctx.inputs[k] for k in (*keys, "ref_heldout") if k in ctx.inputs]
     art = ctx.store.write_checkpoint(
         state_dict(policy),
         name=f"{cfg.name}-dpo",

@@ -22,7 +22,7 @@ from ..data.tokenize import IDS
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
 from .common import StageContext, epoch_order, model_meta, stage_main
-from .dpo import pair_logps, reference_table, train_dpo
+from .dpo import reference_logps, train_dpo
 from .ppo import load_policy
 from .rm import load_reward_model, score_sequences
 from .rollout import decode_responses, rollout_config, sample, score_mask
@@ -117,9 +117,10 @@ def run(ctx: StageContext) -> None:
         f"round {rnd}: {info['pairs']} pairs (mean score margin {info['mean_margin']:.3f}) -> "
         f"{pairs_art.id[:12]}"
     )
-    ref_c, ref_r = pair_logps(reference, pairs, tok.pad_id)
+    # the table dpo.loss trains on (the pairs, or KTO's examples) and its reference log-probs
+    train, ref_table = reference_logps(reference, pairs, tok.pad_id, dc.loss == "kto", seed + 2)
     ref_art = ctx.store.write_dataset(
-        reference_table(ref_c, ref_r),
+        ref_table,
         name=f"{cfg.name}-online-dpo-ref-{rnd}",
         parents=[pairs_art.id, ctx.inputs["reference"]],
         meta={"round": rnd},
@@ -129,7 +130,7 @@ def run(ctx: StageContext) -> None:
         train_dpo(
             ctx,
             policy,
-            pairs,
+            train,
             ctx.store.read_dataset(ref_art.id),
             oc.steps_per_round,
             seed + 1,

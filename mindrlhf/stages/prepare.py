@@ -5,6 +5,7 @@ Outputs (artifact ids):
   <recipe>_<table>_text              every text table each recipe builds
   sft_train, sft_heldout             SFT tokens, all recipes' SFT tables concatenated
   pairs_train, pairs_heldout         preference pairs (recipes that build them)
+  unpaired_train, unpaired_heldout   labelled single completions (data sources of kind unpaired)
   prompts_<recipe>_train / _heldout  prompt tokens with their labels, per recipe
 """
 
@@ -18,12 +19,17 @@ from ..data import registry
 from ..data.recipes import load_recipe
 from ..data.schema import DataError, validate_table
 from ..data.sources import build_source
-from ..data.tokenize import tokenize_pairs, tokenize_prompts, tokenize_sft
+from ..data.tokenize import tokenize_pairs, tokenize_prompts, tokenize_sft, tokenize_unpaired
 from ..data.tokenizer import load_tokenizer
 from ..keys import file_sha256
 from .common import StageContext, stage_main
 
-TEXT_SCHEMAS = {"sft": "sft_text", "pairs": "pairs_text", "prompts": "prompts_text"}
+TEXT_SCHEMAS = {
+    "sft": "sft_text",
+    "pairs": "pairs_text",
+    "prompts": "prompts_text",
+    "unpaired": "unpaired_text",
+}
 SPLITS = ("train", "heldout")
 
 
@@ -97,6 +103,14 @@ def run(ctx: StageContext) -> None:
         tokenized("sft", split, tokenize_sft, f"sft_{split}", by_kind[f"sft_{split}"])
         if by_kind.get(f"pairs_{split}"):
             tokenized("pairs", split, tokenize_pairs, f"pairs_{split}", by_kind[f"pairs_{split}"])
+        if by_kind.get(f"unpaired_{split}"):
+            tokenized(
+                "unpaired",
+                split,
+                tokenize_unpaired,
+                f"unpaired_{split}",
+                by_kind[f"unpaired_{split}"],
+            )
         for recipe_name, text_id in by_kind.get(f"prompts_{split}", []):
             tokenized(
                 "prompts",
