@@ -1,5 +1,9 @@
 """GRPO (Shao et al. 2024): k samples per prompt, group-normalised advantages, no critic,
-a KL penalty to the reference added to the loss (the k3 estimator, unbiased and >= 0)."""
+a KL penalty to the reference added to the loss (the k3 estimator, unbiased and >= 0).
+
+The loss here is shared by the variants ``grpo.estimator`` / ``grpo.loss_agg`` choose: RLOO
+(:mod:`.rloo`), REINFORCE++ (:mod:`.reinforce_pp`), Dr. GRPO (:mod:`.dr_grpo`), DAPO
+(:mod:`.dapo`)."""
 
 from __future__ import annotations
 
@@ -23,19 +27,39 @@ def k3_kl(logprobs, ref_logprobs):
     return ops.exp(d) - d - 1.0
 
 
+def sequence_mean(per_token, mask, denom=None):
+    """GRPO's aggregation: each sequence's mean over its own tokens, then the mean over sequences
+    (``denom`` unused: every data-parallel rank holds as many rows)."""
+    lengths = ops.maximum(mask.sum(1), 1.0)
+    return ((per_token * mask).sum(1) / lengths).mean()
+
+
 def grpo_loss(
-    logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float, beta: float
+    logprobs,
+    old_logprobs,
+    ref_logprobs,
+    advantages,
+    mask,
+    clip_range: float,
+    beta: float,
+    clip_high: float | None = None,
+    aggregate=sequence_mean,
+    denom=None,
 ):
-    """Clipped surrogate with a sequence-level advantage plus beta * KL, averaged per sequence
-    over its tokens and then over sequences. Returns (loss, mean kl, clip fraction)."""
-    adv = advantages[:, None]
+    """Clipped surrogate plus beta * KL, token terms aggregated by ``aggregate(per_token, mask,
+    denom)`` (default: per sequence over its tokens, then over sequences). ``advantages``: one
+    per sequence (B,) or one per token (B, T). The ratio is clamped to [1 - clip_range,
+    1 + clip_high] (``clip_high`` None: clip_range; DAPO's clip-higher sets it above).
+    Returns (loss, mean kl, clip fraction)."""
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages  # a shape: graph constant
+    high = clip_range if clip_high is None else clip_high
     ratio = ops.exp(logprobs - old_logprobs)
     unclipped = ratio * adv
-    clipped = ops.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
+    clipped = ops.clamp(ratio, 1.0 - clip_range, 1.0 + high) * adv
     kl = k3_kl(logprobs, ref_logprobs)
     per_token = -ops.minimum(unclipped, clipped) + beta * kl
     lengths = ops.maximum(mask.sum(1), 1.0)
-    loss = ((per_token * mask).sum(1) / lengths).mean()
+    loss = aggregate(per_token, mask, denom)
     kl_mean = ((kl * mask).sum(1) / lengths).mean()
     clipfrac = ((clipped < unclipped).astype(mask.dtype) * mask).sum() / ops.maximum(
         mask.sum(), 1.0

@@ -6,6 +6,9 @@ Inputs: ``prompts`` / ``heldout`` prompt datasets (with the columns the reward n
 with a recipe's verifiable reward function (``grpo.reward: arithmetic``) or the reward model
 (``grpo.reward: rm``), normalises rewards within each group, writes the rollout as an Arrow
 dataset, and runs clipped policy updates with a k3 KL penalty to the reference. No critic.
+``grpo.estimator`` / ``grpo.loss_agg`` choose the advantages and the aggregation (RLOO,
+REINFORCE++, Dr. GRPO, DAPO: :mod:`..algos.estimators`); DAPO's dynamic sampling
+and overlong penalty shape the batch and the reward (:mod:`.dynamic_sampling`).
 With ``grpo.gold_reward`` the reward-hacking watch (:mod:`.watch`) probes the policy as in PPO,
 the optimised reward as the proxy.
 """
@@ -17,7 +20,8 @@ import functools
 import numpy as np
 
 from .. import rewards
-from ..algos.grpo import group_advantages, grpo_loss
+from ..algos.dapo import overlong_penalty
+from ..algos.estimators import ESTIMATORS, policy_loss
 from ..config import GenerationConfig
 from ..data.tokenizer import load_tokenizer
 from ..models.decoder import state_dict
@@ -37,6 +41,7 @@ from .common import (
     stage_main,
     start_chunk,
 )
+from .dynamic_sampling import fill_batch, more_prompts
 from .metrics import publish_metrics
 from .ppo import load_gold_reward, load_policy
 from .rm import load_reward_model, score_sequences
@@ -107,9 +112,11 @@ def run(ctx: StageContext) -> None:
     reward_fn = make_reward_fn(ctx, tok)
     gen = rollout_config(cfg.generation, max_new_tokens=gc.max_new_tokens)
 
-    def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
+    objective = policy_loss(gc)
+
+    def loss_fn(seq, am, old_lp, ref_lp, adv, mask, denom, p):
         lp = response_logprobs(policy, seq, am, p)
-        return grpo_loss(lp, old_lp, ref_lp, adv, mask, gc.clip_range, gc.beta)
+        return objective(lp, old_lp, ref_lp, adv, mask, denom)
 
     batch = gc.prompts_per_iter * gc.group_size
     trainer = Trainer(
@@ -137,13 +144,12 @@ def run(ctx: StageContext) -> None:
     )
     watch.start(start)
 
-    def make_rollout(it: int):
-        """This rank's rows of the iteration's groups (each prompt repeated group_size times),
-        sampled and scored, then every rank's rows gathered: advantages are normalised within
-        whole groups and each rank holds the whole rollout."""
-        batch_rows = np.repeat(
-            epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5), gc.group_size
-        )
+    def draw(it: int, t: int, idx: np.ndarray):
+        """Round ``t`` of iteration ``it``: the groups of prompts ``idx`` (each repeated
+        group_size times), this rank's rows sampled and rewarded, then every rank's rows
+        gathered (advantages are relative within whole groups: each rank holds the whole
+        rollout). Returns (Generation, {reward, score: the reward advantages see})."""
+        batch_rows = np.repeat(idx, gc.group_size)
         mine = shard(np.arange(len(batch_rows)), ctx.dist)
         rows = rows_of(prompts, batch_rows[mine])
         policy.set_train(False)
@@ -154,39 +160,95 @@ def run(ctx: StageContext) -> None:
             tok,
             seed=cfg.seed * 1000 + it * 16,
             multiple=gc.pad_to,
-            row_ids=mine,
+            row_ids=mine + t * len(batch_rows),  # round t: rows of their own random streams
             batch_prompts=rows_of(prompts, batch_rows)["prompt_ids"],
             dist=ctx.dist,
         )
-        seq, am, p = g.sequences, g.attention_mask, g.prompt_len
-        rmask = g.response_mask.astype(np.float32)
         c = gather_rows(
             {
-                "sequence": seq,
-                "attention_mask": am,
+                "sequence": g.sequences,
+                "attention_mask": g.attention_mask,
                 "response_mask": g.response_mask,
-                "logprobs": score_rollout(response_logprobs, policy, seq, am, p, gc.compiled)
-                * rmask,
-                "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, gc.compiled)
-                * rmask,
                 "reward": reward_fn(g, rows),
             },
             ctx.dist,
         )
+        whole = Generation(c["sequence"], c["attention_mask"], c["response_mask"], g.prompt_len)
+        cols = {"reward": np.asarray(c["reward"])}
+        if gc.overlong_buffer:
+            lengths = whole.response_mask.sum(1)
+            cols["overlong_penalty"] = overlong_penalty(
+                lengths, gc.max_new_tokens, gc.overlong_buffer, gc.overlong_penalty
+            )
+        cols["score"] = cols["reward"] + cols.get("overlong_penalty", 0.0)
+        return whole, cols
+
+    def pick(it: int, t: int, seen: np.ndarray) -> np.ndarray:
+        if t == 0:
+            return epoch_order(prompts.num_rows, it, gc.prompts_per_iter, cfg.seed + 5)
+        return more_prompts(prompts.num_rows, gc.prompts_per_iter, cfg.seed + 6, it, t, seen)
+
+    sampling_counts: dict[int, dict] = {}
+
+    def make_rollout(it: int):
+        """The iteration's groups (refilled by dynamic sampling when it is on), scored by the
+        policy and the reference (each rank its shard, then gathered), with advantages."""
+        if gc.dynamic_sampling:
+            g, cols, counts = fill_batch(
+                lambda t, idx: draw(it, t, idx),
+                lambda t, seen: pick(it, t, seen),
+                gc.prompts_per_iter,
+                gc.group_size,
+                gc.dynamic_sampling_max_tries,
+                tok.pad_id,
+            )
+            sampling_counts[it] = counts
+        else:
+            g, cols = draw(it, 0, pick(it, 0, np.zeros(0, np.int64)))
+        seq, am, p = g.sequences, g.attention_mask, g.prompt_len
+        mine = shard(np.arange(len(seq)), ctx.dist)
+        rmask = g.response_mask[mine].astype(np.float32)
+        c = gather_rows(
+            {
+                "logprobs": score_rollout(
+                    response_logprobs, policy, seq[mine], am[mine], p, gc.compiled
+                )
+                * rmask,
+                "ref_logprobs": score_rollout(
+                    response_logprobs, ref, seq[mine], am[mine], p, gc.compiled
+                )
+                * rmask,
+            },
+            ctx.dist,
+        )
+        mask = g.response_mask.astype(np.float32)
+        adv = ESTIMATORS[gc.estimator](gc, cols["score"], c["logprobs"], c["ref_logprobs"], mask)
+        shaping = {k: cols[k] for k in ("overlong_penalty",) if k in cols}
         table = experience_table(
-            Generation(c["sequence"], c["attention_mask"], c["response_mask"], p),
+            g,
             {
                 "logprobs": c["logprobs"],
                 "ref_logprobs": c["ref_logprobs"],
-                "reward": c["reward"],
-                "advantage": group_advantages(c["reward"], gc.group_size),
+                "reward": cols["reward"],
+                **shaping,
+                "advantage": adv,
             },
         )
+        meta = {"stage": "grpo", "iteration": it}
+        if gc.dynamic_sampling:
+            meta["dynamic_sampling"] = sampling_counts[it]
         return table, dict(
             name=f"{cfg.name}-grpo-rollout-{it}",
             parents=[ctx.inputs["prompts"], ctx.inputs["sft"]],
-            meta={"stage": "grpo", "iteration": it},
+            meta=meta,
         )
+
+    def counts_of(it: int, exp_id: str | None) -> dict:
+        """Dynamic sampling's counts of iteration ``it``: kept when it sampled, else (a resumed
+        run reusing the rollout) in the rollout's manifest."""
+        if it in sampling_counts:
+            return sampling_counts.pop(it)
+        return ctx.store.get(exp_id, verify=False).meta["dynamic_sampling"]
 
     n_eval = gc.eval_prompts
     alarm = None
@@ -199,7 +261,8 @@ def run(ctx: StageContext) -> None:
         rmask = ex["response_mask"].astype(np.float32)
         losses, kls, cfs = [], [], []
         for epoch in range(gc.epochs):
-            for b, _ in minibatches(len(seqs), gc.mini_batch, [cfg.seed, it, epoch], ctx.dist):
+            for b, whole in minibatches(len(seqs), gc.mini_batch, [cfg.seed, it, epoch], ctx.dist):
+                denom = np.float32(max(rmask[whole].sum(), 1.0) / ctx.dist.size)
                 loss, _, (kl, cf) = trainer.step(
                     Tensor(seqs[b]),
                     Tensor(am[b]),
@@ -207,6 +270,7 @@ def run(ctx: StageContext) -> None:
                     Tensor(ex["ref_logprobs"][b]),
                     Tensor(ex["advantage"][b]),
                     Tensor(rmask[b]),
+                    Tensor(denom),
                     p,
                 )
                 losses.append(loss)
@@ -221,6 +285,10 @@ def run(ctx: StageContext) -> None:
             "clipfrac": float(np.mean(cfs)),
             "response_length": float(rmask.sum(1).mean()),
         }
+        if "overlong_penalty" in ex:
+            row["overlong_penalty"] = float(ex["overlong_penalty"].mean())
+        if gc.dynamic_sampling:
+            row.update(counts_of(it, exp_id))
         if not all(np.isfinite(v) for v in row.values()):
             raise NumericalError(f"iteration {it}: non-finite metrics {row}")
         if gc.eval_every and (it + 1) % gc.eval_every == 0 and it + 1 < gc.iterations:
