@@ -241,3 +241,14 @@ def server(tmp_path_factory):
     yield url, env
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def assert_config_rejects(tmp_path, text: str, key: str) -> None:
+    """The config YAML ``text`` is refused with an error naming its file and ``key``."""
+    from mindrlhf.config import ConfigError, load_config
+
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and key in str(e.value)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 from mindspore import Tensor
 
+from conftest import assert_config_rejects
 from mindrlhf.algos.preference import (
     kto_loss,
     label_accuracy,
@@ -182,13 +183,7 @@ def test_sequence_mean_logps_is_the_per_token_mean_over_the_response():
     ],
 )
 def test_dpo_config_rejects_bad_values_naming_the_key(tmp_path, text, key):
-    from mindrlhf.config import ConfigError, load_config
-
-    p = tmp_path / "cfg.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError) as e:
-        load_config(p)
-    assert str(p) in str(e.value) and key in str(e.value)
+    assert_config_rejects(tmp_path, text, key)
 
 
 def test_defaults_keep_sigmoid_and_the_dpo_key_follows_the_loss():

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from conftest import assert_config_rejects
 from mindrlhf.algos.dapo import informative_groups, overlong_penalty, token_mean
 from mindrlhf.algos.dr_grpo import centred_group_advantages
 from mindrlhf.algos.estimators import ESTIMATORS, policy_loss
 from mindrlhf.algos.grpo import grpo_loss
 from mindrlhf.algos.reinforce_pp import reinforce_pp_advantages
 from mindrlhf.algos.rloo import rloo_advantages
-from mindrlhf.config import ConfigError, GRPOConfig, load_config
+from mindrlhf.config import GRPOConfig, load_config
 from mindrlhf.models.generation import Generation
 from mindrlhf.stages.dynamic_sampling import fill_batch, merge_generations, more_prompts
 
@@ -343,11 +344,7 @@ def test_merge_of_one_generation_is_itself():
     ],
 )
 def test_bad_estimator_settings_name_the_key(tmp_path, text, key):
-    p = tmp_path / "cfg.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError) as e:
-        load_config(p)
-    assert str(p) in str(e.value) and key in str(e.value)
+    assert_config_rejects(tmp_path, text, key)
 
 
 @pytest.mark.parametrize("profile", ["demo", "smollm2-135m", "cluster-2x8-ascend"])
