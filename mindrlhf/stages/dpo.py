@@ -48,12 +48,10 @@ def reference_table(chosen: np.ndarray, rejected: np.ndarray) -> pa.Table:
     )
 
 
-def kto_table(pairs: pa.Table | None, unpaired: pa.Table | None, partner=None, seed=0):
-    """KTO's examples of one split with their KL sequences; the partners are drawn from ``seed``
-    unless given (read back from the reference table reflogp wrote)."""
+def kto_table(pairs: pa.Table | None, unpaired: pa.Table | None, partner) -> pa.Table:
+    """KTO's examples of one split with their KL sequences, the partners read back from the
+    reference table reflogp wrote."""
     ex = kto_examples(pairs, unpaired)
-    if partner is None:
-        partner = kl_partners(ex.num_rows, seed)
     if len(partner) != ex.num_rows:
         raise ValueError(f"{ex.num_rows} KTO examples but {len(partner)} reference log-probs")
     return with_kl_sequences(ex, np.asarray(partner))
@@ -67,8 +65,9 @@ def reference_logps(
     each example's and its mismatched sequence's log-prob with the partner it was paired with."""
     if not kto:
         return pairs, reference_table(*pair_logps(model, pairs, pad_id))
-    partner = kl_partners(kto_examples(pairs, unpaired).num_rows, seed)
-    ex = kto_table(pairs, unpaired, partner)
+    ex = kto_examples(pairs, unpaired)
+    partner = kl_partners(ex.num_rows, seed)
+    ex = with_kl_sequences(ex, partner)
     lp, kl = pair_logps(model, ex, pad_id, columns=EXAMPLE_COLUMNS)
     ref = pa.table(
         {

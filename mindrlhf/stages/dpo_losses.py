@@ -136,7 +136,8 @@ def step_columns(train: pa.Table, ref: pa.Table | None, dc) -> tuple[tuple, list
     ]
 
 
-def _accuracy(a: np.ndarray, b: np.ndarray) -> float:
+def _accuracy(a: np.ndarray, b: np.ndarray | float) -> float:
+    """Fraction of a > b, ties counting one half."""
     return float(((a > b) + 0.5 * (a == b)).mean())
 
 
@@ -153,9 +154,8 @@ def _evaluate_reference_pairs(policy, table, ref: pa.Table, pad_id: int, dc) -> 
     c, r = pair_logps(policy, table, pad_id)
     rc = dc.beta * (c - ref.column("ref_chosen_logp").to_numpy())
     rr = dc.beta * (r - ref.column("ref_rejected_logp").to_numpy())
-    acc = float(((rc > rr) + 0.5 * (rc == rr)).mean())
     return {
-        "reward_accuracy": acc,
+        "reward_accuracy": _accuracy(rc, rr),
         "reward_margin": float((rc - rr).mean()),
         "likelihood_accuracy": float((c > r).mean()),
     }
@@ -199,8 +199,7 @@ def _evaluate_kto(policy, table, ref: pa.Table, pad_id: int, dc) -> dict:
             "reward_margin": float((rew[:n] - rew[n : 2 * n]).mean()),
             "likelihood_accuracy": float((lp[:n] > lp[n : 2 * n]).mean()),
         }
-    signed = np.where(good, rew, -rew)
-    out["label_accuracy"] = float(((signed > 0) + 0.5 * (signed == 0)).mean())
+    out["label_accuracy"] = _accuracy(np.where(good, rew, -rew), 0.0)
     out["kl"] = float((kl - ref.column("ref_kl_logp").to_numpy()).mean())
     return out
 
