@@ -173,11 +173,9 @@ def build_source(
             f"it has {table.column_names}"
         )
     rename = {theirs: ours for ours, theirs in fields.items()}
-    needed = ("messages",) if spec.format == "chat" else NEEDED[spec.kind]
-    if spec.kind == "pairs" and spec.format == "chat":
-        needed = ("messages", "chosen", "rejected")
-    if spec.kind == "unpaired" and spec.format == "chat":
-        needed = ("messages", "completion", "label")
+    needed = NEEDED[spec.kind]
+    if spec.format == "chat":  # the conversation replaces prompt (and sft's response)
+        needed = ("messages", *(c for c in needed if c not in ("prompt", "response")))
     cols, splits = {}, []
     first = 1 if unit == "line" else 0
     for n, raw in enumerate(table.to_pylist()):

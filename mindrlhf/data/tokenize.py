@@ -68,38 +68,40 @@ def tokenize_sft(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: 
     )
 
 
+def _prompt_answers(
+    table: pa.Table, tok: Tokenizer, max_prompt_len: int, columns: tuple[str, ...]
+) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+    """(prompt ids, {column: answer ids}) of a table whose rows hold a prompt and one or more
+    answers (pairs: chosen and rejected; unpaired: completion). A plain row's answer is its text
+    and eos; a chat row's the assistant turn the template renders after the conversation."""
+    chats = _chat(table)
+    texts = {c: table.column(c).to_pylist() for c in columns}
+    if chats is None:
+        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
+        return prompts, {
+            c: [a + [tok.eos_id] for a in tok.encode_batch(t)] for c, t in texts.items()
+        }
+    prompts, answers = [], {c: [] for c in columns}
+    for i, msgs in enumerate(chats):  # the conversation so far, then each answer as the assistant
+        p = tok.encode_chat(msgs, add_generation_prompt=True)
+        for c in columns:
+            full = tok.encode_chat(
+                msgs + [{"role": "assistant", "content": texts[c][i]}], add_generation_prompt=False
+            )
+            answers[c].append(_after(tok, p, full, i))
+        prompts.append(p[-max_prompt_len:])
+    return prompts, answers
+
+
 def tokenize_pairs(table: pa.Table, tok: Tokenizer, max_prompt_len: int, max_len: int) -> pa.Table:
     """prompt/chosen/rejected text -> chosen_ids, rejected_ids (prompt + response + eos, cut at
     max_len) and prompt_len; the response part is what RM scores and DPO compares."""
-    chats = _chat(table)
-    cols = {"chosen_ids": [], "rejected_ids": [], "prompt_len": []}
-    if chats is None:
-        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
-        chosen = [c + [tok.eos_id] for c in tok.encode_batch(table.column("chosen").to_pylist())]
-        rejected = [
-            r + [tok.eos_id] for r in tok.encode_batch(table.column("rejected").to_pylist())
-        ]
-    else:  # the conversation so far, then each answer as the assistant's turn
-        prompts, chosen, rejected = [], [], []
-        for i, (msgs, c, r) in enumerate(
-            zip(chats, table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
-        ):
-            p = tok.encode_chat(msgs, add_generation_prompt=True)
-            for answer, out in ((c, chosen), (r, rejected)):
-                full = tok.encode_chat(
-                    msgs + [{"role": "assistant", "content": answer}], add_generation_prompt=False
-                )
-                out.append(_after(tok, p, full, i))
-            prompts.append(p[-max_prompt_len:])
-    for p, c, r in zip(prompts, chosen, rejected):
-        cols["chosen_ids"].append((p + c)[:max_len])
-        cols["rejected_ids"].append((p + r)[:max_len])
-        cols["prompt_len"].append(len(p))
+    prompts, answers = _prompt_answers(table, tok, max_prompt_len, ("chosen", "rejected"))
     out = {
-        "chosen_ids": pa.array(cols["chosen_ids"], IDS),
-        "rejected_ids": pa.array(cols["rejected_ids"], IDS),
-        "prompt_len": pa.array(cols["prompt_len"], pa.int32()),
+        f"{c}_ids": pa.array([(p + a)[:max_len] for p, a in zip(prompts, answers[c])], IDS)
+        for c in ("chosen", "rejected")
     }
+    out["prompt_len"] = pa.array([len(p) for p in prompts], pa.int32())
     if "margin" in table.column_names:
         out["margin"] = table.column("margin")
     return pa.table(out)
@@ -110,24 +112,12 @@ def tokenize_unpaired(
 ) -> pa.Table:
     """prompt/completion/label text -> completion_ids (prompt + completion + eos, cut at
     max_len), prompt_len and desirable (1: label true, 0: false), KTO's examples."""
-    chats = _chat(table)
-    if chats is None:
-        prompts = _prompt_tokens(tok, table.column("prompt").to_pylist(), max_prompt_len)
-        answers = [
-            c + [tok.eos_id] for c in tok.encode_batch(table.column("completion").to_pylist())
-        ]
-    else:
-        prompts, answers = [], []
-        for i, (msgs, c) in enumerate(zip(chats, table.column("completion").to_pylist())):
-            p = tok.encode_chat(msgs, add_generation_prompt=True)
-            full = tok.encode_chat(
-                msgs + [{"role": "assistant", "content": c}], add_generation_prompt=False
-            )
-            answers.append(_after(tok, p, full, i))
-            prompts.append(p[-max_prompt_len:])
+    prompts, answers = _prompt_answers(table, tok, max_prompt_len, ("completion",))
     return pa.table(
         {
-            "completion_ids": pa.array([(p + c)[:max_len] for p, c in zip(prompts, answers)], IDS),
+            "completion_ids": pa.array(
+                [(p + a)[:max_len] for p, a in zip(prompts, answers["completion"])], IDS
+            ),
             "prompt_len": pa.array([len(p) for p in prompts], pa.int32()),
             "desirable": pa.array([int(b) for b in table.column("label").to_pylist()], pa.int8()),
         }
