@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .grpo import reward_groups
+
 
 def centred_group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
     """r - mean(group) for consecutive groups of ``group_size`` rows."""
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.size % group_size:
-        raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
-    g = r.reshape(-1, group_size)
+    g = reward_groups(rewards, group_size)
     return (g - g.mean(1, keepdims=True)).reshape(-1).astype(np.float32)
 
 

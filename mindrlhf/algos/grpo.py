@@ -11,12 +11,18 @@ import numpy as np
 from mindspore import ops
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-4) -> np.ndarray:
-    """(r - mean(group)) / (std(group) + eps) for consecutive groups of ``group_size`` rows."""
+def reward_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """Consecutive groups of ``group_size`` rewards as the rows of a float64 array; the group
+    baselines (GRPO's, RLOO's, Dr. GRPO's) all start here."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.size % group_size:
         raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
-    g = r.reshape(-1, group_size)
+    return r.reshape(-1, group_size)
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-4) -> np.ndarray:
+    """(r - mean(group)) / (std(group) + eps) for consecutive groups of ``group_size`` rows."""
+    g = reward_groups(rewards, group_size)
     adv = (g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + eps)
     return adv.reshape(-1).astype(np.float32)
 
