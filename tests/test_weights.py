@@ -2,6 +2,7 @@
 transformers, logits equal ours) and Baichuan2's fused W_pack; GGUF q/k permutation; the real
 SmolLM2-135M-Instruct GGUF from the pinned wheel against a NumPy reference forward pass."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -282,6 +283,26 @@ def test_hf_directories_written_by_transformers_import_and_export(arch, how, tmp
         np.testing.assert_allclose(
             back(torch.tensor(ids, dtype=torch.long)).logits.numpy(), theirs, atol=2e-4, rtol=1e-3
         )
+
+
+def test_rope_base_read_from_transformers_5_configs(tmp_path):
+    """transformers 5 writes the RoPE base only inside ``rope_parameters`` (TRL's save of a SmolLM2
+    did): it imports with that base, not the 10,000 default; scaled RoPE is refused by name."""
+    cfg = dataclasses.replace(tiny_model_cfg("llama"), rope_theta=100000.0)
+    hf, config = to_hf(cfg, state_dict(CausalLM(cfg, 0)))
+    config.pop("rope_theta")
+    config["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    from safetensors.numpy import save_file
+
+    save_file(hf, str(d / "model.safetensors"))
+    assert import_hf(d)[0].rope_theta == 100000.0
+    config["rope_parameters"]["rope_type"] = "llama3"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: rope_parameters.rope_type 'llama3'"):
+        import_hf(d)
 
 
 def test_bad_model_directories_are_named(tmp_path):

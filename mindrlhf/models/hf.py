@@ -194,6 +194,23 @@ def export_hf(
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "baichuan")
 
 
+def rope_theta_of(config: dict, source: str) -> float:
+    """The RoPE base of a config.json: top-level ``rope_theta`` (transformers 4) or
+    ``rope_parameters.rope_theta`` (transformers 5 writes only that). Scaled RoPE (llama3, yarn,
+    linear, dynamic ...) is refused: our decoder's rotary is the plain one, and importing such a
+    model as if it were would silently give it different positions."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    for field, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind not in ("default", None):
+            raise ValueError(
+                f"{source}: {field}.rope_type {kind!r} (scaled RoPE) is not supported; "
+                "only the plain rotary embedding ('default')"
+            )
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
 def config_from_hf(config: dict, source: str = "config.json") -> ModelConfig:
     """Our model config from a Hugging Face config.json (its architecture recorded as ``arch``)."""
     mt = config.get("model_type")
@@ -229,7 +246,7 @@ def config_from_hf(config: dict, source: str = "config.json") -> ModelConfig:
                 d_ff=config["intermediate_size"],
                 max_seq_len=longest,
                 norm_eps=config.get("rms_norm_eps", 1e-6),
-                rope_theta=config.get("rope_theta", 10000.0),
+                rope_theta=rope_theta_of(config, source),
                 qkv_bias=bias,
                 tie_embeddings=config.get("tie_word_embeddings", mt != "baichuan"),
                 attn_head_dim=head_dim if head_dim * heads != config["hidden_size"] else None,
