@@ -30,8 +30,7 @@ HERE = Path(__file__).resolve().parent
 BARE_INT = re.compile(r"^-?\d+\.?$")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--store", default="artifacts")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -41,7 +40,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-6)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    args = ap.parse_args()
+
+
+def run_ours(args) -> dict:
+    """Prepare, import and GRPO through the pipeline's stages; the experiment's JSON (``out``)
+    with the config, store, prepared datasets and the GRPO stage's result."""
     os.environ["MINDRLHF_LOG_METRICS"] = "1"
     from mindrlhf.config import load_config
     from mindrlhf.data.store import ArtifactStore
@@ -147,6 +150,15 @@ def main() -> None:
         "kl_per_iteration": [round(x["kl"], 4) for x in h],
         "checkpoint": res["outputs"]["checkpoint"],
     }
+    return {"out": out, "cfg": cfg, "store": store, "data": data, "policy": policy, "tok": tok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_args(ap)
+    args = ap.parse_args()
+    out = run_ours(args)["out"]
+    curve, fmt = out["accuracy_vs_wall_s"], out["format_per_iteration"]
     print(json.dumps(out, indent=1))
     (HERE / "grpo_smollm2.json").write_text(json.dumps(out, indent=1) + "\n")
 
@@ -161,7 +173,7 @@ def main() -> None:
     a1.set_ylabel(f"held-out greedy accuracy (%), {args.heldout} problems")
     a1.set_title("SmolLM2-135M-Instruct, GRPO, basic arithmetic")
     a1.grid(alpha=0.3)
-    it = range(1, len(h) + 1)
+    it = range(1, len(out["reward_per_iteration"]) + 1)
     a2.plot(it, out["reward_per_iteration"], label="reward (mean)")
     a2.plot(it, out["rollout_accuracy_per_iteration"], label="rollout accuracy")
     a2.plot(it[: len(fmt)], fmt, label="format: bare integer")
