@@ -12,11 +12,11 @@ smaller than ours).
 
 Both final checkpoints then go through one evaluator (ours: greedy answers to the same held-out
 problems, the same rule) after a round trip through Hugging Face safetensors (ours exported with
-``mindrlhf export``, TRL's saved by ``save_pretrained``, both read back with our HF importer). The
-time-to-accuracy ratio (per TRL run): our GRPO stage's wall clock to its first evaluation at or
-above that run's final accuracy, over the run's wall clock to the end of its training (each side's clock from its
-process start, model loading and mid-run evaluations included, before- and after-evaluations
-not).
+``mindrlhf export``, TRL's saved by ``save_pretrained``, both read back with our HF
+importer). The time-to-accuracy ratio (per TRL run): our GRPO stage's wall clock to its first
+evaluation at or above that run's final accuracy, over the run's wall clock to the end of its
+training (each side's clock from its process start, model loading and mid-run evaluations
+included, before- and after-evaluations not).
 
     .venv/bin/python results/grpo_vs_trl.py [--iterations 24] [--eval-every 4]
 

@@ -1,0 +1,227 @@
+"""Where the time of a training step goes at SmolLM2-135M's shape, ours (MindSpore, eager and
+compiled) beside PyTorch's (the engine under TRL), in one run: the profile behind #17's GRPO
+gap. Each side in its own process, random weights of the same shape, the same token ids:
+
+- ``forward_s``: log-probs of the last ``--new`` positions of ``--batch`` x ``--length`` token
+  rows (GRPO's scoring pass: the vocabulary projection on response positions only), no grad;
+- ``step_s``: the same plus the backward pass (value and gradients of their sum: GRPO's update
+  without the optimizer);
+- ``op_us``: one tiny elementwise op (4 floats), the fixed cost every eager operator pays;
+- ``matmul_gflops``: the MLP's up projection alone at this batch ((B*T) x d x d_ff), the largest
+  per-layer matmul, repeated.
+
+Ours also runs both passes compiled (``mindspore.jit``, compile time apart): the difference
+eager - compiled is what per-operator dispatch costs the eager step.
+
+    .venv/bin/python bench/step_breakdown.py [--batch 32 --length 24 --new 8 --reps 3]
+
+Needs .venv-bench (`make bench-peers`) for the PyTorch side; prints one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import SMOLLM2, peak_rss_gb  # noqa: E402
+
+
+def best(fn, reps: int) -> float:
+    """The fastest of ``reps`` timed calls after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def batch_ids(args):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(0, SMOLLM2["vocab_size"], (args.batch, args.length)).astype(np.int64)
+
+
+def ours(args) -> dict:
+    import mindspore as ms
+    import numpy as np
+    from mindspore import Tensor, ops
+
+    from mindrlhf.config import ModelConfig
+    from mindrlhf.models.decoder import CausalLM
+    from mindrlhf.runtime import init_runtime
+    from mindrlhf.stages.rollout import response_logprobs
+
+    init_runtime("CPU", seed=0)
+    cfg = ModelConfig(**SMOLLM2, max_seq_len=args.length)
+    model = CausalLM(cfg, seed=0)
+    ids = Tensor(batch_ids(args).astype(np.int32))
+    mask = Tensor(np.ones((args.batch, args.length), np.int32))
+    p = args.length - args.new
+
+    def loss(s, m):
+        return response_logprobs(model, s, m, p).sum()
+
+    grad = ms.value_and_grad(loss, None, model.trainable_params())
+
+    def fwd(s, m):
+        return response_logprobs(model, s, m, p)
+
+    def step(s, m):
+        return grad(s, m)
+
+    fwd_graph, step_graph = ms.jit(fwd), ms.jit(step)
+
+    model.set_train(False)
+    out = {"forward_eager_s": best(lambda: response_logprobs(model, ids, mask, p).asnumpy(), 2)}
+    t = time.perf_counter()
+    fwd_graph(ids, mask).asnumpy()
+    out["forward_compile_s"] = time.perf_counter() - t
+    out["forward_compiled_s"] = best(lambda: fwd_graph(ids, mask).asnumpy(), args.reps)
+    model.set_train(True)
+    out["step_eager_s"] = best(lambda: grad(ids, mask)[0].asnumpy(), 2)
+    t = time.perf_counter()
+    step_graph(ids, mask)[0].asnumpy()
+    out["step_compile_s"] = time.perf_counter() - t
+    out["step_compiled_s"] = best(lambda: step_graph(ids, mask)[0].asnumpy(), args.reps)
+
+    small = Tensor(np.ones(4, np.float32))
+    n = 2000
+    t = time.perf_counter()
+    for _ in range(n):
+        small = ops.add(small, 1.0)
+    small.asnumpy()
+    out["op_us"] = (time.perf_counter() - t) / n * 1e6
+    x = Tensor(
+        np.random.default_rng(1).standard_normal((args.batch * args.length, 576), np.float32)
+    )
+    w = Tensor(np.random.default_rng(2).standard_normal((1536, 576), np.float32))
+    mm = ops.MatMul(transpose_b=True)
+    s = best(lambda: mm(x, w).asnumpy(), 20)
+    out["matmul_gflops"] = 2 * args.batch * args.length * 576 * 1536 / s / 1e9
+    out["impl"] = f"mindspore {ms.__version__}"
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def torch_side(args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=SMOLLM2["vocab_size"],
+        hidden_size=SMOLLM2["d_model"],
+        num_hidden_layers=SMOLLM2["n_layers"],
+        num_attention_heads=SMOLLM2["n_heads"],
+        num_key_value_heads=SMOLLM2["n_kv_heads"],
+        intermediate_size=SMOLLM2["d_ff"],
+        max_position_embeddings=args.length,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).float()
+    ids = torch.tensor(batch_ids(args))
+    mask = torch.ones_like(ids)
+    p = args.length - args.new
+
+    def logprobs():
+        # TRL's scoring: logits of the response positions only (logits_to_keep), log-softmax
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=args.new + 1).logits
+        logits = logits[:, :-1]
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, p:, None]).squeeze(-1)
+
+    def fwd():
+        with torch.no_grad():
+            logprobs()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logprobs().sum().backward()
+
+    model.eval()
+    out = {"forward_eager_s": best(fwd, args.reps)}
+    model.train()
+    out["step_eager_s"] = best(step, args.reps)
+    small = torch.ones(4)
+    n = 2000
+    t = time.perf_counter()
+    for _ in range(n):
+        small = torch.add(small, 1.0)
+    out["op_us"] = (time.perf_counter() - t) / n * 1e6
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch * args.length, 576, generator=g)
+    w = torch.randn(1536, 576, generator=g)
+    s = best(lambda: x @ w.T, 20)
+    out["matmul_gflops"] = 2 * args.batch * args.length * 576 * 1536 / s / 1e9
+    out["impl"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--length", type=int, default=24)
+    ap.add_argument("--new", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        r = ours(args) if args.side == "ours" else torch_side(args)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
+        return
+    import subprocess
+
+    from benchlib import ENV, REPO
+
+    def side(name: str, py: Path) -> dict:
+        r = subprocess.run(
+            [str(py), __file__, *sys.argv[1:], "--side", name],
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
+        if r.returncode != 0:
+            raise SystemExit(f"{name} side failed:\n{r.stderr[-4000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    peer = REPO / ".venv-bench" / "bin" / "python"
+    if not peer.exists():
+        raise SystemExit("no .venv-bench: run `make bench-peers` first")
+    o, t = side("ours", Path(sys.executable)), side("torch", peer)
+    ratio = lambda a, b: round(a / b, 2)  # noqa: E731
+    print(
+        json.dumps(
+            {
+                "bench": "step_breakdown",
+                "shape": "SmolLM2-135M (30 x 576, 9/3 heads, vocab 49152)",
+                "config": vars(args),
+                "ours": o,
+                "torch": t,
+                "ours_over_torch": {
+                    "forward_eager": ratio(o["forward_eager_s"], t["forward_eager_s"]),
+                    "forward_compiled": ratio(o["forward_compiled_s"], t["forward_eager_s"]),
+                    "step_eager": ratio(o["step_eager_s"], t["step_eager_s"]),
+                    "step_compiled": ratio(o["step_compiled_s"], t["step_eager_s"]),
+                    "op_us": ratio(o["op_us"], t["op_us"]),
+                    "matmul_s": ratio(t["matmul_gflops"], o["matmul_gflops"]),
+                },
+                "eager_overhead_s": {
+                    "forward": round(o["forward_eager_s"] - o["forward_compiled_s"], 3),
+                    "step": round(o["step_eager_s"] - o["step_compiled_s"], 3),
+                },
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
