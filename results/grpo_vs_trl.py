@@ -176,6 +176,10 @@ def main() -> None:
 
     final = {"start": ev(start), "ours": ev(mine)}
     final.update({f"trl_{k}": ev(work / f"trl-{opt}") for k, opt in TRL_RUNS})
+    import shutil
+
+    for d in (work, data.parent):  # four fp32 copies of the model and TRL's output dirs: ~2 GB
+        shutil.rmtree(d, ignore_errors=True)
     ours_curve = o["accuracy_vs_wall_s"][:-1] + [[o["grpo_loop_wall_s"], final["ours"]]]
     out = {
         "experiment": "grpo_vs_trl",
