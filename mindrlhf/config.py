@@ -924,7 +924,7 @@ class Config:
                 "model.backend: mindformers needs the mindformers package (pip install .[npu], "
                 "pinned in requirements.txt); or model.backend: native"
             )
-        if self.sft.packing and "sft" in self.pipeline.stages:
+        if self.sft.packing:
             raise ValueError(
                 "sft.packing: packed rows (per-example attention and positions) are not "
                 "supported with model.backend: mindformers; set sft.packing: false or "

@@ -12,13 +12,15 @@ RMSNorms, q/k/v projections with optional bias (Qwen2), ``RotaryEmbedding``, the
 grouped kv heads, softmax attention, output projection, SwiGLU FFN), the final norm and the LM
 head. The wrapper makes the two inputs ``LlamaModel.construct`` would otherwise make itself:
 
-* RoPE tables per row. ``LlamaModel`` gives every row positions 0..T-1; in a left-padded batch
-  (every rollout) a row's first real token would then sit at the pad count, not at 0 as in our
-  decoder and in Hugging Face. The wrapper gathers rows of MindFormers' own ``FreqsMgr`` tables at
-  each token's position (cumulative sum of the mask - 1), shape (B, 1, T, head_dim), which
-  ``RotaryEmbedding`` takes as batch-wise tables.
-* The attention mask: our decoder's additive causal + padding bias (flash attention on Ascend
-  takes the same mask as uint8, 1 = hidden).
+* The attention mask: our decoder's additive causal + padding bias, from the batch's attention
+  mask (flash attention on Ascend takes the same mask as uint8, 1 = hidden). LlamaModel's own
+  mask reads padding as "token == pad_token_id" (wrong where pad is also eos, or a real token)
+  and, without dynamic shapes, wants every batch exactly seq_length long.
+* RoPE tables per row at our positions (cumulative sum of the mask - 1), gathered from
+  MindFormers' own ``FreqsMgr`` tables, shape (B, 1, T, head_dim), which ``RotaryEmbedding``
+  takes as batch-wise tables. LlamaModel gives every row 0..T-1; since rotary attention depends
+  only on position differences that is the same up to float rounding for a left-padded row
+  (a mutant doing so survived the logits test), but ours keeps the numbers those of our decoder.
 
 Weights. MindFormers' LLaMA keeps the Hugging Face layout: linears (out, in); RoPE rotating
 halves (``FreqsMgr`` builds concat(freqs, freqs) tables and ``RotaryEmbedding`` pairs x[i] with
