@@ -62,6 +62,11 @@ class ModelConfig:
     # "gguf:<path>" a GGUF file ("gguf:smollm2" the pinned SmolLM2); "artifact:<id or ref>" a stored
     # checkpoint. With a source, the sizes above are read from it (see models/sources.py).
     init: str = ""
+    # which implementation runs the policy and reference: "native" (models/decoder.py) or
+    # "mindformers" (MindFormers' LlamaForCausalLM, models/mindformers_backend.py; LLaMA family
+    # only). Checkpoints are in our names either way; critic, reward model and the KV-cache
+    # generator are ours with either.
+    backend: Literal["native", "mindformers"] = "native"
 
     def validate(self, p: str = ""):
         if self.init and not self.init.startswith(("hf:", "gguf:", "artifact:")):
@@ -84,6 +89,28 @@ class ModelConfig:
         if self.family == "llama" and self.head_dim % 2:
             raise ValueError(
                 f"{p}d_model / {p}n_heads (head_dim {self.head_dim}) must be even for RoPE"
+            )
+        if self.backend == "mindformers":
+            self.check_mindformers(p)
+
+    def check_mindformers(self, p: str = "") -> None:
+        """What MindFormers 1.9's LlamaForCausalLM can hold: refused naming the key, never run as
+        something else."""
+        if self.family != "llama":
+            raise ValueError(
+                f"{p}backend: mindformers runs MindFormers' LLaMA; {p}family is "
+                f"{self.family!r} (use family: llama, or backend: native)"
+            )
+        if self.qk_norm:
+            raise ValueError(
+                f"{p}qk_norm (Qwen3's per-head q/k norms) is not in MindFormers 1.9's LLaMA; "
+                f"use {p}backend: native"
+            )
+        if self.head_dim * self.n_heads != self.d_model:
+            raise ValueError(
+                f"{p}attn_head_dim {self.head_dim} x {p}n_heads {self.n_heads} != {p}d_model "
+                f"{self.d_model}: MindFormers 1.9's LLaMA derives head_dim from d_model; "
+                f"use {p}backend: native"
             )
 
     @property
@@ -810,6 +837,8 @@ class Config:
                 )
         if "evaluate" in self.pipeline.stages:
             self.check_gate()
+        if self.model.backend == "mindformers":
+            self.check_mindformers()
         if self.parallel.mode == "semi_auto" and self.device_target != "Ascend":
             raise ValueError(
                 "parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "
@@ -885,6 +914,28 @@ class Config:
         for i, src in enumerate(self.data.sources):
             if src.path and not Path(src.path).exists():
                 raise ValueError(f"data.sources[{i}].path: no such file {src.path}")
+
+    def check_mindformers(self):
+        """Features the MindFormers backend does not have yet: refused, not silently different."""
+        import importlib.util
+
+        if importlib.util.find_spec("mindformers") is None:
+            raise ValueError(
+                "model.backend: mindformers needs the mindformers package (pip install .[npu], "
+                "pinned in requirements.txt); or model.backend: native"
+            )
+        if self.sft.packing:
+            raise ValueError(
+                "sft.packing: packed rows (per-example attention and positions) are not "
+                "supported with model.backend: mindformers; set sft.packing: false or "
+                "model.backend: native"
+            )
+        if self.parallel.mode == "semi_auto":
+            raise ValueError(
+                "parallel.mode: semi_auto is not wired to the MindFormers backend yet (MindFormers "
+                "shards through its own parallel_config); use data_parallel or model.backend: "
+                "native"
+            )
 
     def check_gate(self):
         cand, metric = self.promote.candidate, self.promote.metric

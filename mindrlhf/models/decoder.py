@@ -400,13 +400,18 @@ def graph_cache(model: nn.Cell, kind: str) -> dict:
 
 
 def state_dict(cell: nn.Cell) -> dict[str, np.ndarray]:
+    """Every parameter by our name. A model of another backend (models/mindformers_backend.py)
+    is read through ``shared_decoder``, our decoder holding its very Parameters."""
+    cell = getattr(cell, "shared_decoder", cell)
     return {name: p.asnumpy() for name, p in cell.parameters_and_names()}
 
 
 def load_state_dict(
     cell: nn.Cell, tensors: dict[str, np.ndarray], strict: bool = True, source: str = "checkpoint"
 ) -> list[str]:
-    """Copy arrays into the cell's parameters; returns the names not found in ``tensors``."""
+    """Copy arrays into the cell's parameters; returns the names not found in ``tensors``.
+    Another backend's model is written through its ``shared_decoder`` (see state_dict)."""
+    cell = getattr(cell, "shared_decoder", cell)
     params = dict(cell.parameters_and_names())
     missing = [n for n in params if n not in tensors]
     unexpected = [n for n in tensors if n not in params]

@@ -113,7 +113,10 @@ def generate(
     row_ids=None,
 ) -> Generation:
     """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``.
-    ``row_ids``: each row's id in the whole batch (default 0..B-1), which keys its random stream."""
+    ``row_ids``: each row's id in the whole batch (default 0..B-1), which keys its random stream.
+    A model of another backend (``model.backend: mindformers``) decodes with its
+    ``shared_decoder``: our decoder on the same Parameter objects, so nothing is copied."""
+    model = getattr(model, "shared_decoder", model)
     model.set_train(False)
     b, p = prompt_ids.shape
     rng = row_streams(seed, range(b) if row_ids is None else row_ids)

@@ -41,8 +41,9 @@ from ..algos.ppo import (
 )
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
+from ..models.decoder import ScalarHeadModel, load_state_dict, state_dict
 from ..models.generation import Generation
+from ..models.policy import build_policy
 from ..parallel import apply_parallel
 from .common import (
     NumericalError,
@@ -75,8 +76,9 @@ from .rollout import (
 from .watch import HackingWatch
 
 
-def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None) -> CausalLM:
-    m = CausalLM(model_cfg, seed=0)
+def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None):
+    """A stored checkpoint as the policy of ``model_cfg.backend`` (models/policy.py)."""
+    m = build_policy(model_cfg, seed=0)
     if parallel is not None:
         apply_parallel(m, parallel)
     load_state_dict(m, store.read_checkpoint(ckpt_id), source=f"policy {ckpt_id[:12]}")

@@ -17,8 +17,9 @@ from ..data.packing import pack_sft_table, packed_batch
 from ..data.schema import validate_table
 from ..data.tokenize import longest_row, sft_batch
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import CausalLM, load_state_dict, state_dict
+from ..models.decoder import load_state_dict, state_dict
 from ..models.generation import generate, left_pad
+from ..models.policy import build_policy
 from ..parallel import apply_parallel
 from .common import (
     RunCheckpoints,
@@ -76,7 +77,7 @@ def run(ctx: StageContext) -> None:
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
         )
 
-    model = CausalLM(cfg.model, seed=cfg.seed)
+    model = build_policy(cfg.model, seed=cfg.seed)
     apply_parallel(model, cfg.parallel)
     parents = [ctx.inputs["train"], ctx.inputs["heldout"]]
     if ctx.inputs.get("init"):
