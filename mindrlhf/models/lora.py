@@ -3,8 +3,7 @@
 A target projection ``y = W x + b`` becomes ``y = W x + b + (alpha / r) B A dropout(x)``, A (r, in)
 initialised as PEFT does (Kaiming-uniform, bound 1/sqrt(in)), B (out, r) zero, so the wrapped
 model starts as the base. W and b stay frozen; only A and B (and a head the stage names, e.g. the
-reward model's ``score``) train. The adapted projection is mindpet's ``LoRADense`` (MindSpore's
-PEFT library) holding our Linear's weight; the rest is here. What the stages use:
+reward model's ``score``) train. What the stages use:
 
 * :func:`wrap` -- the model to train: a new cell tree over the *same* Parameter objects as the
   base (no copy of the weights) whose target projections carry adapters. The base model object
@@ -23,42 +22,43 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 
 from ..config import LORA_TARGETS, LoraConfig
 from .decoder import Linear, ScalarHeadModel, load_state_dict, state_dict
 
-# mindpet's names for A and B (mindpet.delta.lora.LoRADense)
-A, B = ".mindpet_delta_lora_a", ".mindpet_delta_lora_b"
+A, B = ".lora_a", ".lora_b"
 
 
-def adapted(linear: Linear, rank: int, alpha: float, dropout: float, rng) -> nn.Cell:
-    """``linear`` as mindpet's ``LoRADense``: the same weight and bias Parameters (frozen), its
-    MatMul (and so its shard strategy, parallel.py), plus A (seeded here, uniform in +-1/sqrt(in)
-    as PEFT's kaiming_uniform(a=sqrt(5)) draws it) and B (zero). Computes in float32."""
-    import mindspore as ms
-    from mindpet.delta.lora import LoRADense
+class LoraLinear(nn.Cell):
+    """``linear`` (its weight and bias: the same Parameters, frozen) plus a trainable low-rank
+    update. Parameter names stay the base's (``<path>.weight``) beside ``<path>.lora_a`` and
+    ``<path>.lora_b``, as PEFT names ``lora_A`` / ``lora_B``."""
 
-    d_out, d_in = linear.weight.shape
-    bound = 1.0 / math.sqrt(d_in)
-    a = Tensor(rng.uniform(-bound, bound, (rank, d_in)).astype(np.float32))
-    cell = LoRADense(
-        d_in,
-        d_out,
-        lora_rank=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        lora_a_init=a,
-        lora_b_init="zeros",
-        param_init_type=ms.float32,
-        compute_dtype=ms.float32,
-        has_bias=linear.bias is not None,
-    )
-    cell.weight = linear.weight  # the Dense's own freshly initialised weight is dropped
-    cell.matmul = linear.mm
-    if linear.bias is not None:
-        cell.bias = linear.bias
-    return cell
+    def __init__(self, linear: Linear, rank: int, scale: float, dropout: float, rng):
+        super().__init__()
+        d_out, d_in = linear.weight.shape
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.mm = linear.mm  # its shard strategy (parallel.py) comes with it
+        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)), PEFT's init of A
+        self.lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (rank, d_in)).astype(np.float32)))
+        self.lora_b = Parameter(Tensor(np.zeros((d_out, rank), np.float32)))
+        self.lora_mm = ops.MatMul(transpose_b=True)
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.mm(x2, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        h = x2
+        if self.dropout > 0 and self.training:
+            h = ops.dropout(h, p=self.dropout)
+        y = y + self.lora_mm(self.lora_mm(h, self.lora_a), self.lora_b) * self.scale
+        return y.reshape(*lead, -1)
 
 
 _CELL_KEYS: set[str] = set()
@@ -112,7 +112,7 @@ def wrap(
             and path.startswith("model.layers.")
             and path.endswith(suffixes)
         ):
-            return adapted(cell, lora.rank, lora.alpha, lora.dropout, rng)
+            return LoraLinear(cell, lora.rank, lora.scale, lora.dropout, rng)
         return None
 
     new = _rebuild(model, "", swap)
