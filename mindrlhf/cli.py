@@ -201,7 +201,9 @@ def cmd_export(args) -> int:
     cfg = section_from_dict(
         ModelConfig, art.meta["model"], "model", f"artifact {art.id[:12]} ({art.name}) manifest"
     )
-    tensors = store.read_checkpoint(art.id)
+    from .models.lora import read_weights
+
+    tensors = read_weights(store, art.id)  # LoRA adapters merged into their base
     if "score.weight" in tensors:
         raise ValueError(f"{art.name} is a reward/value model; export takes a policy checkpoint")
     out = export_hf(cfg, tensors, args.out, source=f"artifact {art.id[:12]} ({art.name})")

@@ -38,6 +38,47 @@ def _unit(v, key):
         raise ValueError(f"{key} must be in [0, 1], got {v!r}")
 
 
+LORA_TARGETS = {  # model.lora.targets -> the projection it adapts (models/decoder.py names)
+    "q": "attn.q_proj",
+    "k": "attn.k_proj",
+    "v": "attn.v_proj",
+    "o": "attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on the chosen projections of every layer: W x becomes
+    W x + (alpha / rank) B A x, A (rank, in), B (out, rank); only A and B train (models/lora.py)."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input while training (> 0: resumes are not bit-exact)
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # PEFT's default for LLaMA
+
+    def validate(self, p: str = ""):
+        _positive(self.rank, p + "rank")
+        _positive(self.alpha, p + "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{p}dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            raise ValueError(f"{p}targets must name at least one of {', '.join(LORA_TARGETS)}")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise ValueError(
+                    f"{p}targets: unknown projection {t!r} (known: {', '.join(LORA_TARGETS)})"
+                )
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"{p}targets: {self.targets} names a projection twice")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass
 class ModelConfig:
     family: Literal["gpt2", "llama"] = "gpt2"  # llama covers LLaMA / Qwen2 / Baichuan2 layouts
@@ -67,8 +108,12 @@ class ModelConfig:
     # only). Checkpoints are in our names either way; critic, reward model and the KV-cache
     # generator are ours with either.
     backend: Literal["native", "mindformers"] = "native"
+    # LoRA adapters trained instead of the weights (SFT, RM, DPO, PPO, GRPO); None: full training
+    lora: Optional[LoraConfig] = None
 
     def validate(self, p: str = ""):
+        if self.lora is not None and self.family == "gpt2" and "gate" in self.lora.targets:
+            raise ValueError(f"{p}lora.targets: 'gate': a gpt2 model has no gate projection")
         if self.init and not self.init.startswith(("hf:", "gguf:", "artifact:")):
             raise ValueError(
                 f"{p}init must be '', 'hf:<dir>', 'gguf:<path>', 'gguf:smollm2' or "
@@ -813,6 +858,11 @@ class Config:
             check_name(self.name)
         except ValueError as e:
             raise ValueError(f"name: {e}") from None
+        if self.model.lora is not None and not self.model.init and "sft" in self.pipeline.stages:
+            raise ValueError(
+                "model.lora: LoRA trains adapters on pretrained weights, and model.init is empty "
+                "(a seeded random init); set model.init (hf:<dir>, gguf:<path>, artifact:<id>)"
+            )
         seq, prompt = self.model.max_seq_len, self.data.max_prompt_len
         if self.data.max_len > seq:
             raise ValueError(
@@ -930,6 +980,11 @@ class Config:
                 "supported with model.backend: mindformers; set sft.packing: false or "
                 "model.backend: native"
             )
+        if self.model.lora is not None:
+            raise ValueError(
+                "model.lora: LoRA adapters wrap our decoder's projections; they are not wired to "
+                "model.backend: mindformers yet (use model.backend: native with model.lora)"
+            )
         if self.parallel.mode == "semi_auto":
             raise ValueError(
                 "parallel.mode: semi_auto is not wired to the MindFormers backend yet (MindFormers "
@@ -953,7 +1008,10 @@ class Config:
             )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["model"]["lora"] is None:  # off: the dict (stage keys, manifests) as before LoRA
+            del d["model"]["lora"]
+        return d
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ def _reward_keyed(v):
 def stage_key(stage: str, cfg_dict: dict, inputs: dict) -> str:
     cfg_dict = content_keyed(cfg_dict)
     sections = {k: cfg_dict[k] for k in STAGE_SECTIONS[stage]}
+    if stage == "import_weights" and "lora" in sections["model"]:  # the weights, not the training
+        sections["model"] = {k: v for k, v in sections["model"].items() if k != "lora"}
     if (
         "parallel" in sections
     ):  # where it runs does not change what it computes; how many ranks does

@@ -52,6 +52,14 @@ def param_count(m: ModelConfig) -> int:
     return m.vocab_size * d + m.n_layers * per_layer + extra + head
 
 
+def lora_param_count(m: ModelConfig) -> int:
+    """Adapter parameters of ``m.lora`` (A and B of every target projection of every layer)."""
+    d, f, q, kv = m.d_model, m.ffn_dim, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+    dims = {"q": d + q, "k": d + kv, "v": d + kv, "o": q + d, "gate": d + f, "up": d + f}
+    dims["down"] = f + d
+    return m.n_layers * m.lora.rank * sum(dims[t] for t in m.lora.targets) if m.lora else 0
+
+
 @dataclass
 class MemoryEstimate:
     weights: int
@@ -100,9 +108,14 @@ def estimate_memory(cfg: Config, stage: str) -> MemoryEstimate:
     m = cfg.model
     trained, frozen = STAGE_MODELS.get(stage, (1, 0))
     params = param_count(m)
-    weights = (
-        params * F32 * (4 * trained + frozen)
-    )  # trained: weights, gradients, two AdamW moments
+    if m.lora and stage in ("sft", "rm", "ppo", "grpo", "dpo", "online_dpo"):
+        # adapters: weights, gradients and moments of the adapters only; PPO's and GRPO's
+        # reference is the policy's own base weights
+        shared_ref = 1 if stage in ("ppo", "grpo") else 0
+        adapters = lora_param_count(m)
+        weights = F32 * (params * (trained + frozen - shared_ref) + 4 * trained * adapters)
+    else:  # trained: weights, gradients, two AdamW moments
+        weights = params * F32 * (4 * trained + frozen)
     b, t = stage_batch(cfg, stage)
     tokens = b * t
     # the vocabulary projection and its softmax (and, when training, their gradient), plus a few

@@ -314,6 +314,15 @@ def test_unsupported_settings_are_refused_naming_the_key(sets, key):
         load_config("demo", dotted(sets))
 
 
+def test_lora_with_the_mindformers_backend_is_refused():
+    """LoRA wraps our decoder's projections; on MindFormers' cells it would train nothing."""
+    from mindrlhf.config import ConfigError, load_config
+
+    sets = {"model.backend": "mindformers", "model.lora": {"rank": 4, "alpha": 8}}
+    with pytest.raises((ConfigError, ValueError), match=r"model\.lora"):
+        load_config("smollm2-135m", dotted(sets))
+
+
 def dotted(sets: dict) -> dict:
     out: dict = {}
     for k, v in sets.items():

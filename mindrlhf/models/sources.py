@@ -119,7 +119,9 @@ def derive_config(src: Source, store_root: str | None = None) -> ModelConfig:
             f"model.init {src.spec}: artifact {art.id[:12]} is not a checkpoint with a model config"
         )
     known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in art.meta["model"].items() if k in known and k != "init"})
+    return ModelConfig(
+        **{k: v for k, v in art.meta["model"].items() if k in known and k not in ("init", "lora")}
+    )
 
 
 def merge_model_section(user: dict, derived: ModelConfig, where: str) -> dict:

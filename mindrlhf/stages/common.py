@@ -97,10 +97,13 @@ class StageContext:
 
 def model_meta(cfg: Config) -> dict:
     """The model section as a manifest records it: user files by their sha256 (keys.content_keyed),
-    not their path, so the same weights reached another way give the same artifact ids."""
+    not their path, so the same weights reached another way give the same artifact ids. Without
+    ``lora``: that is how a model was trained, not what it is (an adapter checkpoint records its
+    settings under ``meta["lora"]``, models/lora.py)."""
     from ..keys import content_keyed
 
-    return content_keyed({"model": cfg.to_dict()["model"]})["model"]
+    model = {k: v for k, v in cfg.to_dict()["model"].items() if k != "lora"}
+    return content_keyed({"model": model})["model"]
 
 
 def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True) -> StageContext:
@@ -263,10 +266,11 @@ class RunCheckpoints:
 def save_training_state(
     ckpts: RunCheckpoints, step: int, models: dict, trainers: dict, state: dict
 ) -> Path:
-    """Weights of every model and moments of every optimizer, plus JSON state, as one checkpoint."""
-    from ..models.decoder import state_dict
+    """Weights of every model (a LoRA model's adapters) and moments of every optimizer, plus JSON
+    state, as one checkpoint."""
+    from ..models.lora import saved_state
 
-    files = {name: state_dict(m) for name, m in models.items()}
+    files = {name: saved_state(m) for name, m in models.items()}
     files.update({f"{name}_optim": t.optimizer_state() for name, t in trainers.items()})
     steps = {name: t.step_num for name, t in trainers.items()}
     return ckpts.save(step, files, {**state, "trainer_steps": steps})
@@ -286,10 +290,10 @@ def resume_training_state(
 
 
 def apply_training_state(files: dict, state: dict, models: dict, trainers: dict, source: str):
-    from ..models.decoder import load_state_dict
+    from ..models.lora import load_saved_state
 
     for name, m in models.items():
-        load_state_dict(m, files[name], source=source)
+        load_saved_state(m, files[name], source=source)
     for name, t in trainers.items():
         t.load_optimizer_state(files[f"{name}_optim"])
         t.step_num = state["trainer_steps"][name]
@@ -311,9 +315,9 @@ def write_state_artifact(
     (weights and optimizer moments of every model, trainer step counts, the JSON state, and
     ``carry``: other named tensor sets, e.g. the best-gold policy so far) as one checkpoint
     artifact ``<name>-<stage>-state-<step>``, named tensors ``<part>/<tensor>``."""
-    from ..models.decoder import state_dict
+    from ..models.lora import saved_state
 
-    files = {name: state_dict(m) for name, m in models.items()}
+    files = {name: saved_state(m) for name, m in models.items()}
     files.update({f"{name}_optim": t.optimizer_state() for name, t in trainers.items()})
     files.update(carry or {})
     tensors = {f"{part}/{k}": v for part, ts in files.items() for k, v in ts.items()}

@@ -22,7 +22,7 @@ import pyarrow as pa
 from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..data.unpaired import EXAMPLE_COLUMNS, kl_partners, kto_examples, with_kl_sequences
-from ..models.decoder import state_dict
+from ..models import lora
 from .common import (
     RunCheckpoints,
     StageContext,
@@ -204,6 +204,7 @@ def run(ctx: StageContext) -> None:
     tok = load_tokenizer(cfg.tokenizer)
     (train, heldout), (ref_train, ref_heldout) = preference_data(ctx, dc)
     policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
+    policy = lora.wrap(policy, cfg.model.lora, cfg.seed + 11, ctx.inputs["sft"])
     before = evaluate(policy, heldout, ref_heldout, tok.pad_id, dc)
     ctx.metric(step=0, **{f"heldout_{k}": v for k, v in before.items()})
     history = train_dpo(ctx, policy, train, ref_train, dc.steps, cfg.seed + 11, tok)
@@ -222,10 +223,16 @@ def run(ctx: StageContext) -> None:
     keys = ("train", "heldout", "unpaired_train", "unpaired_heldout", "sft", "ref_train")
     parents = [ctx.inputs[k] for k in (*keys, "ref_heldout") if k in ctx.inputs]
     art = ctx.store.write_checkpoint(
-        state_dict(policy),
+        lora.saved_state(policy),
         name=f"{cfg.name}-dpo",
         parents=parents,
-        meta={"stage": "dpo", "model": model_meta(cfg), "metrics": metrics, "history": history},
+        meta={
+            "stage": "dpo",
+            "model": model_meta(cfg),
+            "metrics": metrics,
+            "history": history,
+            **lora.checkpoint_meta(policy),
+        },
     )
     ctx.finish({"checkpoint": art.id}, metrics, history=history)
 

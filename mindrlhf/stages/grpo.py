@@ -24,7 +24,7 @@ from ..algos.dapo import overlong_penalty
 from ..algos.estimators import ESTIMATORS, policy_loss
 from ..config import GenerationConfig
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import state_dict
+from ..models import lora
 from ..models.generation import Generation
 from .common import (
     NumericalError,
@@ -108,7 +108,9 @@ def run(ctx: StageContext) -> None:
     prompts = ctx.store.read_dataset(ctx.inputs["prompts"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
-    ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
+    policy = lora.wrap(policy, cfg.model.lora, cfg.seed, ctx.inputs["sft"])
+    # LoRA: the reference is the policy's own base weights, adapters off (no second copy)
+    ref = lora.base_of(policy) or load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
     reward_fn = make_reward_fn(ctx, tok)
     gen = rollout_config(cfg.generation, max_new_tokens=gc.max_new_tokens)
 
@@ -354,7 +356,7 @@ def run(ctx: StageContext) -> None:
     )
     parents = [ctx.inputs["prompts"], ctx.inputs["heldout"], ctx.inputs["sft"], mart.id]
     art = ctx.store.write_checkpoint(
-        state_dict(policy),
+        lora.saved_state(policy),
         name=f"{cfg.name}-grpo",
         parents=parents,
         meta={
@@ -366,6 +368,7 @@ def run(ctx: StageContext) -> None:
             "gold_reward": gc.gold_reward,
             "stopped_early": stopped,
             "hacking_probes": watch.summary(),  # step, mean reward, mean gold score
+            **lora.checkpoint_meta(policy),
         },
     )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from .. import rewards
 from ..data.tokenize import IDS
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import state_dict
+from ..models import lora
 from .common import StageContext, epoch_order, model_meta, stage_main
 from .dpo import reference_logps, train_dpo
 from .ppo import load_policy
@@ -81,6 +81,7 @@ def run(ctx: StageContext) -> None:
     policy = load_policy(
         ctx.store, ctx.inputs["policy"], cfg.model, train=False, parallel=cfg.parallel
     )
+    policy = lora.wrap(policy, cfg.model.lora, cfg.seed + 13 + rnd, ctx.inputs["policy"])
     reference = load_policy(ctx.store, ctx.inputs["reference"], cfg.model, train=False)
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)  # the held-out score
     judge = None if oc.judge == "rm" else rewards.load(oc.judge, oc.judge_weights)
@@ -156,7 +157,7 @@ def run(ctx: StageContext) -> None:
         **info,
     }
     art = ctx.store.write_checkpoint(
-        state_dict(policy),
+        lora.saved_state(policy),
         name=f"{cfg.name}-online-dpo-{rnd}",
         parents=[ctx.inputs["policy"], pairs_art.id, ref_art.id, ctx.inputs["reference"]],
         meta={
@@ -164,6 +165,7 @@ def run(ctx: StageContext) -> None:
             "model": model_meta(cfg),
             "metrics": metrics,
             "history": history,
+            **lora.checkpoint_meta(policy),
         },
     )
     ctx.finish(

@@ -41,7 +41,8 @@ from ..algos.ppo import (
 )
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import ScalarHeadModel, load_state_dict, state_dict
+from ..models import lora
+from ..models.decoder import ScalarHeadModel, load_state_dict
 from ..models.generation import Generation
 from ..models.policy import build_policy
 from ..parallel import apply_parallel
@@ -81,7 +82,7 @@ def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None):
     m = build_policy(model_cfg, seed=0)
     if parallel is not None:
         apply_parallel(m, parallel)
-    load_state_dict(m, store.read_checkpoint(ckpt_id), source=f"policy {ckpt_id[:12]}")
+    load_state_dict(m, lora.read_weights(store, ckpt_id), source=f"policy {ckpt_id[:12]}")
     m.set_train(train)
     return m
 
@@ -158,11 +159,14 @@ def run(ctx: StageContext) -> None:
     prompt_texts = prompts.column("prompt").to_pylist()
     gold = load_gold_reward(pc.gold_reward)
     actor = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
-    ref = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
+    actor = lora.wrap(actor, cfg.model.lora, cfg.seed, ctx.inputs["sft"])
+    # LoRA: the reference is the actor's own base weights, adapters off (no second copy)
+    ref = lora.base_of(actor) or load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
     critic = ScalarHeadModel(cfg.model, seed=0)
     apply_parallel(critic, cfg.parallel)
-    load_state_dict(critic, ctx.store.read_checkpoint(ctx.inputs["rm"]), source="critic init")
+    load_state_dict(critic, lora.read_weights(ctx.store, ctx.inputs["rm"]), source="critic init")
+    critic = lora.wrap(critic, cfg.model.lora, cfg.seed + 2, ctx.inputs["rm"], train=("score.",))
 
     def actor_loss(seq, am, old_lp, adv, mask, p, denom):
         logits = actor.response_logits(seq, am, p)
@@ -398,7 +402,7 @@ def run(ctx: StageContext) -> None:
     )
     mart = publish_metrics(ctx, history, plotted, parents=sorted(set(experience_ids)))
     art = ctx.store.write_checkpoint(
-        state_dict(actor),
+        lora.saved_state(actor),
         name=f"{cfg.name}-ppo",
         parents=[ctx.inputs["prompts"], ctx.inputs["sft"], ctx.inputs["rm"], mart.id],
         meta={
@@ -410,6 +414,7 @@ def run(ctx: StageContext) -> None:
             "experience": experience_ids,
             "stopped_early": stopped,
             "hacking_probes": watch.summary(),  # step, mean RM score, mean gold score
+            **lora.checkpoint_meta(actor),
         },
     )
     ctx.finish({"checkpoint": art.id, "metrics": mart.id}, metrics, history=history, eval=ev)

@@ -13,7 +13,8 @@ import numpy as np
 from ..algos.rm import bradley_terry_loss, gather_last
 from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import ScalarHeadModel, backbone_state, load_state_dict, state_dict
+from ..models import lora
+from ..models.decoder import ScalarHeadModel, backbone_state, load_state_dict
 from ..parallel import apply_parallel
 from .common import (
     RunCheckpoints,
@@ -31,7 +32,7 @@ from .common import (
 def load_reward_model(store, ckpt_id: str, model_cfg) -> tuple[ScalarHeadModel, dict]:
     """A frozen reward model and its normalisation stats ({"mean", "std"} or {})."""
     model = ScalarHeadModel(model_cfg, seed=0)
-    load_state_dict(model, store.read_checkpoint(ckpt_id), source=f"reward model {ckpt_id[:12]}")
+    load_state_dict(model, lora.read_weights(store, ckpt_id), source=f"reward model {ckpt_id[:12]}")
     model.set_train(False)
     return model, store.get(ckpt_id, verify=False).meta.get("reward_norm", {})
 
@@ -82,10 +83,12 @@ def run(ctx: StageContext) -> None:
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
     model = ScalarHeadModel(cfg.model, seed=cfg.seed + 1)
     apply_parallel(model, cfg.parallel)
-    sft = backbone_state(ctx.store.read_checkpoint(ctx.inputs["sft"]))
+    sft = backbone_state(lora.read_weights(ctx.store, ctx.inputs["sft"]))
     missing = load_state_dict(model, sft, strict=False, source=f"sft {ctx.inputs['sft'][:12]}")
     if any(not m.startswith("score.") for m in missing):
         raise KeyError(f"SFT checkpoint lacks transformer weights: {missing[:5]}")
+    # with LoRA the new scalar head trains whole beside the adapters
+    model = lora.wrap(model, cfg.model.lora, cfg.seed + 1, ctx.inputs["sft"], train=("score.",))
 
     def loss_fn(input_ids, attention_mask):
         r = gather_last(model(input_ids, attention_mask), attention_mask)
@@ -134,10 +137,11 @@ def run(ctx: StageContext) -> None:
         "steps": rc.steps,
     }
     meta = {"stage": "rm", "model": model_meta(cfg), "metrics": metrics, "history": history}
+    meta.update(lora.checkpoint_meta(model))
     if rc.normalize:
         meta["reward_norm"] = {"mean": ev["reward_mean"], "std": ev["reward_std"]}
     art = ctx.store.write_checkpoint(
-        state_dict(model),
+        lora.saved_state(model),
         name=f"{cfg.name}-rm",
         parents=[ctx.inputs["train"], ctx.inputs["heldout"], ctx.inputs["sft"]],
         meta=meta,

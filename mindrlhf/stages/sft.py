@@ -17,7 +17,8 @@ from ..data.packing import pack_sft_table, packed_batch
 from ..data.schema import validate_table
 from ..data.tokenize import longest_row, sft_batch
 from ..data.tokenizer import load_tokenizer
-from ..models.decoder import load_state_dict, state_dict
+from ..models import lora
+from ..models.decoder import load_state_dict
 from ..models.generation import generate, left_pad
 from ..models.policy import build_policy
 from ..parallel import apply_parallel
@@ -82,9 +83,10 @@ def run(ctx: StageContext) -> None:
     parents = [ctx.inputs["train"], ctx.inputs["heldout"]]
     if ctx.inputs.get("init"):
         load_state_dict(
-            model, ctx.store.read_checkpoint(ctx.inputs["init"]), source=ctx.inputs["init"][:12]
+            model, lora.read_weights(ctx.store, ctx.inputs["init"]), source=ctx.inputs["init"][:12]
         )
         parents.append(ctx.inputs["init"])
+    model = lora.wrap(model, cfg.model.lora, cfg.seed, base=ctx.inputs.get("init"))
 
     def loss_fn(input_ids, attention_mask, loss_mask, denom):
         logits, _ = model(input_ids, attention_mask)
@@ -171,7 +173,7 @@ def run(ctx: StageContext) -> None:
         "workers": ctx.dist.size,
     }
     art = ctx.store.write_checkpoint(
-        state_dict(model),
+        lora.saved_state(model),
         name=f"{cfg.name}-sft",
         parents=parents,
         meta={
@@ -181,6 +183,7 @@ def run(ctx: StageContext) -> None:
             "history": history,
             "samples": samples,
             "tokenizer": cfg.tokenizer.kind,
+            **lora.checkpoint_meta(model),
         },
     )
     curve = [(h["step"], h["loss"]) for h in history if "loss" in h]

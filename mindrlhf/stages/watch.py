@@ -62,7 +62,7 @@ class HackingWatch:
 
     def probe(self, step: int) -> dict | None:
         """Probe the policy at ``step``; the alarm's figures if the watch suspects a hack."""
-        from ..models.decoder import state_dict
+        from ..models.lora import saved_state
 
         self.policy.set_train(False)
         p = {"step": step}
@@ -81,7 +81,7 @@ class HackingWatch:
         self.probes.append(p)
         best = max(mean_gold(q) for q in self.probes)
         if self.keeps and self.ctx.dist.is_main and mean_gold(p) >= best:
-            self.best.save(step, {self.model: state_dict(self.policy)}, {"gold": best})
+            self.best.save(step, {self.model: saved_state(self.policy)}, {"gold": best})
         return suspect(self.probes, self.sec.hacking_margin, self.sec.hacking_z)
 
     def check(self, step: int, row: dict) -> dict | None:
@@ -119,10 +119,10 @@ class HackingWatch:
 
     def restore_best(self, alarm, last_step: int) -> dict:
         """Load the best-gold probe's policy into the loop's policy; what the stage records."""
-        from ..models.decoder import load_state_dict
+        from ..models.lora import load_saved_state
 
         step, path = self.best.latest()
-        load_state_dict(self.policy, RunCheckpoints.load(path)[0][self.model], source=str(path))
+        load_saved_state(self.policy, RunCheckpoints.load(path)[0][self.model], source=str(path))
         self.ctx.log(
             f"stopped early at iteration {last_step}: kept the policy of iteration {step}, the "
             "best gold score on the probe prompts"
