@@ -87,12 +87,33 @@ def step_timer(sink: list[float]):
     return StepTimer()
 
 
+def smollm2_llama_config(seq: int, **extra):
+    """SmolLM2-135M's shape as a transformers LlamaConfig (tied embeddings, GQA, RoPE base 1e5,
+    no dropout), ``seq`` positions; ``extra``: more config fields (token ids)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=SMOLLM2["vocab_size"],
+        hidden_size=SMOLLM2["d_model"],
+        num_hidden_layers=SMOLLM2["n_layers"],
+        num_attention_heads=SMOLLM2["n_heads"],
+        num_key_value_heads=SMOLLM2["n_kv_heads"],
+        intermediate_size=SMOLLM2["d_ff"],
+        max_position_embeddings=seq,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        **extra,
+    )
+
+
 def peer_tokenizer_and_config(args):
     """(tokenizer, transformers config of the bench shape, no dropout) for a peer. ``gpt2``: the
     pinned BPE files through ``tokenizers`` (transformers 5's GPT2TokenizerFast(vocab_file=...)
     loads an empty vocabulary) and a GPT2Config; ``smollm2``: the GGUF's tokenizer as saved by
     :func:`write_inputs` and SmolLM2-135M's LlamaConfig (tied embeddings, GQA, rope 1e5)."""
-    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import GPT2Config, PreTrainedTokenizerFast
 
     if getattr(args, "shape", "gpt2") == "smollm2":
         sp = json.loads(Path(args.tokenizer_dir, "specials.json").read_text())
@@ -104,18 +125,8 @@ def peer_tokenizer_and_config(args):
         )
         if len(tok) != SMOLLM2["vocab_size"] or not tok("Review: 1 + 2")["input_ids"]:
             raise SystemExit(f"SmolLM2 tokenizer did not load from {args.tokenizer_dir}")
-        cfg = LlamaConfig(
-            vocab_size=SMOLLM2["vocab_size"],
-            hidden_size=SMOLLM2["d_model"],
-            num_hidden_layers=SMOLLM2["n_layers"],
-            num_attention_heads=SMOLLM2["n_heads"],
-            num_key_value_heads=SMOLLM2["n_kv_heads"],
-            intermediate_size=SMOLLM2["d_ff"],
-            max_position_embeddings=args.seq,
-            rope_theta=100000.0,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-            attention_dropout=0.0,
+        cfg = smollm2_llama_config(
+            args.seq,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,

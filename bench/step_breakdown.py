@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import SMOLLM2, peak_rss_gb  # noqa: E402
+from benchlib import SMOLLM2, peak_rss_gb, smollm2_llama_config  # noqa: E402
 
 
 def best(fn, reps: int) -> float:
@@ -112,20 +112,10 @@ def ours(args) -> dict:
 
 def torch_side(args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=SMOLLM2["vocab_size"],
-        hidden_size=SMOLLM2["d_model"],
-        num_hidden_layers=SMOLLM2["n_layers"],
-        num_attention_heads=SMOLLM2["n_heads"],
-        num_key_value_heads=SMOLLM2["n_kv_heads"],
-        intermediate_size=SMOLLM2["d_ff"],
-        max_position_embeddings=args.length,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
+    cfg = smollm2_llama_config(args.length)
     model = LlamaForCausalLM(cfg).float()
     ids = torch.tensor(batch_ids(args))
     mask = torch.ones_like(ids)
