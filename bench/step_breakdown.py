@@ -161,31 +161,17 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=24)
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.side:
-        r = ours(args) if args.side == "ours" else torch_side(args)
+    if args.child:
+        r = ours(args) if args.child == "ours" else torch_side(args)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
         return
-    import subprocess
+    from benchlib import own_side, run_peer
 
-    from benchlib import ENV, REPO
-
-    def side(name: str, py: Path) -> dict:
-        r = subprocess.run(
-            [str(py), __file__, *sys.argv[1:], "--side", name],
-            capture_output=True,
-            text=True,
-            env=ENV,
-        )
-        if r.returncode != 0:
-            raise SystemExit(f"{name} side failed:\n{r.stderr[-4000:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
-
-    peer = REPO / ".venv-bench" / "bin" / "python"
-    if not peer.exists():
-        raise SystemExit("no .venv-bench: run `make bench-peers` first")
-    o, t = side("ours", Path(sys.executable)), side("torch", peer)
+    # each side in its own process (its own peak RSS): ours in this venv, torch in .venv-bench
+    o = own_side(__file__, "ours")
+    t = run_peer("step_breakdown.py", [*sys.argv[1:], "--child", "torch"])
     ratio = lambda a, b: round(a / b, 2)  # noqa: E731
     print(
         json.dumps(
