@@ -985,11 +985,12 @@ class Config:
                 "model.lora: LoRA adapters wrap our decoder's projections; they are not wired to "
                 "model.backend: mindformers yet (use model.backend: native with model.lora)"
             )
-        if self.parallel.mode == "semi_auto":
+        p = self.parallel
+        if p.mode == "semi_auto" and self.model.kv_heads % p.model_parallel:
             raise ValueError(
-                "parallel.mode: semi_auto is not wired to the MindFormers backend yet (MindFormers "
-                "shards through its own parallel_config); use data_parallel or model.backend: "
-                "native"
+                f"model.n_kv_heads ({self.model.kv_heads}) must be divisible by "
+                f"parallel.model_parallel ({p.model_parallel}): MindFormers' LLaMA splits the "
+                "key/value heads model_parallel ways"
             )
 
     def check_gate(self):

@@ -46,8 +46,10 @@ def matmul_strategies(p: ParallelConfig) -> dict[str, tuple]:
 
 
 def apply_parallel(model, p: ParallelConfig) -> None:
-    """Shard the model's matmuls, assign pipeline stages and recompute, for semi_auto mode."""
-    if p.mode != "semi_auto":
+    """Shard the model's matmuls, assign pipeline stages and recompute, for semi_auto mode. A
+    model of another backend that shards itself (MindFormers', from the same section) is left
+    alone."""
+    if p.mode != "semi_auto" or getattr(model, "shards_itself", False):
         return
     strategies = matmul_strategies(p)
     for name, cell in model.cells_and_names():

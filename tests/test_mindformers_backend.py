@@ -284,6 +284,27 @@ def test_seeded_init_equals_native():
 # ---- config -------------------------------------------------------------------------------------
 
 
+SEMI_AUTO = {  # 2 nodes x 8 NPUs: 2 data x 4 model x 2 pipeline (all different: a swap shows)
+    "model.family": "llama",
+    "model.backend": "mindformers",
+    "model.n_layers": 4,
+    "model.n_heads": 8,
+    "model.n_kv_heads": 4,
+    "device_target": "Ascend",
+    "parallel": {
+        "mode": "semi_auto",
+        "worker_num": 16,
+        "local_worker_num": 8,
+        "data_parallel": 2,
+        "model_parallel": 4,
+        "pipeline_stages": 2,
+        "micro_batches": 4,
+        "optimizer_shard": True,
+        "recompute": True,
+    },
+}
+
+
 @pytest.mark.parametrize(
     "sets, key",
     [
@@ -296,14 +317,9 @@ def test_seeded_init_equals_native():
             {"model.family": "llama", "model.backend": "mindformers", "sft.packing": True},
             "sft.packing",
         ),
-        (
-            {
-                "model.family": "llama",
-                "model.backend": "mindformers",
-                "device_target": "Ascend",
-                "parallel.mode": "semi_auto",
-            },
-            "parallel.mode",
+        (  # MindFormers splits the kv heads model_parallel ways: 2 of them cannot go 4 ways
+            {**SEMI_AUTO, "model.n_kv_heads": 2},
+            "model.n_kv_heads",
         ),
     ],
 )
@@ -312,6 +328,52 @@ def test_unsupported_settings_are_refused_naming_the_key(sets, key):
 
     with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
         load_config("demo", dotted(sets))
+
+
+def test_semi_auto_builds_mindformers_own_parallel_config(monkeypatch):
+    """#18 item 4: with parallel.mode semi_auto, MindFormers' TransformerOpParallelConfig comes
+    from our parallel section and MindFormers shards its own cells from it, the same
+    Megatron-style split as our decoder's strategies for the same projections. Built under the
+    semi-auto parallel context as on Ascend; the 8-device collective group cannot exist in one
+    CPU process, so MindFormers' query of its size answers worker_num."""
+    import mindspore as ms
+    from mindformers.modules.transformer import op_parallel_config as opc
+
+    from mindrlhf.config import load_config
+    from mindrlhf.models.mindformers_backend import name_map, op_parallel_config
+    from mindrlhf.models.policy import build_policy
+    from mindrlhf.parallel import apply_parallel, auto_parallel_context, matmul_strategies
+
+    cfg = load_config("demo", dotted(SEMI_AUTO))  # accepted now, validated as before
+    p = cfg.parallel
+    mf = op_parallel_config(p)
+    sizes = (mf.data_parallel, mf.model_parallel, mf.pipeline_stage, mf.micro_batch_num)
+    assert sizes == (2, 4, 2, 4)
+    assert mf.optimizer_shard is True and mf.recompute.recompute is True
+
+    monkeypatch.setattr(opc.D, "get_group_size", lambda *a: p.worker_num)
+    ms.set_auto_parallel_context(**auto_parallel_context(p))
+    try:
+        model = build_policy(cfg.model, seed=0, parallel=p)
+        native = build_policy(dataclasses.replace(cfg.model, backend="native"), 0, parallel=p)
+    finally:
+        ms.reset_auto_parallel_context()
+    theirs = dict(model.net.cells_and_names())
+    ours = dict(native.cells_and_names())
+    sharded = 0
+    for name, mf_name in name_map(cfg.model).items():
+        leaf = name.rsplit(".", 2)[-2]
+        if leaf not in matmul_strategies(p):
+            continue
+        want = ours[name.rsplit(".", 1)[0]].mm.in_strategy
+        got = theirs[mf_name.rsplit(".", 1)[0]].matmul.in_strategy
+        assert got == want == matmul_strategies(p)[leaf], (name, mf_name, got, want)
+        sharded += 1
+    assert sharded == 7 * cfg.model.n_layers
+    layers = model.net.model.layers
+    assert [b.pipeline_stage for b in layers] == [0, 0, 1, 1]
+    assert all(b._has_config_recompute for b in layers)
+    apply_parallel(model, p)  # leaves MindFormers' own sharding alone (it has no .model)
 
 
 def test_lora_with_the_mindformers_backend_is_refused():

@@ -35,6 +35,14 @@ CPU: MindSpore 2.9 has no CPU RmsNorm kernel and MindFormers' fp32 ``generate(us
 fails on CPU, so on CPU (and GPU) the model is built with ``fused_rms_norm=False``,
 ``use_flash_attention=False``, ``use_rope_slice=True`` and float32 everywhere; on Ascend with the
 fused RmsNorm, flash attention (bfloat16 compute, float32 weights, norms, softmax and RoPE).
+
+Parallelism. With ``parallel.mode: semi_auto`` (Ascend, graph mode) MindFormers shards its own
+cells: :func:`op_parallel_config` turns our ``parallel`` section into its
+``TransformerOpParallelConfig`` (data / model parallel, pipeline stages, micro batches,
+optimizer shard, recompute), which ``LlamaForCausalLM`` turns into shard strategies on its
+matmuls (column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2), pipeline stages of its layers and
+recompute, so :func:`mindrlhf.parallel.apply_parallel` leaves this model alone. The section is
+validated first, as for the native decoder.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from ..config import ModelConfig
+from ..config import ModelConfig, ParallelConfig
 from .decoder import NEG_INF, CausalLM
 
 # ---- weight mapping (plain NumPy: no MindFormers needed) ------------------------------------
@@ -118,10 +126,35 @@ def import_mindformers():
     return mindformers
 
 
-def llama_config(cfg: ModelConfig, device_target: str):
-    """MindFormers' LlamaConfig for our model section on ``device_target``."""
+def op_parallel_config(p: ParallelConfig):
+    """MindFormers' TransformerOpParallelConfig of our ``parallel`` section (semi_auto): the sizes
+    passed through, recompute of every layer or none; the vocabulary embedding split by data
+    parallel only (MindFormers' default)."""
+    from mindformers.modules.transformer import (
+        TransformerOpParallelConfig,
+        TransformerRecomputeConfig,
+    )
+
+    return TransformerOpParallelConfig(
+        data_parallel=p.data_parallel,
+        model_parallel=p.model_parallel,
+        pipeline_stage=p.pipeline_stages,
+        micro_batch_num=p.micro_batches,
+        optimizer_shard=p.optimizer_shard,
+        recompute=TransformerRecomputeConfig(recompute=p.recompute),
+        vocab_emb_dp=True,
+    )
+
+
+def llama_config(cfg: ModelConfig, device_target: str, parallel: ParallelConfig | None = None):
+    """MindFormers' LlamaConfig for our model section on ``device_target``; with a semi_auto
+    ``parallel`` section, its parallel_config from it (:func:`op_parallel_config`)."""
     cfg.check_mindformers("model.")
     from mindformers import LlamaConfig
+
+    sharding = {}
+    if parallel is not None and parallel.mode == "semi_auto":
+        sharding["parallel_config"] = op_parallel_config(parallel)
 
     if device_target == "Ascend":  # fused kernels; flash attention needs 16-bit inputs
         flags = dict(
@@ -158,6 +191,7 @@ def llama_config(cfg: ModelConfig, device_target: str):
         softmax_compute_type="float32",
         rotary_dtype="float32",
         **flags,
+        **sharding,
     )
 
 
@@ -173,7 +207,16 @@ class MindFormersCausalLM(nn.Cell):
     A seeded init equals ``CausalLM(cfg, seed)``'s, so both backends start from the same weights.
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, device_target: str | None = None):
+    # parallel.mode semi_auto: MindFormers shards its cells itself (see the module docstring)
+    shards_itself = True
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        seed: int = 0,
+        device_target: str | None = None,
+        parallel: ParallelConfig | None = None,
+    ):
         super().__init__()
         import_mindformers()
         from mindformers import LlamaForCausalLM
@@ -181,7 +224,7 @@ class MindFormersCausalLM(nn.Cell):
         device = device_target or ms.get_context("device_target")
         self.cfg = cfg
         decoder = CausalLM(cfg, seed)  # our seeded init, then our view of the weights
-        mf_cfg = llama_config(cfg, device)
+        mf_cfg = llama_config(cfg, device, parallel)
         self.net = LlamaForCausalLM(mf_cfg)
         theirs = dict(self.net.parameters_and_names())
         names = name_map(cfg)

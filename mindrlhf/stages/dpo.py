@@ -144,7 +144,9 @@ def run_reflogp(ctx: StageContext) -> None:
     from .ppo import load_policy
 
     tok = load_tokenizer(ctx.cfg.tokenizer)
-    model = load_policy(ctx.store, ctx.inputs["model"], ctx.cfg.model, train=False)
+    model = load_policy(
+        ctx.store, ctx.inputs["model"], ctx.cfg.model, train=False, parallel=ctx.cfg.parallel
+    )
     kto = ctx.inputs.get("examples") == "kto"
     out = {}
     for k, split in enumerate(SPLITS):

@@ -55,11 +55,11 @@ def run(ctx: StageContext) -> None:
     tok = load_tokenizer(cfg.tokenizer)
     table = ctx.store.read_dataset(inputs["prompts"])
     n = min(ec.n_prompts, table.num_rows)
-    policy = load_policy(ctx.store, inputs["policy"], cfg.model, train=False)
+    policy = load_policy(ctx.store, inputs["policy"], cfg.model, train=False, parallel=cfg.parallel)
     ref = (
         policy
         if inputs["sft"] == inputs["policy"]
-        else load_policy(ctx.store, inputs["sft"], cfg.model, train=False)
+        else load_policy(ctx.store, inputs["sft"], cfg.model, train=False, parallel=cfg.parallel)
     )
     rm, norm = (
         load_reward_model(ctx.store, inputs["rm"], cfg.model) if inputs.get("rm") else (None, {})

@@ -110,7 +110,9 @@ def run(ctx: StageContext) -> None:
     policy = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     policy = lora.wrap(policy, cfg.model.lora, cfg.seed, ctx.inputs["sft"])
     # LoRA: the reference is the policy's own base weights, adapters off (no second copy)
-    ref = lora.base_of(policy) or load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
+    ref = lora.base_of(policy) or load_policy(
+        ctx.store, ctx.inputs["sft"], cfg.model, train=False, parallel=cfg.parallel
+    )
     reward_fn = make_reward_fn(ctx, tok)
     gen = rollout_config(cfg.generation, max_new_tokens=gc.max_new_tokens)
 

@@ -82,7 +82,9 @@ def run(ctx: StageContext) -> None:
         ctx.store, ctx.inputs["policy"], cfg.model, train=False, parallel=cfg.parallel
     )
     policy = lora.wrap(policy, cfg.model.lora, cfg.seed + 13 + rnd, ctx.inputs["policy"])
-    reference = load_policy(ctx.store, ctx.inputs["reference"], cfg.model, train=False)
+    reference = load_policy(
+        ctx.store, ctx.inputs["reference"], cfg.model, train=False, parallel=cfg.parallel
+    )
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)  # the held-out score
     judge = None if oc.judge == "rm" else rewards.load(oc.judge, oc.judge_weights)
     gen = rollout_config(cfg.generation)

@@ -79,9 +79,7 @@ from .watch import HackingWatch
 
 def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None):
     """A stored checkpoint as the policy of ``model_cfg.backend`` (models/policy.py)."""
-    m = build_policy(model_cfg, seed=0)
-    if parallel is not None:
-        apply_parallel(m, parallel)
+    m = build_policy(model_cfg, seed=0, parallel=parallel)
     load_state_dict(m, lora.read_weights(store, ckpt_id), source=f"policy {ckpt_id[:12]}")
     m.set_train(train)
     return m
@@ -161,7 +159,9 @@ def run(ctx: StageContext) -> None:
     actor = load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=True, parallel=cfg.parallel)
     actor = lora.wrap(actor, cfg.model.lora, cfg.seed, ctx.inputs["sft"])
     # LoRA: the reference is the actor's own base weights, adapters off (no second copy)
-    ref = lora.base_of(actor) or load_policy(ctx.store, ctx.inputs["sft"], cfg.model, train=False)
+    ref = lora.base_of(actor) or load_policy(
+        ctx.store, ctx.inputs["sft"], cfg.model, train=False, parallel=cfg.parallel
+    )
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
     critic = ScalarHeadModel(cfg.model, seed=0)
     apply_parallel(critic, cfg.parallel)

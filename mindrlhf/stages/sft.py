@@ -21,7 +21,6 @@ from ..models import lora
 from ..models.decoder import load_state_dict
 from ..models.generation import generate, left_pad
 from ..models.policy import build_policy
-from ..parallel import apply_parallel
 from .common import (
     RunCheckpoints,
     StageContext,
@@ -78,8 +77,7 @@ def run(ctx: StageContext) -> None:
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
         )
 
-    model = build_policy(cfg.model, seed=cfg.seed)
-    apply_parallel(model, cfg.parallel)
+    model = build_policy(cfg.model, seed=cfg.seed, parallel=cfg.parallel)
     parents = [ctx.inputs["train"], ctx.inputs["heldout"]]
     if ctx.inputs.get("init"):
         load_state_dict(
