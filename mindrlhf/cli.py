@@ -207,7 +207,9 @@ def cmd_export(args) -> int:
     if "score.weight" in tensors:
         raise ValueError(f"{art.name} is a reward/value model; export takes a policy checkpoint")
     out = export_hf(cfg, tensors, args.out, source=f"artifact {art.id[:12]} ({art.name})")
-    for a in store.lineage(art.id):  # the tokenizer the weights were imported with, if any
+    # the tokenizer the weights were imported with, if any; the ancestors a user removed (the
+    # datasets of an old run, say) are not needed for that
+    for a in store.lineage(art.id, skip_missing=True):
         if "tokenizer.json" in a.manifest["files"]:
             a = store.get(a.id)  # verified
             for fname in a.manifest["files"]:

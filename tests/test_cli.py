@@ -58,6 +58,33 @@ def test_export_checkpoint(tmp_path, capsys):
     )
 
 
+def test_export_skips_ancestors_no_longer_in_the_store(tmp_path, capsys):
+    """A checkpoint whose training data was removed still exports, with the tokenizer of the
+    import it descends from (found by walking its lineage past the missing dataset)."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from conftest import tiny_model_cfg
+    from mindrlhf.data.store import ArtifactStore
+    from mindrlhf.models.decoder import CausalLM, state_dict
+
+    cfg = tiny_model_cfg("llama")
+    store = ArtifactStore(tmp_path / "s")
+    meta = {"model": dataclasses.asdict(cfg)}
+    w = state_dict(CausalLM(cfg, 0))
+    tok = b'{"model": {"type": "BPE"}}'
+    base = store.write_checkpoint(w, name="imp", meta=meta, extra_files={"tokenizer.json": tok})
+    data = store.write_dataset(pa.table({"x": [1, 2]}), name="train")
+    store.write_checkpoint(w, name="sft", parents=[data.id, base.id], meta=meta)
+    store.remove(data.id)
+    out = tmp_path / "hf"
+    assert main(["export", "sft", "--out", str(out), "--store", str(tmp_path / "s")]) == 0
+    assert (out / "tokenizer.json").read_bytes() == tok
+    with pytest.raises(Exception, match=data.id[:12]):
+        store.lineage("sft")  # without skip_missing a missing ancestor is still an error
+
+
 def cli(args, capsys):
     rc = main(args)
     out = capsys.readouterr()

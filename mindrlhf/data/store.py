@@ -444,14 +444,18 @@ class ArtifactStore:
             problems.append(f"tmp/{t.name}: staging left behind")
         return problems
 
-    def lineage(self, ref: str) -> list[Artifact]:
-        """The artifact and all its ancestors, nearest first."""
+    def lineage(self, ref: str, skip_missing: bool = False) -> list[Artifact]:
+        """The artifact and all its ancestors, nearest first. ``skip_missing``: an ancestor no
+        longer in the store (removed, or from another store) is left out with its own
+        ancestors, instead of raising."""
         seen, order, queue = set(), [], [self.resolve(ref)]
         while queue:
             i = queue.pop(0)
             if i in seen:
                 continue
             seen.add(i)
+            if skip_missing and not (self.objects / i / MANIFEST).is_file():
+                continue
             a = self.get(i, verify=False)
             order.append(a)
             queue.extend(a.parents)
