@@ -8,7 +8,11 @@ gap. Each side in its own process, random weights of the same shape, the same to
   without the optimizer);
 - ``op_us``: one tiny elementwise op (4 floats), the fixed cost every eager operator pays;
 - ``matmul_gflops``: the MLP's up projection alone at this batch ((B*T) x d x d_ff), the largest
-  per-layer matmul, repeated.
+  per-layer matmul, repeated;
+- ``layer_ms``: one decoder layer's parts on a (B, T, d) input -- attention (with RoPE and the
+  grouped kv heads), the SwiGLU MLP, one RMSNorm, the whole block -- forward (``fwd``) and
+  forward + backward of a weighted sum (``step``), ours eager and compiled, torch eager: which
+  part of a layer the gap is in (times 30 layers, twice the norms).
 
 Ours also runs both passes compiled (``mindspore.jit``, compile time apart): the difference
 eager - compiled is what per-operator dispatch costs the eager step.
@@ -107,6 +111,61 @@ def ours(args) -> dict:
     out["matmul_gflops"] = 2 * args.batch * args.length * 576 * 1536 / s / 1e9
     out["impl"] = f"mindspore {ms.__version__}"
     out["peak_rss_gb"] = peak_rss_gb()
+    out["layer_ms"] = layer_parts_ours(args, cfg)
+    return out
+
+
+def layer_parts_ours(args, cfg) -> dict:
+    import mindspore as ms
+    import numpy as np
+    from mindspore import Tensor
+
+    from mindrlhf.models.decoder import Block
+
+    rng = np.random.default_rng(3)
+    b, t, hd = args.batch, args.length, cfg.head_dim
+    x = Tensor(rng.standard_normal((b, t, cfg.d_model)).astype(np.float32))
+    up = Tensor(rng.standard_normal((b, t, cfg.d_model)).astype(np.float32))
+    bias = Tensor(np.zeros((b, 1, t, t), np.float32))
+    freqs = np.arange(t)[:, None] / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)
+    emb = np.broadcast_to(np.concatenate([freqs, freqs], -1), (b, 1, t, hd))
+    cos, sin = Tensor(np.cos(emb).astype(np.float32)), Tensor(np.sin(emb).astype(np.float32))
+    block = Block(cfg, rng)
+
+    def attn(h):
+        return block.attn(h, bias, cos, sin)[0]
+
+    def mlp(h):
+        return block.mlp(h)
+
+    def norm(h):
+        return block.attn_norm(h)
+
+    def whole(h):
+        return block(h, bias, cos, sin)[0]
+
+    def weighted(fn):
+        def loss(h):
+            return (fn(h) * up).sum()
+
+        return loss
+
+    out = {}
+    for name, fn, cell in (
+        ("attention", attn, block.attn),
+        ("mlp", mlp, block.mlp),
+        ("rmsnorm", norm, block.attn_norm),
+        ("block", whole, block),
+    ):
+        grad = ms.grad(weighted(fn), 0, cell.trainable_params())
+        fwd_graph, step_graph = ms.jit(fn), ms.jit(grad)
+        ms_of = lambda f: round(1000 * best(lambda: f(x)[0].asnumpy(), 5), 2)  # noqa: E731
+        out[name] = {
+            "fwd_eager": ms_of(fn),
+            "fwd_compiled": ms_of(fwd_graph),
+            "step_eager": ms_of(grad),
+            "step_compiled": ms_of(step_graph),
+        }
     return out
 
 
@@ -152,6 +211,43 @@ def torch_side(args) -> dict:
     out["matmul_gflops"] = 2 * args.batch * args.length * 576 * 1536 / s / 1e9
     out["impl"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     out["peak_rss_gb"] = peak_rss_gb()
+    out["layer_ms"] = layer_parts_torch(args, cfg)
+    return out
+
+
+def layer_parts_torch(args, cfg) -> dict:
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg._attn_implementation = "eager"  # the same arithmetic as ours: softmax(q k^T + mask) v
+    layer = LlamaDecoderLayer(cfg, 0).float()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(args.batch, args.length, cfg.hidden_size, generator=g, requires_grad=True)
+    up = torch.randn(args.batch, args.length, cfg.hidden_size, generator=g)
+    positions = torch.arange(args.length)[None].repeat(args.batch, 1)
+    rope = LlamaRotaryEmbedding(cfg)(x, positions)
+    mask = torch.zeros(args.batch, 1, args.length, args.length)
+    parts = {
+        "attention": lambda: layer.self_attn(x, position_embeddings=rope, attention_mask=mask)[0],
+        "mlp": lambda: layer.mlp(x),
+        "rmsnorm": lambda: layer.input_layernorm(x),
+        "block": lambda: layer(x, attention_mask=mask, position_embeddings=rope),
+    }
+    out = {}
+    for name, fn in parts.items():
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def step(fn=fn):
+            y = fn()
+            ((y[0] if isinstance(y, tuple) else y) * up).sum().backward()
+
+        out[name] = {
+            "fwd_eager": round(1000 * best(fwd, 5), 2),
+            "step_eager": round(1000 * best(step, 5), 2),
+        }
     return out
 
 
@@ -188,6 +284,13 @@ def main() -> None:
                     "step_compiled": ratio(o["step_compiled_s"], t["step_eager_s"]),
                     "op_us": ratio(o["op_us"], t["op_us"]),
                     "matmul_s": ratio(t["matmul_gflops"], o["matmul_gflops"]),
+                },
+                "layer_ours_over_torch": {
+                    part: {
+                        k: ratio(v, t["layer_ms"][part][k.split("_")[0] + "_eager"])
+                        for k, v in o["layer_ms"][part].items()
+                    }
+                    for part in o["layer_ms"]
                 },
                 "eager_overhead_s": {
                     "forward": round(o["forward_eager_s"] - o["forward_compiled_s"], 3),
