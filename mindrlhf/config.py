@@ -304,6 +304,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    # adamweightdecay: MindSpore's AdamWeightDecay (no bias correction, eps 1e-6); adamw:
+    # torch.optim.AdamW's update (bias-corrected, eps 1e-8), what a learning rate tuned with
+    # TRL / OpenRLHF / verl means (mindrlhf/optim.py)
+    optimizer: Literal["adamweightdecay", "adamw"] = "adamweightdecay"
     # the training step as one mindspore.jit graph (stages/common.py Trainer); it compiles once
     # per input shape, so batch lengths are padded up to a multiple of pad_multiple
     compiled: bool = True

@@ -412,12 +412,12 @@ class Trainer:
         import mindspore as ms
         from mindspore import nn, ops
 
+        from ..optim import make_optimizer
+
         self.params = list(params)
         self.cfg = opt_cfg
         self.total_steps = total_steps
-        self.opt = nn.AdamWeightDecay(
-            self.params, learning_rate=opt_cfg.lr, weight_decay=opt_cfg.weight_decay
-        )
+        self.opt = make_optimizer(opt_cfg.optimizer, self.params, opt_cfg.lr, opt_cfg.weight_decay)
         self.grad_fn = ms.value_and_grad(loss_fn, None, self.opt.parameters, has_aux=True)
         self.reducer = (
             nn.DistributedGradReducer(self.opt.parameters, mean=True, degree=dist.size)
