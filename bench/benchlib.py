@@ -44,16 +44,16 @@ def write_inputs(rows: list[dict], prefix: str, tokenizer: str = "gpt2_bpe") -> 
     return data, tmp / "tok"
 
 
-def run_peer(script: str, args: list[str]) -> dict:
-    """Run bench/<script> with .venv-bench's Python; its last stdout line is its JSON result."""
+def run_peer(script: str | Path, args: list[str]) -> dict:
+    """Run ``script`` (a name under bench/, or a path) with .venv-bench's Python; its last stdout
+    line is its JSON result."""
     peer_py = REPO / ".venv-bench" / "bin" / "python"
     if not peer_py.exists():
         raise SystemExit("no .venv-bench: run `make bench-peers` first")
-    r = subprocess.run(
-        [str(peer_py), str(REPO / "bench" / script), *args], capture_output=True, text=True, env=ENV
-    )
+    path = Path(script) if Path(script).is_absolute() else REPO / "bench" / script
+    r = subprocess.run([str(peer_py), str(path), *args], capture_output=True, text=True, env=ENV)
     if r.returncode != 0:
-        raise SystemExit(f"{script} failed:\n{r.stderr[-6000:]}")
+        raise SystemExit(f"{path.name} failed:\n{r.stderr[-6000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO / "bench")]
 
-from benchlib import ENV, write_inputs  # noqa: E402  (ENV: taken before MindSpore's import)
+from benchlib import run_peer, write_inputs  # noqa: E402
 from grpo_smollm2 import add_args, run_ours  # noqa: E402
 
 TRL_RUNS = (("same_update", "ms_adamw"), ("stock_adamw", "torch_adamw"))
@@ -133,16 +133,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
     start = export(cfg.store.root, ours["policy"], work / "start")
 
-    peer_py = REPO / ".venv-bench" / "bin" / "python"
-    if not peer_py.exists():
-        raise SystemExit("no .venv-bench: run `make bench-peers` first")
     gen = cfg.generation
 
     def run_trl(optimizer: str) -> dict:
-        r = subprocess.run(
+        return run_peer(
+            HERE / "peer_trl_grpo_smollm2.py",
             [
-                str(peer_py),
-                str(HERE / "peer_trl_grpo_smollm2.py"),
                 *("--model-dir", str(start), "--tokenizer-dir", str(tok_dir)),
                 *("--train", str(data), "--heldout", str(held_path)),
                 *("--out", str(work / f"trl-{optimizer}"), "--optimizer", optimizer),
@@ -154,13 +150,7 @@ def main() -> None:
                 *("--temperature", str(gen.temperature), "--top-k", str(gen.top_k)),
                 *("--top-p", str(gen.top_p), "--adam-eps", "1e-6"),  # AdamWeightDecay's eps
             ],
-            capture_output=True,
-            text=True,
-            env=ENV,
         )
-        if r.returncode != 0:
-            raise SystemExit(f"TRL side ({optimizer}) failed:\n{r.stderr[-6000:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
 
     # the same update rule (MindSpore's AdamWeightDecay, no bias correction) first: the
     # like-for-like comparison; then TRL as shipped (torch AdamW) at the same nominal lr
