@@ -192,7 +192,43 @@ def tiny_chain(tmp_path_factory):
         root / "runs" / "reflogp",
         **quiet,
     )["outputs"]
-    return SimpleNamespace(root=root, data=d, sft=sft, rm=rm, ref=ref)
+    return SimpleNamespace(
+        root=root, data=d, sft=sft, rm=rm, ref=ref, inputs=chain_inputs(d, sft, rm, ref)
+    )
+
+
+def chain_inputs(d: dict, sft: str, rm: str, ref: dict) -> dict:
+    """Each training stage's inputs on the tiny chain's artifacts (``tiny_chain.inputs``)."""
+    return {
+        "sft": {"train": d["sft_train"], "heldout": d["sft_heldout"]},
+        "rm": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
+        "dpo": {
+            "train": d["pairs_train"],
+            "heldout": d["pairs_heldout"],
+            "sft": sft,
+            "ref_train": ref["train"],
+            "ref_heldout": ref["heldout"],
+        },
+        "ppo": {
+            "prompts": d["prompts_movie_reviews_train"],
+            "heldout": d["prompts_movie_reviews_heldout"],
+            "sft": sft,
+            "rm": rm,
+        },
+        "grpo": {
+            "prompts": d["prompts_arithmetic_train"],
+            "heldout": d["prompts_arithmetic_heldout"],
+            "sft": sft,
+        },
+        "online_dpo": {
+            "policy": sft,
+            "reference": sft,
+            "rm": rm,
+            "round": 0,
+            "prompts": d["prompts_movie_reviews_train"],
+            "heldout": d["prompts_movie_reviews_heldout"],
+        },
+    }
 
 
 def free_port() -> int:

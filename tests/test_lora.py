@@ -321,29 +321,9 @@ def lora_chain(tiny_chain, **sections):
 
 
 def stage_inputs(tiny_chain, stage):
-    d, sft, rm = tiny_chain.data, tiny_chain.sft, tiny_chain.rm
-    return {
-        "sft": {"train": d["sft_train"], "heldout": d["sft_heldout"], "init": sft},
-        "rm": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
-        "dpo": {
-            "train": d["pairs_train"],
-            "heldout": d["pairs_heldout"],
-            "sft": sft,
-            "ref_train": tiny_chain.ref["train"],
-            "ref_heldout": tiny_chain.ref["heldout"],
-        },
-        "ppo": {
-            "prompts": d["prompts_movie_reviews_train"],
-            "heldout": d["prompts_movie_reviews_heldout"],
-            "sft": sft,
-            "rm": rm,
-        },
-        "grpo": {
-            "prompts": d["prompts_arithmetic_train"],
-            "heldout": d["prompts_arithmetic_heldout"],
-            "sft": sft,
-        },
-    }[stage]
+    """The stage's tiny-chain inputs; LoRA's SFT starts from the chain's SFT weights (its base)."""
+    extra = {"init": tiny_chain.sft} if stage == "sft" else {}
+    return {**tiny_chain.inputs[stage], **extra}
 
 
 @pytest.mark.slow

@@ -20,13 +20,7 @@ KILL_AT = 3
 
 @pytest.fixture
 def chain(tiny_chain):
-    root, d, sft, rm, ref = (
-        tiny_chain.root,
-        tiny_chain.data,
-        tiny_chain.sft,
-        tiny_chain.rm,
-        tiny_chain.ref,
-    )
+    root = tiny_chain.root
     over = tiny_full_overrides(root)
     common = {"warmup_steps": 4, "ckpt_every": KILL_AT}
     over["sft"].update(steps=7, log_every=2, **common)
@@ -35,37 +29,7 @@ def chain(tiny_chain):
     over["ppo"].update(iterations=4, **common)
     over["grpo"].update(iterations=4, **common)
     over["online_dpo"].update(steps_per_round=5)
-    inputs = {
-        "sft": {"train": d["sft_train"], "heldout": d["sft_heldout"]},
-        "rm": {"train": d["pairs_train"], "heldout": d["pairs_heldout"], "sft": sft},
-        "dpo": {
-            "train": d["pairs_train"],
-            "heldout": d["pairs_heldout"],
-            "sft": sft,
-            "ref_train": ref["train"],
-            "ref_heldout": ref["heldout"],
-        },
-        "ppo": {
-            "prompts": d["prompts_movie_reviews_train"],
-            "heldout": d["prompts_movie_reviews_heldout"],
-            "sft": sft,
-            "rm": rm,
-        },
-        "grpo": {
-            "prompts": d["prompts_arithmetic_train"],
-            "heldout": d["prompts_arithmetic_heldout"],
-            "sft": sft,
-        },
-        "online_dpo": {
-            "policy": sft,
-            "reference": sft,
-            "rm": rm,
-            "round": 0,
-            "prompts": d["prompts_movie_reviews_train"],
-            "heldout": d["prompts_movie_reviews_heldout"],
-        },
-    }
-    return root, load_config("demo", over), inputs
+    return root, load_config("demo", over), tiny_chain.inputs
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo", "online_dpo"])
