@@ -81,7 +81,9 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt2", "llama"] = "gpt2"  # llama covers LLaMA / Qwen2 / Baichuan2 layouts
+    # llama covers LLaMA / Qwen2 / Baichuan2 layouts; pangualpha is Pangu-alpha (GPT-style blocks
+    # under a final "top query" layer, models/pangualpha.py), whose n_layers counts that layer
+    family: Literal["gpt2", "llama", "pangualpha"] = "gpt2"
     vocab_size: int = 50257
     d_model: int = 64
     n_layers: int = 2
@@ -100,7 +102,8 @@ class ModelConfig:
     arch: str = ""
     # where the weights come from: "" a seeded random init; "hf:<dir>" a Hugging Face model
     # directory;
-    # "gguf:<path>" a GGUF file ("gguf:smollm2" the pinned SmolLM2); "artifact:<id or ref>" a stored
+    # "gguf:<path>" a GGUF file ("gguf:smollm2" the pinned SmolLM2); "pangualpha:<file.ckpt>" a
+    # MindRLHF / MindFormers-0.x Pangu-alpha checkpoint; "artifact:<id or ref>" a stored
     # checkpoint. With a source, the sizes above are read from it (see models/sources.py).
     init: str = ""
     # which implementation runs the policy and reference: "native" (models/decoder.py) or
@@ -112,12 +115,14 @@ class ModelConfig:
     lora: Optional[LoraConfig] = None
 
     def validate(self, p: str = ""):
-        if self.lora is not None and self.family == "gpt2" and "gate" in self.lora.targets:
-            raise ValueError(f"{p}lora.targets: 'gate': a gpt2 model has no gate projection")
-        if self.init and not self.init.startswith(("hf:", "gguf:", "artifact:")):
+        if self.lora is not None and self.gpt_style and "gate" in self.lora.targets:
             raise ValueError(
-                f"{p}init must be '', 'hf:<dir>', 'gguf:<path>', 'gguf:smollm2' or "
-                f"'artifact:<id or ref>', got {self.init!r}"
+                f"{p}lora.targets: 'gate': a {self.family} model has no gate projection"
+            )
+        if self.init and not self.init.startswith(("hf:", "gguf:", "pangualpha:", "artifact:")):
+            raise ValueError(
+                f"{p}init must be '', 'hf:<dir>', 'gguf:<path>', 'gguf:smollm2', "
+                f"'pangualpha:<file.ckpt>' or 'artifact:<id or ref>', got {self.init!r}"
             )
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _positive(getattr(self, k), p + k)
@@ -159,6 +164,11 @@ class ModelConfig:
             )
 
     @property
+    def gpt_style(self) -> bool:
+        """Learned positions, LayerNorm, biases everywhere and a GELU MLP (GPT-2, Pangu-alpha)."""
+        return self.family in ("gpt2", "pangualpha")
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
@@ -170,13 +180,13 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.family == "gpt2":
+        if self.gpt_style:
             return 4 * self.d_model
         return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
 
     @property
     def use_qkv_bias(self) -> bool:
-        return self.family == "gpt2" if self.qkv_bias is None else self.qkv_bias
+        return self.gpt_style if self.qkv_bias is None else self.qkv_bias
 
 
 @dataclass
@@ -1194,7 +1204,7 @@ def resolve_paths(data: dict, base: Path) -> dict:
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("init"), str):
         kind, _, where = model["init"].partition(":")
-        if kind in ("hf", "gguf") and where and where != "smollm2":
+        if kind in ("hf", "gguf", "pangualpha") and where and where != "smollm2":
             model["init"] = f"{kind}:{_resolve(where, base)}"
     if isinstance(data.get("tokenizer"), dict) and data["tokenizer"].get("path"):
         data["tokenizer"]["path"] = _resolve(data["tokenizer"]["path"], base)
@@ -1225,7 +1235,7 @@ def derive_from_sources(data: dict) -> dict:
 
     src = sources.parse(model["init"])
     store = (data.get("store") or {}).get("root", StoreConfig.root)
-    derived = sources.derive_config(src, store)
+    derived = sources.derive_config(src, store, model.get("n_heads"))
     sources.files_of(src)  # every weight file there (a shard missing from its index fails here)
     data = {**data, "model": sources.merge_model_section(model, derived, src.spec)}
     tok = dict(data.get("tokenizer") or {})

@@ -42,9 +42,10 @@ def param_count(m: ModelConfig) -> int:
         + (q + 2 * kv if m.use_qkv_bias else 0)
         + (2 * hd if m.qk_norm else 0)
     )
-    if m.family == "gpt2":
+    if m.gpt_style:
         per_layer = attn + d + 2 * d * f + f + d + 4 * d  # o bias, MLP with biases, two LayerNorms
-        extra = m.max_seq_len * d + 2 * d
+        # positions, final LayerNorm; Pangu-alpha's top query embedding (n_layers counts its layer)
+        extra = m.max_seq_len * d * (2 if m.family == "pangualpha" else 1) + 2 * d
     else:
         per_layer = attn + 3 * d * f + 2 * d
         extra = d

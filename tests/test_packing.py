@@ -55,7 +55,7 @@ def test_packed_table_concatenates_examples_and_clears_each_first_target(rng):
         assert pos == len(row["input_ids"])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pangualpha"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_each_packed_example_scores_as_it_does_alone(rng, family, compiled):
     """Per-token log-probs and each example's SFT loss from one packed forward equal those of

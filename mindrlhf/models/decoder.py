@@ -1,10 +1,12 @@
 """Decoder-only transformers in plain MindSpore.
 
-Two families chosen by ``ModelConfig.family``:
+Three families chosen by ``ModelConfig.family``:
 
 * ``gpt2``: learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere.
 * ``llama``: RoPE (Hugging Face "rotate half" layout), RMSNorm, SwiGLU MLP, grouped-query
   attention, optional q/k/v bias (Qwen2). Baichuan2's fused W_pack is split on import.
+* ``pangualpha``: GPT-style blocks (fast GELU) whose final norm is followed by Pangu-alpha's top
+  query layer, a block whose query comes from its own position embedding (models/pangualpha.py).
 
 Weights use the Hugging Face (out_features, in_features) layout so import/export is a rename.
 Every forward takes an attention mask, so left-padded batches work, and an optional KV cache
@@ -86,7 +88,7 @@ class Attention(nn.Cell):
         self.o_proj = Linear(
             self.n_heads * self.hd,
             cfg.d_model,
-            cfg.family == "gpt2",
+            cfg.gpt_style,
             rng,
             std / math.sqrt(2 * cfg.n_layers),
         )
@@ -103,16 +105,18 @@ class Attention(nn.Cell):
         b, h, s, d = x.shape
         return ops.broadcast_to(x[:, :, None], (b, h, rep, s, d)).reshape(b, h * rep, s, d)
 
-    def _qk(self, x, b, t):
-        q = self.q_proj(x).reshape(b, t, self.n_heads, self.hd)
+    def _qk(self, x, b, t, query=None):
+        q = self.q_proj(x if query is None else query).reshape(b, t, self.n_heads, self.hd)
         k = self.k_proj(x).reshape(b, t, self.n_kv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
 
-    def construct(self, x, bias, cos, sin, past=None):
+    def construct(self, x, bias, cos, sin, past=None, query=None):
+        """``query``: the input of the query projection when it is not ``x`` (Pangu-alpha's top
+        query layer); keys and values always come from ``x``."""
         b, t, _ = x.shape
-        q, k = self._qk(x, b, t)
+        q, k = self._qk(x, b, t, query)
         v = self.v_proj(x).reshape(b, t, self.n_kv, self.hd).transpose(0, 2, 1, 3)
         if self.rope:
             q = q * cos + rotate_half(q) * sin
@@ -127,7 +131,7 @@ class Attention(nn.Cell):
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out), present
 
-    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx):
+    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
         """One new token against a fixed-size cache held in Parameters and updated in place:
         keys transposed, (B * kv_heads, hd, S), values (B * kv_heads, S, hd). The new key and value
         are scattered into column ``pos`` (``k_idx``/``v_idx`` hold it), then attention runs over
@@ -135,7 +139,7 @@ class Attention(nn.Cell):
         sharing a kv head are one batched matmul against it, so no copy of the cache is made."""
         b = x.shape[0]
         rep = self.n_heads // self.n_kv
-        q, k = self._qk(x, b, 1)
+        q, k = self._qk(x, b, 1, query)
         v = self.v_proj(x).reshape(b, self.n_kv, self.hd)
         if self.rope:
             q = q * cos + rotate_half(q) * sin
@@ -153,7 +157,8 @@ class MLP(nn.Cell):
         super().__init__()
         d, f, std = cfg.d_model, cfg.ffn_dim, cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)
-        self.gpt2 = cfg.family == "gpt2"
+        self.gpt2 = cfg.gpt_style
+        self.fast_gelu = cfg.family == "pangualpha"  # MindFormers' hidden_act: fast_gelu
         if self.gpt2:
             self.up_proj = Linear(d, f, True, rng, std)
             self.down_proj = Linear(f, d, True, rng, out_std)
@@ -164,6 +169,8 @@ class MLP(nn.Cell):
             self.down_proj = Linear(f, d, False, rng, out_std)
 
     def construct(self, x):
+        if self.fast_gelu:
+            return self.down_proj(ops.fast_gelu(self.up_proj(x)))
         if self.gpt2:
             return self.down_proj(ops.gelu(self.up_proj(x), approximate="tanh"))
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -172,37 +179,45 @@ class MLP(nn.Cell):
 class Block(nn.Cell):
     def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         super().__init__()
-        norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
+        norm = LayerNorm if cfg.gpt_style else RMSNorm
         self.attn_norm = norm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, rng)
         self.mlp_norm = norm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rng)
 
-    def construct(self, x, bias, cos, sin, past=None):
-        a, present = self.attn(self.attn_norm(x), bias, cos, sin, past)
+    def construct(self, x, bias, cos, sin, past=None, query=None):
+        a, present = self.attn(self.attn_norm(x), bias, cos, sin, past, query)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, present
 
-    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx):
+    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
         x = x + self.attn.decode_static(
-            self.attn_norm(x), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx
+            self.attn_norm(x), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query
         )
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Cell):
-    """Embeddings + blocks + final norm: hidden states (B, T, d) and the updated KV cache."""
+    """Embeddings + blocks + final norm (+ Pangu-alpha's top query layer): hidden states (B, T, d)
+    and the updated KV cache, one entry per layer, the top query layer's last."""
 
     def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = _init(rng, (cfg.vocab_size, cfg.d_model), cfg.init_std)
         self.embed_positions = (
-            _init(rng, (cfg.max_seq_len, cfg.d_model), 0.01) if cfg.family == "gpt2" else None
+            _init(rng, (cfg.max_seq_len, cfg.d_model), 0.01) if cfg.gpt_style else None
         )
-        self.layers = nn.CellList([Block(cfg, rng) for _ in range(cfg.n_layers)])
-        self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps)
+        top = None
+        if cfg.family == "pangualpha":
+            from .pangualpha import TopQueryLayer
+
+            top = TopQueryLayer(cfg, rng)
+        n_blocks = cfg.n_layers - (top is not None)
+        self.layers = nn.CellList([Block(cfg, rng) for _ in range(n_blocks)])
+        self.norm = (LayerNorm if cfg.gpt_style else RMSNorm)(cfg.d_model, cfg.norm_eps)
+        self.top_query_layer = top
         hd = cfg.head_dim
         # allowed[i, j] = key j is not after query i; sliced per call instead of rebuilt
         self.causal = Tensor(np.tril(np.ones((cfg.max_seq_len, cfg.max_seq_len), dtype=np.float32)))
@@ -236,7 +251,13 @@ class Transformer(nn.Cell):
         for i, layer in enumerate(self.layers):
             x, present = layer(x, bias, cos, sin, None if past is None else past[i])
             presents.append(present)
-        return self.norm(x), presents
+        h = self.norm(x)
+        if self.top_query_layer is not None:
+            h, present = self.top_query_layer(
+                h, bias, positions, None if past is None else past[-1]
+            )
+            presents.append(present)
+        return h, presents
 
     def _embed(self, input_ids, positions):
         x = ops.gather(self.embed_tokens, input_ids, 0)
@@ -263,7 +284,12 @@ class Transformer(nn.Cell):
         x, cos, sin = self._embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
             x = layer.decode_static(x, bias, cos, sin, cache.kt[i], cache.v[i], k_idx, v_idx)
-        return self.norm(x)
+        h = self.norm(x)
+        if self.top_query_layer is not None:
+            h = self.top_query_layer.decode_static(
+                h, bias, positions, cache.kt[-1], cache.v[-1], k_idx, v_idx
+            )
+        return h
 
 
 class StaticCache(nn.Cell):

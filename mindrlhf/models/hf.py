@@ -63,6 +63,11 @@ def check_export(cfg: ModelConfig, w: dict[str, np.ndarray], source: str) -> Non
     layer or mislabels a width loads in transformers and computes something else)."""
     from .decoder import CausalLM
 
+    if cfg.family == "pangualpha":
+        raise ValueError(
+            f"{source}: a pangualpha model has no Hugging Face transformers architecture to "
+            "export to; its checkpoint artifact is the model"
+        )
     want = {n: tuple(p.shape) for n, p in CausalLM(cfg, seed=0).parameters_and_names()}
     missing = sorted(set(want) - set(w))
     extra = sorted(set(w) - set(want))

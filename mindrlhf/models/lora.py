@@ -109,7 +109,7 @@ def wrap(
     def swap(path, cell):
         if (
             isinstance(cell, Linear)
-            and path.startswith("model.layers.")
+            and path.startswith(("model.layers.", "model.top_query_layer."))
             and path.endswith(suffixes)
         ):
             return LoraLinear(cell, lora.rank, lora.scale, lora.dropout, rng)

