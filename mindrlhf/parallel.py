@@ -56,10 +56,14 @@ def apply_parallel(model, p: ParallelConfig) -> None:
         leaf = name.rsplit(".", 1)[-1]
         if leaf in strategies and hasattr(cell, "mm"):
             cell.mm.shard(strategies[leaf])
-    layers = model.model.layers
-    per_stage = len(layers) // p.pipeline_stages
-    for i, block in enumerate(layers):
+    # Pangu-alpha's top query layer is the last of model.n_layers (after the final norm): it goes
+    # on the last stage, as MindFormers 0.x placed it, and the blocks fill the stages before it
+    blocks = list(model.model.layers)
+    top = getattr(model.model, "top_query_layer", None)
+    if top is not None:
+        blocks.append(top)
+    for i, block in enumerate(blocks):
         if p.pipeline_stages > 1:
-            block.pipeline_stage = i // per_stage
+            block.pipeline_stage = i * p.pipeline_stages // len(blocks)
         if p.recompute:
             block.recompute()

@@ -119,3 +119,21 @@ def test_shard_strategies_reach_the_model_primitives():
     assert q.in_strategy == strat["q_proj"] and o.in_strategy == strat["o_proj"]
     stages = [b.pipeline_stage for b in model.model.layers]
     assert stages == sorted(stages) and stages[-1] == cfg.parallel.pipeline_stages - 1
+
+
+def test_pangu_top_query_layer_takes_the_last_pipeline_stage():
+    """n_layers counts Pangu-alpha's top query layer: with 4 layers on 2 stages the three blocks
+    and the top layer split 2 + 2, the top layer sharded like a block, on the last stage."""
+    from dataclasses import replace
+
+    cfg = load_config(CLUSTER)
+    assert cfg.parallel.pipeline_stages == 2 and cfg.parallel.recompute
+    mcfg = replace(cfg.model, family="pangualpha", n_layers=4, rope_theta=10000.0)
+    model = CausalLM(mcfg, seed=0)
+    apply_parallel(model, cfg.parallel)
+    top = model.model.top_query_layer
+    assert [b.pipeline_stage for b in model.model.layers] == [0, 0, 1]
+    assert top.pipeline_stage == 1
+    strat = matmul_strategies(cfg.parallel)
+    assert top.attn.q_proj.mm.in_strategy == strat["q_proj"]
+    assert top.mlp.down_proj.mm.in_strategy == strat["down_proj"]
