@@ -228,7 +228,7 @@ name: {name}
 model:
   init: {spec}
   max_seq_len: {seq}         # the source allows {src_seq}; lower is cheaper
-data:
+{unrecorded}data:
   recipes: []
   max_prompt_len: {prompt}
   max_len: {seq}
@@ -255,11 +255,23 @@ def cmd_init_config(args) -> int:
         if src.kind == "artifact" or src.where == "smollm2"
         else str(Path(src.where).resolve())
     )
-    d = sources.derive_config(sources.Source(src.kind, where), args.store)
+    try:
+        d = sources.derive_config(sources.Source(src.kind, where), args.store, args.n_heads)
+    except ValueError as e:
+        if args.n_heads is None and "n_heads" in str(e):
+            raise ValueError(f"{e} (init-config: pass --n-heads N)") from None
+        raise
     derived = "  ".join(
         f"{k}: {getattr(d, k)}" for k in sources.DERIVED if getattr(d, k) not in (None, "")
     )
     seq = min(d.max_seq_len, 512)
+    unrecorded = ""  # what the config must say because the source does not
+    if src.kind == "pangualpha":
+        unrecorded = (
+            f"  n_heads: {d.n_heads}            # not recorded in the checkpoint (--n-heads)\n"
+            "tokenizer:  # Pangu-alpha's tokenizer is not in its checkpoint: a tokenizer.json dir\n"
+            "  kind: hf\n  path: tokenizer\n"
+        )
     print(
         INIT_TEMPLATE.format(
             spec=args.model,
@@ -268,6 +280,7 @@ def cmd_init_config(args) -> int:
             seq=seq,
             src_seq=d.max_seq_len,
             prompt=seq // 2,
+            unrecorded=unrecorded,
         ),
         end="",
     )
@@ -338,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, metavar="SOURCE")
     p.add_argument("--name", default="my-run")
     p.add_argument("--store", default="artifacts")
+    p.add_argument(
+        "--n-heads",
+        type=int,
+        help="attention heads, for a source that does not record them (pangualpha:FILE.ckpt)",
+    )
     p.set_defaults(fn=cmd_init_config)
     p = sub.add_parser(
         "export", help="export a checkpoint as Hugging Face safetensors + config.json"

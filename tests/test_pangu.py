@@ -372,3 +372,28 @@ def test_refused_settings_name_the_key(tmp_path):
     cfg = pangu_cfg()
     with pytest.raises(ValueError, match="pangualpha model has no Hugging Face"):
         export_hf(cfg, state_dict(CausalLM(cfg, 0)), tmp_path / "out", source="art")
+
+
+def test_init_config_takes_the_head_count_the_checkpoint_lacks(tmp_path, capsys):
+    """`mindrlhf init-config --model pangualpha:F.ckpt` needs --n-heads (named when missing) and
+    prints a config that says it, so the config loads as the checkpoint's model."""
+    import mindspore as ms
+
+    from mindrlhf.cli import main
+    from mindrlhf.config import load_config
+
+    path = tmp_path / "pangu.ckpt"
+    ms.save_checkpoint(
+        [{"name": k, "data": Tensor(v)} for k, v in mf_checkpoint().items()], str(path)
+    )
+    assert main(["init-config", "--model", f"pangualpha:{path}"]) == 2
+    assert "--n-heads" in capsys.readouterr().err
+    assert main(["init-config", "--model", f"pangualpha:{path}", "--n-heads", str(HEADS)]) == 0
+    (tmp_path / "init.yaml").write_text(capsys.readouterr().out)
+    (tmp_path / "reward.py").write_text("def correct(prompts, completions, **kw):\n    return []\n")
+    (tmp_path / "data").mkdir()
+    for f in ("sft", "pairs", "prompts"):
+        (tmp_path / "data" / f"{f}.jsonl").write_text("")
+    cfg = load_config(tmp_path / "init.yaml")
+    assert (cfg.model.family, cfg.model.n_heads, cfg.model.n_layers) == ("pangualpha", HEADS, 3)
+    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.path == str(tmp_path / "tokenizer")
