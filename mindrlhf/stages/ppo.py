@@ -77,8 +77,9 @@ from .rollout import (
 from .watch import HackingWatch
 
 
-def load_policy(store, ckpt_id: str, model_cfg, train: bool, parallel=None):
-    """A stored checkpoint as the policy of ``model_cfg.backend`` (models/policy.py)."""
+def load_policy(store, ckpt_id: str, model_cfg, train: bool, *, parallel):
+    """A stored checkpoint as the policy of ``model_cfg.backend`` (models/policy.py), sharded by
+    ``parallel`` (the config's section: every caller passes it, so no policy is left unsharded)."""
     m = build_policy(model_cfg, seed=0, parallel=parallel)
     load_state_dict(m, lora.read_weights(store, ckpt_id), source=f"policy {ckpt_id[:12]}")
     m.set_train(train)
