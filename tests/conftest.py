@@ -157,15 +157,39 @@ def tiny_chain(tmp_path_factory):
     """prepare, SFT, RM and reference log-probs of the tiny full config, run once for the whole
     session as stage processes (no Prefect) in one store; tests that need a stage's inputs take
     them from here instead of rebuilding them. Tests add artifacts to this store and must not
-    corrupt the ones here (those that corrupt use a store of their own)."""
+    corrupt the ones here (those that corrupt use a store of their own).
+
+    Under xdist the first worker to get here builds it (the others wait on a lock) and every
+    worker gets its own copy of the store, so no worker sees another's artifacts."""
+    import fcntl
+    import json
+    import shutil
     from types import SimpleNamespace
 
+    root = tmp_path_factory.mktemp("chain")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        built = build_tiny_chain(root)
+    else:
+        shared = tmp_path_factory.getbasetemp().parent / "tiny-chain"  # this run's, all workers'
+        with open(str(shared) + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (shared / "built.json").exists():
+                shared.mkdir(exist_ok=True)
+                built = build_tiny_chain(shared / "root")
+                (shared / "built.json").write_text(json.dumps(built))
+            built = json.loads((shared / "built.json").read_text())
+        shutil.copytree(shared / "root", root, dirs_exist_ok=True)
+    d, sft, rm, ref = built["data"], built["sft"], built["rm"], built["ref"]
+    return SimpleNamespace(
+        root=root, data=d, sft=sft, rm=rm, ref=ref, inputs=chain_inputs(d, sft, rm, ref)
+    )
+
+
+def build_tiny_chain(root: Path) -> dict:
     from mindrlhf.config import load_config
     from mindrlhf.launch import run_stage
 
-    root = tmp_path_factory.mktemp("chain")
-    over = tiny_full_overrides(root)
-    cfg = load_config("demo", over)
+    cfg = load_config("demo", tiny_full_overrides(root))
     quiet = dict(log=lambda s: None)
     d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", **quiet)["outputs"]
     sft = run_stage(
@@ -192,9 +216,7 @@ def tiny_chain(tmp_path_factory):
         root / "runs" / "reflogp",
         **quiet,
     )["outputs"]
-    return SimpleNamespace(
-        root=root, data=d, sft=sft, rm=rm, ref=ref, inputs=chain_inputs(d, sft, rm, ref)
-    )
+    return {"data": d, "sft": sft, "rm": rm, "ref": ref}
 
 
 def chain_inputs(d: dict, sft: str, rm: str, ref: dict) -> dict:

@@ -375,9 +375,12 @@ VARIANT = {
 }
 
 
-@pytest.fixture
-def variant_run(tiny_chain):
+@pytest.fixture(scope="module")
+def variant_run(tiny_chain, tmp_path_factory):
+    """The non-default GRPO on the tiny chain, run once (one worker) for both tests below:
+    (store root, config, inputs, the clean run's result)."""
     from conftest import tiny_full_overrides
+    from mindrlhf.launch import run_stage
 
     over = tiny_full_overrides(tiny_chain.root)
     over["grpo"].update(VARIANT)
@@ -387,7 +390,10 @@ def variant_run(tiny_chain):
         "heldout": d["prompts_arithmetic_heldout"],
         "sft": tiny_chain.sft,
     }
-    return tiny_chain.root, load_config("demo", over), inputs
+    cfg = load_config("demo", over)
+    run_dir = tmp_path_factory.mktemp("grpo-variant") / "clean"
+    clean = run_stage("grpo", cfg, inputs, tiny_chain.root, run_dir, log=lambda s: None)
+    return tiny_chain.root, cfg, inputs, clean
 
 
 @pytest.mark.slow
@@ -399,9 +405,8 @@ def test_a_non_default_grpo_runs_resumes_and_reports_its_counts(variant_run, tmp
     from mindrlhf.launch import StageFailed, run_stage
     from mindrlhf.stages.common import KILL_AFTER_CKPT
 
-    root, cfg, inputs = variant_run
+    root, cfg, inputs, clean = variant_run
     quiet = dict(log=lambda s: None)
-    clean = run_stage("grpo", cfg, inputs, root, tmp_path / "clean", **quiet)
     hist = clean["history"]
     assert len(hist) == 3
     for row in hist:
@@ -431,18 +436,10 @@ def test_a_non_default_grpo_on_two_workers_takes_the_steps_of_one(variant_run, t
     from mindrlhf.data.store import ArtifactStore
     from mindrlhf.launch import run_stage
 
-    root, _, inputs = variant_run
-    store, out = ArtifactStore(root), {}
-    for workers in (1, 2):
-        over = tiny_full_overrides(root)
-        over["grpo"].update({**VARIANT, "iterations": 2})
-        over["parallel"] = {
-            "worker_num": workers,
-            "local_worker_num": workers,
-            "master_port": free_port(),
-        }
-        c = load_config("demo", over)
-        res = run_stage("grpo", c, inputs, root, tmp_path / f"w{workers}", log=lambda s: None)
+    root, _, inputs, clean = variant_run
+    store = ArtifactStore(root)
+
+    def what_it_did(res):
         ids = sorted(
             store.get(res["outputs"]["metrics"]).parents,
             key=lambda i: store.get(i).meta["iteration"],
@@ -450,8 +447,15 @@ def test_a_non_default_grpo_on_two_workers_takes_the_steps_of_one(variant_run, t
         seqs = [store.read_dataset(i).column("sequence").to_pylist() for i in ids]
         weights = store.read_checkpoint(res["outputs"]["checkpoint"])
         counts = [(h["groups_dropped"], h["sampling_tries"]) for h in res["history"]]
-        out[workers] = (seqs, weights, counts)
-    (s1, w1, c1), (s2, w2, c2) = out[1], out[2]
+        return seqs, weights, counts
+
+    over = tiny_full_overrides(root)
+    over["grpo"].update(VARIANT)
+    over["parallel"] = {"worker_num": 2, "local_worker_num": 2, "master_port": free_port()}
+    c = load_config("demo", over)
+    two = run_stage("grpo", c, inputs, root, tmp_path / "w2", log=lambda s: None)
+    (s1, w1, c1), (s2, w2, c2) = what_it_did(clean), what_it_did(two)
+    assert len(s1) == VARIANT["iterations"]
     assert s1 == s2 and c1 == c2
     for k, v in w1.items():
         np.testing.assert_allclose(w2[k], v, atol=2e-5, rtol=1e-4, err_msg=k)
