@@ -71,9 +71,16 @@ class RMSNorm(nn.Cell):
         return x * ops.rsqrt(mint.mean(x * x, -1, True) + self.eps) * self.weight
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
+def half_swap(hd: int) -> Tensor:
+    """(hd, hd) permutation P with x @ P = cat(x[half:], x[:half]): RoPE's rotate-half is
+    ``(x @ P) * sign``, and the sign is folded into the sine table (Transformer._embed), so a
+    rotation costs one matmul instead of two slices, a negation and a concat (each a slow
+    strided kernel on CPU)."""
+    h = hd // 2
+    p = np.zeros((hd, hd), np.float32)
+    p[np.arange(h) + h, np.arange(h)] = 1.0
+    p[np.arange(h), np.arange(h) + h] = 1.0
+    return Tensor(p)
 
 
 class Attention(nn.Cell):
@@ -94,41 +101,44 @@ class Attention(nn.Cell):
         )
         self.scale = 1.0 / math.sqrt(self.hd)
         self.rope = cfg.family == "llama"
+        self.swap = half_swap(self.hd) if self.rope else None
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
-
-    def _repeat_kv(self, x):
-        rep = self.n_heads // self.n_kv
-        if rep == 1:
-            return x
-        b, h, s, d = x.shape
-        return ops.broadcast_to(x[:, :, None], (b, h, rep, s, d)).reshape(b, h * rep, s, d)
 
     def _qk(self, x, b, t, query=None):
         q = self.q_proj(x if query is None else query).reshape(b, t, self.n_heads, self.hd)
         k = self.k_proj(x).reshape(b, t, self.n_kv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        # ops.transpose: Tensor.transpose's eager CPU path is ~2x slower for the same kernel
+        return ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 1, 3))
+
+    def _rope(self, x, cos, sin):
+        """x cos + rotate_half(x) sin, ``sin`` carrying rotate-half's sign (Transformer._embed)."""
+        return x * cos + ops.matmul(x, self.swap) * sin
 
     def construct(self, x, bias, cos, sin, past=None, query=None):
         """``query``: the input of the query projection when it is not ``x`` (Pangu-alpha's top
-        query layer); keys and values always come from ``x``."""
+        query layer); keys and values always come from ``x``. The query heads that share a kv
+        head are one batched matmul against it (heads h = j * rep + r read kv head j, as
+        Hugging Face's repeat_kv), so keys and values are never copied per query head."""
         b, t, _ = x.shape
         q, k = self._qk(x, b, t, query)
-        v = self.v_proj(x).reshape(b, t, self.n_kv, self.hd).transpose(0, 2, 1, 3)
+        v = ops.transpose(self.v_proj(x).reshape(b, t, self.n_kv, self.hd), (0, 2, 1, 3))
         if self.rope:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if past is not None:
             k = ops.cat((past[0], k), 2)
             v = ops.cat((past[1], v), 2)
         present = (k, v)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = ops.matmul(q, k.swapaxes(-1, -2)) * self.scale + bias
-        probs = ops.softmax(scores, -1)
-        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.hd)
+        s, rep = k.shape[2], self.n_heads // self.n_kv
+        scores = self.bmm_nt(q.reshape(b, self.n_kv, rep * t, self.hd), k) * self.scale
+        scores = scores.reshape(b, self.n_kv, rep, t, s) + bias[:, :, None]
+        probs = ops.softmax(scores, -1).reshape(b, self.n_kv, rep * t, s)
+        out = ops.matmul(probs, v).reshape(b, self.n_heads, t, self.hd)
+        out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out), present
 
     def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
@@ -142,8 +152,7 @@ class Attention(nn.Cell):
         q, k = self._qk(x, b, 1, query)
         v = self.v_proj(x).reshape(b, self.n_kv, self.hd)
         if self.rope:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         kt_cache = ops.scatter_nd_update(kt_cache, k_idx, k.reshape(-1))
         v_cache = ops.scatter_nd_update(v_cache, v_idx, v.reshape(b * self.n_kv, self.hd))
         scores = ops.bmm(q.reshape(b * self.n_kv, rep, self.hd), kt_cache) * self.scale + bias
@@ -224,6 +233,8 @@ class Transformer(nn.Cell):
         self.inv_freq = Tensor(
             (1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
         )
+        # rotate_half(x) = (x @ half_swap) * rot_sign; the sign rides on the sine table
+        self.rot_sign = Tensor(np.repeat(np.float32([-1.0, 1.0]), hd // 2))
 
     def construct(self, input_ids, attention_mask, past=None, segments=None):
         """``segments`` (B, T) for packed rows (mindrlhf/data/packing.py): the example each token
@@ -267,7 +278,7 @@ class Transformer(nn.Cell):
         else:
             freqs = positions.astype(self.inv_freq.dtype)[..., None] * self.inv_freq
             emb = ops.cat((freqs, freqs), -1)[:, None]
-            cos, sin = ops.cos(emb), ops.sin(emb)
+            cos, sin = ops.cos(emb), ops.sin(emb) * self.rot_sign  # sign: see half_swap
         return x, cos, sin
 
     def decode_static(self, input_ids, key_mask, pos, cache):
