@@ -129,7 +129,11 @@ def layer_parts_ours(args, cfg) -> dict:
     bias = Tensor(np.zeros((b, 1, t, t), np.float32))
     freqs = np.arange(t)[:, None] / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)
     emb = np.broadcast_to(np.concatenate([freqs, freqs], -1), (b, 1, t, hd))
-    cos, sin = Tensor(np.cos(emb).astype(np.float32)), Tensor(np.sin(emb).astype(np.float32))
+    sign = np.repeat([-1.0, 1.0], hd // 2)  # rotate-half's sign rides on the sine table
+    cos, sin = (
+        Tensor(np.cos(emb).astype(np.float32)),
+        Tensor((np.sin(emb) * sign).astype(np.float32)),
+    )
     block = Block(cfg, rng)
 
     def attn(h):
