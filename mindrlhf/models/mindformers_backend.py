@@ -25,11 +25,11 @@ head. The wrapper makes the two inputs ``LlamaModel.construct`` would otherwise 
 Weights. MindFormers' LLaMA keeps the Hugging Face layout: linears (out, in); RoPE rotating
 halves (``FreqsMgr`` builds concat(freqs, freqs) tables and ``RotaryEmbedding`` pairs x[i] with
 x[i + hd/2]: ``slice_half`` = concat(-x2, x1), or the same as a ``swap_mask`` matmul), so q/k rows
-need no permutation; query head h reads kv head h // (n_heads / n_kv_heads) (``_repeat_kv`` tiles
-each kv head rep times in a row), as ours. The mapping (:func:`name_map`) is therefore a rename,
-and the native decoder the wrapper keeps (``shared_decoder``) holds the very same Parameter
-objects: generation (our KV-cache decoder, compiled or eager) reads the weights MindFormers
-trains, with nothing copied at any time, and graphs compiled before an update see it.
+need no permutation; query head h reads kv head h // (n_heads / n_kv_heads) (MindFormers'
+``_repeat_kv`` tiles each kv head rep times in a row), as ours. The mapping (:func:`name_map`) is
+therefore a rename, and the native decoder the wrapper keeps (``shared_decoder``) holds the very
+same Parameter objects: generation (our KV-cache decoder, compiled or eager) reads the weights
+MindFormers trains, with nothing copied at any time, and graphs compiled before an update see it.
 
 CPU: MindSpore 2.9 has no CPU RmsNorm kernel and MindFormers' fp32 ``generate(use_past=True)``
 fails on CPU, so on CPU (and GPU) the model is built with ``fused_rms_norm=False``,
