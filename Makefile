@@ -9,6 +9,8 @@ export MINDRLHF_CACHE ?= $(CURDIR)/.cache
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_API_HOST ?= 127.0.0.1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# the temporary API server a flow starts waits 20 s by default: too short on a busy 2-core box
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export GLOG_v ?= 3
 
 export MINDRLHF_REPO := $(CURDIR)
