@@ -16,7 +16,7 @@ from mindspore import Tensor
 from conftest import randomize, tiny_model_cfg
 from mindrlhf.algos.sft import sft_loss
 from mindrlhf.config import GenerationConfig, OptimConfig
-from mindrlhf.models.decoder import CausalLM, load_state_dict, state_dict
+from mindrlhf.models.decoder import CausalLM, ScalarHeadModel, load_state_dict, state_dict
 from mindrlhf.models.generation import generate, left_pad
 from mindrlhf.runtime import Dist
 from mindrlhf.stages.common import Trainer
@@ -497,8 +497,8 @@ def test_sft_stage_loss_curve_equals_native(tmp_path):
 @pytest.mark.slow
 def test_rl_stages_run_unchanged_on_the_mindformers_backend(tmp_path):
     """The tiny chain (family llama) with model.backend: mindformers, every stage a real process:
-    SFT, RM (native critic/RM on the MindFormers SFT checkpoint), PPO, GRPO, reference log-probs
-    and DPO finish and write checkpoints in our names that the native decoder loads."""
+    SFT, RM (MindFormers backbone, our scalar head), PPO (its critic too), GRPO, reference
+    log-probs and DPO finish and write checkpoints in our names that the native models load."""
     from conftest import tiny_full_overrides
     from mindrlhf.config import load_config
     from mindrlhf.data.store import ArtifactStore
@@ -542,3 +542,51 @@ def test_rl_stages_run_unchanged_on_the_mindformers_backend(tmp_path):
     for ckpt in (sft, ppo["checkpoint"], grpo["checkpoint"], dpo["checkpoint"]):
         assert store.get(ckpt).meta["model"]["backend"] == "mindformers"
         load_state_dict(CausalLM(native_cfg, seed=0), store.read_checkpoint(ckpt))
+    load_state_dict(ScalarHeadModel(native_cfg, seed=0), store.read_checkpoint(rm["checkpoint"]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_critic_and_reward_model_equal_native(case, rng):
+    """The scalar-head model (critic / RM) on MindFormers' backbone: by our names the state dict
+    of ScalarHeadModel (so an RM moves across backends), the same seeded init, values within 1e-4
+    on left-padded rows and the gradient of every weight of a pairwise RM loss within 1e-4
+    relative."""
+    import mindspore as ms
+
+    from mindrlhf.algos.rm import bradley_terry_loss, gather_last
+    from mindrlhf.models.policy import build_scalar_head
+
+    cfg = mf_cfg(case)
+    ncfg = dataclasses.replace(cfg, backend="native")
+    mf, native = build_scalar_head(cfg, seed=3), build_scalar_head(ncfg, seed=3)
+    assert isinstance(native, ScalarHeadModel)
+    a, b = state_dict(mf), state_dict(native)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    w = randomize(native, seed=4, qk_scale=3.0)
+    load_state_dict(mf, w)
+    ids, mask = padded_batch(rng)
+    ids, mask = Tensor(ids), Tensor(mask)
+    np.testing.assert_allclose(
+        mf(ids, mask).asnumpy(), native(ids, mask).asnumpy(), atol=1e-4, rtol=0
+    )
+
+    def grads(model):
+        ours = getattr(model, "shared_decoder", model)
+        names = {id(p): n for n, p in ours.parameters_and_names()}
+        params = model.trainable_params()
+
+        def loss_fn(i, m):
+            r = gather_last(model(i, m), m)
+            return bradley_terry_loss(r[:2], r[2:])[0]
+
+        _, g = ms.value_and_grad(loss_fn, None, params)(ids, mask)
+        return {names[id(p)]: x.asnumpy() for p, x in zip(params, g)}
+
+    ga, gb = grads(mf), grads(native)
+    assert ga.keys() == gb.keys() == set(b)
+    # a pairwise loss does not see the head's bias (it cancels in r_chosen - r_rejected)
+    assert abs(ga.pop("score.bias")).max() < 1e-6 and abs(gb.pop("score.bias")).max() < 1e-6
+    for k in gb:
+        scale = np.abs(gb[k]).max()
+        assert scale > 0, k
+        assert np.abs(ga[k] - gb[k]).max() <= 1e-4 * scale, k

@@ -1,4 +1,6 @@
-"""MindFormers' LLaMA as the policy backend (``model.backend: mindformers``).
+"""MindFormers' LLaMA as a model backend (``model.backend: mindformers``): the policy and
+reference (:class:`MindFormersCausalLM`), the critic and reward model
+(:class:`MindFormersScalarHeadModel`).
 
 :class:`MindFormersCausalLM` wraps MindFormers 1.9's ``LlamaForCausalLM`` behind what the stages
 use of :class:`decoder.CausalLM`: ``model(input_ids, attention_mask) -> (logits, presents)``,
@@ -47,6 +49,7 @@ validated first, as for the native decoder.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -57,7 +60,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import ModelConfig, ParallelConfig
-from .decoder import NEG_INF, CausalLM
+from .decoder import NEG_INF, CausalLM, ScalarHeadModel
 
 # ---- weight mapping (plain NumPy: no MindFormers needed) ------------------------------------
 
@@ -294,3 +297,34 @@ class MindFormersCausalLM(nn.Cell):
         if last_only:
             h = h[:, -1:]
         return self.logits_from_hidden(h), None
+
+
+class MindFormersScalarHeadModel(nn.Cell):
+    """The critic / reward model on MindFormers' LLaMA: its decoder stack and final norm (as
+    MindRLHF builds its critic and reward model on a MindFormers backbone) under our scalar head,
+    ``score``, a value per position. Our names, state dicts and seeded init are
+    ``ScalarHeadModel``'s (``shared_decoder`` is one holding the very same Parameters), so an RM
+    trained on either backend loads into the other."""
+
+    shards_itself = True
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        seed: int = 0,
+        device_target: str | None = None,
+        parallel: ParallelConfig | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        # the backbone only: tied, so MindFormers holds no vocabulary head of its own to train
+        self.lm = MindFormersCausalLM(
+            dataclasses.replace(cfg, tie_embeddings=True), seed, device_target, parallel
+        )
+        native = ScalarHeadModel(cfg, seed)  # the same seeded backbone, then its score head
+        native.model = self.lm.shared_decoder.model  # MindFormers' Parameters, our names
+        self.score = native.score
+        object.__setattr__(self, "shared_decoder", native)
+
+    def construct(self, input_ids, attention_mask):
+        return self.score(self.lm.hidden(input_ids, attention_mask))[..., 0]

@@ -42,10 +42,9 @@ from ..algos.ppo import (
 from ..data.recipes import load_recipe
 from ..data.tokenizer import load_tokenizer
 from ..models import lora
-from ..models.decoder import ScalarHeadModel, load_state_dict
+from ..models.decoder import load_state_dict
 from ..models.generation import Generation
-from ..models.policy import build_policy
-from ..parallel import apply_parallel
+from ..models.policy import build_policy, build_scalar_head
 from .common import (
     NumericalError,
     RunCheckpoints,
@@ -164,8 +163,7 @@ def run(ctx: StageContext) -> None:
         ctx.store, ctx.inputs["sft"], cfg.model, train=False, parallel=cfg.parallel
     )
     reward, norm = load_reward_model(ctx.store, ctx.inputs["rm"], cfg.model)
-    critic = ScalarHeadModel(cfg.model, seed=0)
-    apply_parallel(critic, cfg.parallel)
+    critic = build_scalar_head(cfg.model, seed=0, parallel=cfg.parallel)
     load_state_dict(critic, lora.read_weights(ctx.store, ctx.inputs["rm"]), source="critic init")
     critic = lora.wrap(critic, cfg.model.lora, cfg.seed + 2, ctx.inputs["rm"], train=("score.",))
 

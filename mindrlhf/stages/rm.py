@@ -14,8 +14,8 @@ from ..algos.rm import bradley_terry_loss, gather_last
 from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..models import lora
-from ..models.decoder import ScalarHeadModel, backbone_state, load_state_dict
-from ..parallel import apply_parallel
+from ..models.decoder import backbone_state, load_state_dict
+from ..models.policy import build_scalar_head
 from .common import (
     RunCheckpoints,
     StageContext,
@@ -29,9 +29,10 @@ from .common import (
 )
 
 
-def load_reward_model(store, ckpt_id: str, model_cfg) -> tuple[ScalarHeadModel, dict]:
-    """A frozen reward model and its normalisation stats ({"mean", "std"} or {})."""
-    model = ScalarHeadModel(model_cfg, seed=0)
+def load_reward_model(store, ckpt_id: str, model_cfg) -> tuple:
+    """A frozen reward model of ``model_cfg.backend`` and its normalisation stats ({"mean",
+    "std"} or {})."""
+    model = build_scalar_head(model_cfg, seed=0)
     load_state_dict(model, lora.read_weights(store, ckpt_id), source=f"reward model {ckpt_id[:12]}")
     model.set_train(False)
     return model, store.get(ckpt_id, verify=False).meta.get("reward_norm", {})
@@ -81,8 +82,7 @@ def run(ctx: StageContext) -> None:
     tok = load_tokenizer(cfg.tokenizer)
     train = ctx.store.read_dataset(ctx.inputs["train"])
     heldout = ctx.store.read_dataset(ctx.inputs["heldout"])
-    model = ScalarHeadModel(cfg.model, seed=cfg.seed + 1)
-    apply_parallel(model, cfg.parallel)
+    model = build_scalar_head(cfg.model, seed=cfg.seed + 1, parallel=cfg.parallel)
     sft = backbone_state(lora.read_weights(ctx.store, ctx.inputs["sft"]))
     missing = load_state_dict(model, sft, strict=False, source=f"sft {ctx.inputs['sft'][:12]}")
     if any(not m.startswith("score.") for m in missing):
