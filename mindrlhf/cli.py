@@ -255,12 +255,12 @@ def cmd_init_config(args) -> int:
         if src.kind == "artifact" or src.where == "smollm2"
         else str(Path(src.where).resolve())
     )
-    try:
-        d = sources.derive_config(sources.Source(src.kind, where), args.store, args.n_heads)
-    except ValueError as e:
-        if args.n_heads is None and "n_heads" in str(e):
-            raise ValueError(f"{e} (init-config: pass --n-heads N)") from None
-        raise
+    if src.kind == "pangualpha" and not args.n_heads:
+        raise ValueError(
+            f"{args.model}: a Pangu-alpha checkpoint does not record its number of attention "
+            "heads; pass --n-heads N (Pangu-alpha 2.6B has 32, 13B has 40)"
+        )
+    d = sources.derive_config(sources.Source(src.kind, where), args.store, args.n_heads)
     derived = "  ".join(
         f"{k}: {getattr(d, k)}" for k in sources.DERIVED if getattr(d, k) not in (None, "")
     )
