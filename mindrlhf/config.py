@@ -687,8 +687,14 @@ class GenerationConfig:
     top_p: float = 1.0
     # decode steps as one compiled graph over a fixed-size KV cache (see models/generation.py)
     compiled: bool = True
+    # who decodes rollouts: "native" (our KV-cache generator, any backend) or "mindformers"
+    # (MindFormers' generate with use_past, Ascend only; model.backend: mindformers;
+    # models/mindformers_generation.py)
+    engine: Literal["native", "mindformers"] = "native"
 
     def validate(self, p: str = ""):
+        if self.engine not in ("native", "mindformers"):
+            raise ValueError(f"{p}engine must be native or mindformers, got {self.engine!r}")
         _positive(self.max_new_tokens, p + "max_new_tokens")
         _positive(self.temperature, p + "temperature")
         _non_negative(self.top_k, p + "top_k")
@@ -903,6 +909,19 @@ class Config:
             self.check_gate()
         if self.model.backend == "mindformers":
             self.check_mindformers()
+        if self.generation.engine == "mindformers":
+            if self.model.backend != "mindformers":
+                raise ValueError(
+                    "generation.engine: mindformers decodes with MindFormers' LlamaForCausalLM; "
+                    "it needs model.backend: mindformers (or generation.engine: native)"
+                )
+            if self.device_target != "Ascend":
+                raise ValueError(
+                    "generation.engine: mindformers (MindFormers' use_past incremental inference) "
+                    f"runs on Ascend only, device_target is {self.device_target}; its kernels "
+                    "(ApplyRotaryPosEmb, paged attention) have no CPU build. Use "
+                    "generation.engine: native: our KV-cache generator on the same weights"
+                )
         if self.parallel.mode == "semi_auto" and self.device_target != "Ascend":
             raise ValueError(
                 "parallel.mode semi_auto needs device_target: Ascend (graph-mode sharding); "

@@ -321,6 +321,18 @@ SEMI_AUTO = {  # 2 nodes x 8 NPUs: 2 data x 4 model x 2 pipeline (all different:
             {**SEMI_AUTO, "model.n_kv_heads": 2},
             "model.n_kv_heads",
         ),
+        (  # MindFormers' generate needs MindFormers' model
+            {"model.family": "llama", "generation.engine": "mindformers"},
+            "model.backend: mindformers",
+        ),
+        (  # and its use_past kernels an NPU
+            {
+                "model.family": "llama",
+                "model.backend": "mindformers",
+                "generation.engine": "mindformers",
+            },
+            "runs on Ascend only",
+        ),
     ],
 )
 def test_unsupported_settings_are_refused_naming_the_key(sets, key):
@@ -590,3 +602,105 @@ def test_critic_and_reward_model_equal_native(case, rng):
         scale = np.abs(gb[k]).max()
         assert scale > 0, k
         assert np.abs(ga[k] - gb[k]).max() <= 1e-4 * scale, k
+
+
+# ---- generation.engine: mindformers (MindFormers' own generate; use_past on Ascend) -----------
+
+
+def mf_engine(mf, rows: int):
+    """The MindFormers engine on ``mf``'s weights without use_past (its KV-cache kernels are
+    Ascend-only), greedy argmax by a CPU kernel: MindFormers' generate calls mint.argmax, whose
+    ArgMaxExt MindSpore 2.9 has no CPU build of. Everything else is MindFormers' own loop."""
+    from mindspore import ops
+
+    from mindrlhf.models.mindformers_generation import generator
+
+    eng = generator(mf, rows, use_past=False)
+    eng.net.argmax = lambda x, dim: ops.argmax(x, dim)
+    return eng
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mindformers_engine_greedy_equals_native_with_eos_and_left_padding(case, rng):
+    """MindFormers' generate on the policy's weights (left-padded prompts crossing to its right
+    padding and back, rows stopping at eos at different steps) gives the native generator's
+    sequences, attention mask and response mask exactly (tied: the head is the embedding)."""
+    mf, native, _ = pair(case, seed=4)
+    ids, mask = padded_batch(rng, lengths=(7, 3, 5))
+    gen = GenerationConfig(max_new_tokens=10, do_sample=False)
+    free = generate(native, ids, mask, gen, -1, 0).responses
+    eos = int(free[0, 4])  # row 0 stops at step 5; the others where (if) they meet it
+    ref = generate(native, ids, mask, gen, eos, 0)
+    assert ref.response_mask[0].sum() <= 5 and ref.response_mask.sum(1).max() > 5
+    got = mf_engine(mf, 3).generate(ids, mask, gen, eos, 0)
+    assert got.prompt_len == ref.prompt_len
+    np.testing.assert_array_equal(got.sequences, ref.sequences)
+    np.testing.assert_array_equal(got.attention_mask, ref.attention_mask)
+    np.testing.assert_array_equal(got.response_mask, ref.response_mask)
+
+
+def test_mindformers_engine_samples_the_policy_at_its_temperature():
+    """Sampled first tokens of one prompt, 2048 draws: their frequencies match softmax(logits / T)
+    of our forward (total variation ~0.07 of sampling noise; the law at T = 1, a dropped
+    temperature, is 0.3 away), and the same seed draws the same tokens."""
+    mf, native, _ = pair("llama_gqa", seed=4)
+    ids, mask = left_pad([[11, 23, 5, 42, 7]] * 2048, 0)
+    t = 0.4
+    gen = GenerationConfig(max_new_tokens=1, do_sample=True, temperature=t)
+    eng = mf_engine(mf, 2048)
+    got = eng.generate(ids, mask, gen, -1, 0, seed=5)
+    np.testing.assert_array_equal(
+        got.sequences[:64], eng.generate(ids[:64], mask[:64], gen, -1, 0, seed=5).sequences
+    )
+    logits = native(Tensor(ids[:1]), Tensor(mask[:1]))[0].asnumpy()[0, -1].astype(np.float64)
+    freq = np.bincount(got.responses[:, 0], minlength=logits.size) / len(got.responses)
+
+    def tv(temp):
+        p = np.exp((logits - logits.max()) / temp)
+        return 0.5 * np.abs(freq - p / p.sum()).sum()
+
+    assert tv(t) < 0.15, tv(t)
+    assert tv(1.0) > 0.2  # a law the check can tell apart
+
+
+def test_mindformers_engine_refusals_and_shared_weights():
+    """Off Ascend the use_past engine is refused naming the key; a prompt holding the pad id is
+    refused naming row and token; the use_past net builds (here too) on the policy's very
+    Parameters plus a KV cache of its own, regrown for a larger batch without copying weights."""
+    from mindrlhf.models.mindformers_generation import MindFormersGenerator, generator
+
+    mf, _, _ = pair("qwen2_bias")
+    with pytest.raises(RuntimeError, match="generation.engine: native"):
+        MindFormersGenerator(mf)
+    ids, mask = left_pad([[5, 6, 7], [8, 0, 9]], 0)
+    mask[1, 1] = 1  # token 0 there is the pad id as a real token
+    with pytest.raises(ValueError, match="prompt row 1, token 1"):
+        mf_engine(mf, 2).generate(ids, mask, GenerationConfig(max_new_tokens=2), -1, 0)
+
+    policy = {id(p) for p in mf.net.get_parameters()}
+    for rows in (2, 5):
+        eng = generator(mf, rows, use_past=True)
+        held = {id(p) for p in eng.net.get_parameters()}
+        assert policy <= held
+        cache = [p for p in eng.net.get_parameters() if id(p) not in policy]
+        assert cache and all("paged_attention_mgr" in p.name for p in cache)
+        blocks = rows * -(-mf.cfg.max_seq_len // eng.BLOCK)
+        assert all(p.shape[:2] == (blocks, eng.BLOCK) for p in cache), [p.shape for p in cache]
+        assert eng.capacity == rows
+    assert generator(mf, 3, use_past=True) is eng  # smaller batches reuse it
+
+
+def test_stages_route_rollouts_through_the_configured_engine():
+    """rollout sampling and greedy evaluation keep ``generation.engine`` (and ``compiled``)."""
+    from mindrlhf.stages.rollout import greedy_config, rollout_config
+
+    g = GenerationConfig(engine="mindformers", compiled=False, max_new_tokens=9, top_k=4)
+    r, e = rollout_config(g, temperature=0.7), greedy_config(g, 5)
+    assert (r.engine, r.compiled, r.do_sample, r.top_k, r.temperature) == (
+        "mindformers",
+        False,
+        True,
+        0,
+        0.7,
+    )
+    assert (e.engine, e.compiled, e.do_sample, e.max_new_tokens) == ("mindformers", False, False, 5)

@@ -115,7 +115,15 @@ def generate(
     """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``.
     ``row_ids``: each row's id in the whole batch (default 0..B-1), which keys its random stream.
     A model of another backend (``model.backend: mindformers``) decodes with its
-    ``shared_decoder``: our decoder on the same Parameter objects, so nothing is copied."""
+    ``shared_decoder``: our decoder on the same Parameter objects, so nothing is copied; with
+    ``gen.engine: mindformers``, MindFormers' own incremental inference decodes instead
+    (models/mindformers_generation.py; Ascend)."""
+    if gen.engine == "mindformers":
+        from .mindformers_generation import generator
+
+        return generator(model, len(prompt_ids)).generate(
+            prompt_ids, prompt_mask, gen, eos_id, pad_id, seed, row_ids
+        )
     model = getattr(model, "shared_decoder", model)
     model.set_train(False)
     b, p = prompt_ids.shape

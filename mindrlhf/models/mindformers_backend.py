@@ -33,8 +33,9 @@ therefore a rename, and the native decoder the wrapper keeps (``shared_decoder``
 same Parameter objects: generation (our KV-cache decoder, compiled or eager) reads the weights
 MindFormers trains, with nothing copied at any time, and graphs compiled before an update see it.
 
-CPU: MindSpore 2.9 has no CPU RmsNorm kernel and MindFormers' fp32 ``generate(use_past=True)``
-fails on CPU, so on CPU (and GPU) the model is built with ``fused_rms_norm=False``,
+CPU: MindSpore 2.9 has no CPU RmsNorm kernel and MindFormers' ``generate(use_past=True)`` has no
+CPU kernels (``generation.engine: mindformers``, models/mindformers_generation.py, runs it on
+Ascend), so on CPU (and GPU) the model is built with ``fused_rms_norm=False``,
 ``use_flash_attention=False``, ``use_rope_slice=True`` and float32 everywhere; on Ascend with the
 fused RmsNorm, flash attention (bfloat16 compute, float32 weights, norms, softmax and RoPE).
 

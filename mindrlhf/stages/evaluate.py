@@ -22,7 +22,14 @@ from .common import StageContext, stage_main
 from .grpo import rows_of
 from .ppo import load_policy, recipe_gold
 from .rm import load_reward_model, score_sequences
-from .rollout import decode_responses, response_logprobs, rollout_config, sample, score_mask
+from .rollout import (
+    decode_responses,
+    greedy_config,
+    response_logprobs,
+    rollout_config,
+    sample,
+    score_mask,
+)
 
 
 def load_judge(spec, weights=None):
@@ -42,9 +49,7 @@ def load_judge(spec, weights=None):
 def generation_config(ctx) -> GenerationConfig:
     ec, gen = ctx.cfg.evaluate, ctx.cfg.generation
     if ec.greedy:
-        return GenerationConfig(
-            max_new_tokens=ec.max_new_tokens, do_sample=False, compiled=gen.compiled
-        )
+        return greedy_config(gen, ec.max_new_tokens)
     return rollout_config(gen, max_new_tokens=ec.max_new_tokens)
 
 

@@ -22,7 +22,6 @@ import numpy as np
 from .. import rewards
 from ..algos.dapo import overlong_penalty
 from ..algos.estimators import ESTIMATORS, policy_loss
-from ..config import GenerationConfig
 from ..data.tokenizer import load_tokenizer
 from ..models import lora
 from ..models.generation import Generation
@@ -49,6 +48,7 @@ from .rollout import (
     RolloutLog,
     decode_responses,
     experience_table,
+    greedy_config,
     response_logprobs,
     rollout_config,
     sample,
@@ -86,7 +86,7 @@ def accuracy(
     """(mean reward, fraction with reward 1.0) over the first ``n`` rows of ``table``."""
     gc = ctx.cfg.grpo
     gen = (
-        GenerationConfig(max_new_tokens=gc.max_new_tokens, do_sample=False)
+        greedy_config(ctx.cfg.generation, gc.max_new_tokens)
         if greedy
         else rollout_config(ctx.cfg.generation, max_new_tokens=gc.max_new_tokens)
     )

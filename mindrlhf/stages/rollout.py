@@ -3,6 +3,7 @@ score them token by token with the policy, the reference and the critic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -27,13 +28,20 @@ def rollout_config(
 ) -> GenerationConfig:
     """Sampling for RL: the policy's own distribution at ``temperature``, no top-k/top-p
     truncation, so the log-probs the losses use are those of the tokens' true sampling law."""
-    return GenerationConfig(
+    return dataclasses.replace(
+        gen_cfg,
         max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens,
         do_sample=True,
         temperature=temperature,
         top_k=0,
         top_p=1.0,
-        compiled=gen_cfg.compiled,
+    )
+
+
+def greedy_config(gen_cfg, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding for evaluation, by the configured engine and compile setting."""
+    return dataclasses.replace(
+        gen_cfg, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0
     )
 
 
