@@ -37,10 +37,11 @@ STAGE_SECTIONS = {
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """sha256 over the library and recipe sources: a code change invalidates cached stages."""
+    """sha256 over the library and recipe sources (Python and C++ kernels): a code change
+    invalidates cached stages."""
     h = hashlib.sha256()
     for d in ("mindrlhf", "datasets"):
-        for p in sorted((REPO / d).rglob("*.py")):
+        for p in sorted([*(REPO / d).rglob("*.py"), *(REPO / d).rglob("*.cc")]):
             h.update(str(p.relative_to(REPO)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()

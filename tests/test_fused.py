@@ -1,0 +1,121 @@
+"""The fused CPU RMSNorm (models/fused.py, models/kernels/rmsnorm.cc): forward and gradients
+against a float64 NumPy RMSNorm written here, eagerly and compiled, on rows of very different
+scales, non-unit gains and a non-contiguous input; the composed fallback; the whole decoder the
+same with either."""
+
+import dataclasses
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Parameter, Tensor, ops
+
+from conftest import randomize, tiny_model_cfg
+from mindrlhf.models import fused
+from mindrlhf.models.decoder import CausalLM, RMSNorm, load_state_dict
+
+
+def reference(x, w, g, eps):
+    """y = x / rms(x) * w and, for the loss sum(y * g), dL/dx and dL/dw: float64 NumPy."""
+    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    d = x.shape[-1]
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    y = x * r * w
+    gw = g * w
+    dx = r * gw - x * r**3 * (gw * x).sum(-1, keepdims=True) / d
+    dw = (g * x * r).reshape(-1, d).sum(0)
+    return y, dx, dw
+
+
+def norm_with(w, eps, on: bool, monkeypatch):
+    monkeypatch.setenv("MINDRLHF_FUSED_RMSNORM", "1" if on else "0")
+    n = RMSNorm(w.size, eps)
+    n.weight.set_data(Tensor(w))
+    assert (n.fused is not None) == on
+    return n
+
+
+def grads(norm, x, g, compiled: bool):
+    def loss(x):
+        return (norm(x) * g).sum()
+
+    fn = ms.value_and_grad(loss, 0, norm.trainable_params())
+    if compiled:
+        fn = ms.jit(fn)
+    _, (dx, (dw,)) = fn(x)
+    return norm(x).asnumpy(), dx.asnumpy(), dw.asnumpy()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 64), (2, 7, 4, 16)])
+def test_fused_rmsnorm_equals_float64_reference(shape, compiled, monkeypatch):
+    r = np.random.default_rng(sum(shape))
+    x = r.normal(size=shape).astype(np.float32)
+    x[0, 0] *= 300.0  # rows of very different scales
+    x[-1, -1] *= 1e-3
+    w = r.normal(1.0, 0.3, shape[-1]).astype(np.float32)
+    g = r.normal(size=shape).astype(np.float32)
+    eps = 1e-5
+    y_ref, dx_ref, dw_ref = reference(x, w, g, eps)
+    y, dx, dw = grads(norm_with(w, eps, True, monkeypatch), Tensor(x), Tensor(g), compiled)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * np.abs(dw_ref).max())
+
+
+def test_fused_rmsnorm_reads_a_non_contiguous_input(monkeypatch):
+    """A transposed view (as a per-head norm can meet) is read in its logical layout."""
+    r = np.random.default_rng(3)
+    base = r.normal(size=(4, 16, 6)).astype(np.float32)
+    w = r.normal(1.0, 0.3, 16).astype(np.float32)
+    norm = norm_with(w, 1e-6, True, monkeypatch)
+    got = norm(ops.transpose(Tensor(base), (0, 2, 1))).asnumpy()
+    want, _, _ = reference(base.transpose(0, 2, 1), w, np.zeros((4, 6, 16)), 1e-6)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+def test_switched_off_it_is_the_composed_norm(monkeypatch):
+    r = np.random.default_rng(4)
+    x = r.normal(size=(2, 3, 32)).astype(np.float32)
+    w = r.normal(1.0, 0.3, 32).astype(np.float32)
+    off = norm_with(w, 1e-5, False, monkeypatch)(Tensor(x)).asnumpy()
+    composed = fused.composed(Tensor(x), Parameter(Tensor(w)), 1e-5).asnumpy()
+    np.testing.assert_array_equal(off, composed)
+    np.testing.assert_allclose(off, reference(x, w, x, 1e-5)[0], rtol=2e-6, atol=2e-6)
+
+
+def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINDRLHF_CACHE", str(tmp_path))
+    lib = fused.library()
+    assert lib.parent == tmp_path / "kernels" and lib.stat().st_size > 0
+    stamp = lib.stat().st_mtime_ns
+    assert fused.library() == lib and lib.stat().st_mtime_ns == stamp
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temp file left
+
+
+def test_decoder_with_fused_norms_equals_composed(monkeypatch):
+    """A LLaMA-family decoder (random non-unit norms, Qwen3's per-head q/k norms too): logits and
+    every gradient of a token loss with the fused norms equal the composed ones."""
+    cfg = tiny_model_cfg("llama", qk_norm=True)
+    monkeypatch.setenv("MINDRLHF_FUSED_RMSNORM", "0")
+    slow = CausalLM(cfg, seed=0)
+    w = randomize(slow, seed=2, qk_scale=2.0)
+    monkeypatch.setenv("MINDRLHF_FUSED_RMSNORM", "1")
+    fast = CausalLM(dataclasses.replace(cfg), seed=5)
+    load_state_dict(fast, w)
+    assert fast.model.norm.fused is not None and slow.model.norm.fused is None
+    r = np.random.default_rng(0)
+    ids = Tensor(r.integers(1, cfg.vocab_size, (3, 11)).astype(np.int32))
+    mask = Tensor(np.ones((3, 11), np.int32))
+    out = []
+    for m in (fast, slow):
+
+        def loss(ids, mask, m=m):
+            logits, _ = m(ids, mask)
+            return ops.log_softmax(logits, -1)[:, :, 3].mean()
+
+        v, gs = ms.value_and_grad(loss, None, m.trainable_params())(ids, mask)
+        out.append((m(ids, mask)[0].asnumpy(), [g.asnumpy() for g in gs]))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
