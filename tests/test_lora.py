@@ -333,7 +333,14 @@ def test_every_training_stage_writes_adapters_on_its_base(tiny_chain, tmp_path, 
     from mindrlhf.launch import run_stage
     from mindrlhf.models.decoder import ScalarHeadModel
 
-    cfg = lora_chain(tiny_chain)
+    sections = {}
+    if stage == "grpo":  # a reward that differs within a group, so advantages are never all 0
+        (tmp_path / "r.py").write_text(
+            "def length(prompts, completions, **_):\n"
+            "    return [len(c) / 10.0 for c in completions]\n"
+        )
+        sections["grpo"] = {"reward": f"python:{tmp_path / 'r.py'}:length"}
+    cfg = lora_chain(tiny_chain, **sections)
     inputs = stage_inputs(tiny_chain, stage)
     res = run_stage(stage, cfg, inputs, tiny_chain.root, tmp_path / stage, log=lambda s: None)
     store = ArtifactStore(tiny_chain.root)
