@@ -1,6 +1,6 @@
 """The fused CPU RMSNorm (models/fused.py) against the composed one, in one process, interleaved:
 two SmolLM2-135M-shaped decoders holding the same random weights, one built with
-``MINDRLHF_FUSED_RMSNORM=0``; each measurement alternates between them and keeps each side's
+``MINDRLHF_FUSED_KERNELS=0``; each measurement alternates between them and keeps each side's
 best, so the machine's drift hits both alike.
 
 - ``norm``: one RMSNorm on a (batch, length, 576) input, forward and forward + backward;
@@ -65,10 +65,10 @@ def main() -> None:
     cfg = ModelConfig(**SMOLLM2, max_seq_len=max(args.length, 64))
     models, norms = {}, {}
     for side, flag in (("composed", "0"), ("fused", "1")):
-        os.environ["MINDRLHF_FUSED_RMSNORM"] = flag
+        os.environ["MINDRLHF_FUSED_KERNELS"] = flag
         models[side] = CausalLM(cfg, seed=0)
         norms[side] = RMSNorm(cfg.d_model, cfg.norm_eps)
-    os.environ.pop("MINDRLHF_FUSED_RMSNORM")
+    os.environ.pop("MINDRLHF_FUSED_KERNELS")
     assert models["fused"].model.norm.fused is not None, "the fused kernel did not build"
     load_state_dict(models["fused"], state_dict(models["composed"]))
 

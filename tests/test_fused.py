@@ -1,7 +1,9 @@
-"""The fused CPU RMSNorm (models/fused.py, models/kernels/rmsnorm.cc): forward and gradients
-against a float64 NumPy RMSNorm written here, eagerly and compiled, on rows of very different
-scales, non-unit gains and a non-contiguous input; the composed fallback; the whole decoder the
-same with either."""
+"""The fused CPU kernels (models/fused.py, models/kernels/cpu_ops.cc). RMSNorm: forward and
+gradients against a float64 NumPy RMSNorm written here, eagerly and compiled, on rows of very
+different scales, non-unit gains and a non-contiguous input. RoPE: forward and gradient against
+a float64 NumPy rotate-half written here, with arbitrary (not cos/sin-shaped) tables, so every
+element's partner and sign is checked. The composed fallback; the whole decoder the same with
+either."""
 
 import dataclasses
 
@@ -11,8 +13,10 @@ import pytest
 from mindspore import Parameter, Tensor, ops
 
 from conftest import randomize, tiny_model_cfg
+from mindrlhf.config import GenerationConfig
 from mindrlhf.models import fused
 from mindrlhf.models.decoder import CausalLM, RMSNorm, load_state_dict
+from mindrlhf.models.generation import generate, left_pad
 
 
 def reference(x, w, g, eps):
@@ -28,7 +32,7 @@ def reference(x, w, g, eps):
 
 
 def norm_with(w, eps, on: bool, monkeypatch):
-    monkeypatch.setenv("MINDRLHF_FUSED_RMSNORM", "1" if on else "0")
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1" if on else "0")
     n = RMSNorm(w.size, eps)
     n.weight.set_data(Tensor(w))
     assert (n.fused is not None) == on
@@ -74,6 +78,47 @@ def test_fused_rmsnorm_reads_a_non_contiguous_input(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
 
 
+def rope_reference(x, cos, sin):
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = cat(x[D/2:], x[:D/2]) -- ``sin``
+    carries rotate-half's sign, as decoder.Transformer._embed builds it; and for the loss
+    sum(y * g), dL/dx."""
+    x, cos, sin = (np.asarray(a, np.float64) for a in (x, cos, sin))
+    half = x.shape[-1] // 2
+
+    def swap(a):
+        return np.concatenate([a[..., half:], a[..., :half]], -1)
+
+    return x * cos + swap(x) * sin, lambda g: g * cos + swap(g * sin)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_rope_equals_float64_reference(compiled, monkeypatch):
+    from mindrlhf.models.decoder import Attention
+
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1")
+    cfg = tiny_model_cfg("llama", d_model=48, n_heads=3, n_kv_heads=3)
+    attn = Attention(cfg, np.random.default_rng(0))
+    assert attn.fused_rope is not None
+    r = np.random.default_rng(1)
+    base = r.normal(size=(2, 5, 3, 16)).astype(np.float32)  # (B, T, H, D): read transposed
+    cos, sin = (r.normal(size=(2, 1, 5, 16)).astype(np.float32) for _ in range(2))
+    g = r.normal(size=(2, 3, 5, 16)).astype(np.float32)
+    want, back = rope_reference(base.transpose(0, 2, 1, 3), cos, sin)
+
+    def loss(x):
+        return (
+            attn._rope(ops.transpose(x, (0, 2, 1, 3)), Tensor(cos), Tensor(sin)) * Tensor(g)
+        ).sum()
+
+    fn = ms.value_and_grad(loss, 0)
+    if compiled:
+        fn = ms.jit(fn)
+    _, dx = fn(Tensor(base))
+    got = attn._rope(ops.transpose(Tensor(base), (0, 2, 1, 3)), Tensor(cos), Tensor(sin))
+    np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx.asnumpy(), back(g).transpose(0, 2, 1, 3), rtol=1e-6, atol=1e-6)
+
+
 def test_switched_off_it_is_the_composed_norm(monkeypatch):
     r = np.random.default_rng(4)
     x = r.normal(size=(2, 3, 32)).astype(np.float32)
@@ -94,16 +139,18 @@ def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_decoder_with_fused_norms_equals_composed(monkeypatch):
-    """A LLaMA-family decoder (random non-unit norms, Qwen3's per-head q/k norms too): logits and
-    every gradient of a token loss with the fused norms equal the composed ones."""
+    """A LLaMA-family decoder (random non-unit norms, Qwen3's per-head q/k norms too, RoPE): logits
+    and every gradient of a token loss with the fused kernels equal the composed ones, and so do
+    cached greedy generations."""
     cfg = tiny_model_cfg("llama", qk_norm=True)
-    monkeypatch.setenv("MINDRLHF_FUSED_RMSNORM", "0")
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "0")
     slow = CausalLM(cfg, seed=0)
     w = randomize(slow, seed=2, qk_scale=2.0)
-    monkeypatch.setenv("MINDRLHF_FUSED_RMSNORM", "1")
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1")
     fast = CausalLM(dataclasses.replace(cfg), seed=5)
     load_state_dict(fast, w)
     assert fast.model.norm.fused is not None and slow.model.norm.fused is None
+    assert fast.model.layers[0].attn.fused_rope is not None
     r = np.random.default_rng(0)
     ids = Tensor(r.integers(1, cfg.vocab_size, (3, 11)).astype(np.int32))
     mask = Tensor(np.ones((3, 11), np.int32))
@@ -119,3 +166,7 @@ def test_decoder_with_fused_norms_equals_composed(monkeypatch):
     np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(out[0][1], out[1][1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False)
+    seqs = [generate(m, pid, pmask, gen, -1, 0).sequences for m in (fast, slow)]
+    np.testing.assert_array_equal(*seqs)

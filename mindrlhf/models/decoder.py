@@ -109,6 +109,7 @@ class Attention(nn.Cell):
         self.scale = 1.0 / math.sqrt(self.hd)
         self.rope = cfg.family == "llama"
         self.swap = half_swap(self.hd) if self.rope else None
+        self.fused_rope = fused.forward_op("rope") if self.rope else None
         self.bmm_nt = ops.BatchMatMul(transpose_b=True)
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
@@ -123,7 +124,10 @@ class Attention(nn.Cell):
         return ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 1, 3))
 
     def _rope(self, x, cos, sin):
-        """x cos + rotate_half(x) sin, ``sin`` carrying rotate-half's sign (Transformer._embed)."""
+        """x cos + rotate_half(x) sin, ``sin`` carrying rotate-half's sign (Transformer._embed):
+        one fused kernel each way on the CPU in float32 (models/fused.py)."""
+        if self.fused_rope is not None and x.dtype == ms.float32 and cos.shape[1] == 1:
+            return self.fused_rope(x, cos, sin)
         return x * cos + ops.matmul(x, self.swap) * sin
 
     def construct(self, x, bias, cos, sin, past=None, query=None):

@@ -1,18 +1,21 @@
-"""A fused RMSNorm for the CPU: one MindSpore AOT custom operator forward, one backward.
+"""Fused CPU kernels of the decoder, RMSNorm and RoPE: each one MindSpore AOT custom operator
+forward and one backward.
 
 MindSpore 2.9's CPU build has no RmsNorm kernel, so ``x * rsqrt(mean(x*x) + eps) * w`` runs as
 five broadcasting kernels forward and about twice as many backward -- eagerly one dispatch each.
 At SmolLM2's shape (32 x 24 x 576) that is ~11 ms forward and ~30 ms forward + backward per norm,
-61 norms a step. ``kernels/rmsnorm.cc`` does each direction in one pass over the rows (sums in
+61 norms a step. ``kernels/cpu_ops.cc`` does each direction in one pass over the rows (sums in
 double, every row computed the same way whatever the batch around it); ``ops.Custom`` runs it
-eagerly and inside ``mindspore.jit`` graphs, its ``bprop`` the backward kernel.
+eagerly and inside ``mindspore.jit`` graphs, its ``bprop`` the backward kernel. RoPE likewise:
+``x * cos + rotate_half(x) * sin`` (two broadcasting muls, a permutation matmul and an add, on q
+and on k in every layer) as one pass, its backward another.
 
 The source is compiled with the system C++ compiler on first use into the cache directory
 (``$MINDRLHF_CACHE/kernels``, named by the source's sha256 and the machine, written to a temp
 file and renamed, so concurrent stage processes agree). Where it cannot be used -- not a CPU, no
-compiler, a dtype other than float32, or ``MINDRLHF_FUSED_RMSNORM=0`` -- ``decoder.RMSNorm`` runs
-the composed expression (:func:`composed`), which the kernel equals to float rounding
-(tests/test_fused.py).
+compiler, a dtype other than float32, or ``MINDRLHF_FUSED_KERNELS=0`` -- the decoder runs the
+composed expressions (:func:`composed`, ``Attention._rope``), which the kernels equal to float
+rounding (tests/test_fused.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import mint, ops
 
-SOURCE = Path(__file__).with_name("kernels") / "rmsnorm.cc"
+SOURCE = Path(__file__).with_name("kernels") / "cpu_ops.cc"
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++14"]
 log = logging.getLogger(__name__)
 
@@ -44,14 +47,14 @@ def library() -> Path:
     """The compiled kernel library, built on first use (see the module docstring)."""
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src + " ".join(FLAGS).encode() + platform.machine().encode())
-    out = _cache_dir() / f"rmsnorm-{tag.hexdigest()[:16]}.so"
+    out = _cache_dir() / f"cpu_ops-{tag.hexdigest()[:16]}.so"
     if out.exists():
         return out
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) to build the fused RMSNorm")
+        raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) to build the fused CPU kernels")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".rmsnorm.", suffix=".so")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".cpu_ops.", suffix=".so")
     os.close(fd)
     try:
         r = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
@@ -67,11 +70,12 @@ def library() -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("MINDRLHF_FUSED_RMSNORM", "1") != "0"
+    return os.environ.get("MINDRLHF_FUSED_KERNELS", "1") != "0"
 
 
 def _ops():
-    """(forward, backward) Custom ops, or None where the kernel cannot run here."""
+    """{"rms_norm": forward, "rope": forward} Custom ops (each with its backward as bprop), or
+    None where the kernels cannot run here."""
     if "ops" in _state:
         return _state["ops"]
     _state["ops"] = None
@@ -80,38 +84,56 @@ def _ops():
     try:
         lib = str(library())
     except (OSError, RuntimeError) as e:
-        log.warning("fused RMSNorm unavailable, using the composed one: %s", e)
+        log.warning("fused CPU kernels unavailable, using the composed operators: %s", e)
         return None
-    backward = ops.Custom(
+    norm_backward = ops.Custom(
         f"{lib}:RmsNormBackward",
         out_shape=lambda x, w, rstd, dy: (x, w),
         out_dtype=lambda x, w, rstd, dy: (x, w),
         func_type="aot",
     )
 
-    def bprop(x, w, eps, out, dout):
-        dx, dw = backward(x, w, out[1], dout[0])
+    def norm_bprop(x, w, eps, out, dout):
+        dx, dw = norm_backward(x, w, out[1], dout[0])
         return dx, dw, ops.zeros_like(eps)
 
-    forward = ops.Custom(
+    norm = ops.Custom(
         f"{lib}:RmsNormForward",
         out_shape=lambda x, w, eps: (x, x[:-1] + [1]),
         out_dtype=lambda x, w, eps: (x, x),
         func_type="aot",
-        bprop=bprop,
+        bprop=norm_bprop,
     )
-    _state["ops"] = (forward, backward)
+    rope_backward = ops.Custom(
+        f"{lib}:RopeBackward",
+        out_shape=lambda dy, cos, sin: dy,
+        out_dtype=lambda dy, cos, sin: dy,
+        func_type="aot",
+    )
+
+    def rope_bprop(x, cos, sin, out, dout):
+        return rope_backward(dout, cos, sin), ops.zeros_like(cos), ops.zeros_like(sin)
+
+    rope = ops.Custom(
+        f"{lib}:RopeForward",
+        out_shape=lambda x, cos, sin: x,
+        out_dtype=lambda x, cos, sin: x,
+        func_type="aot",
+        bprop=rope_bprop,
+    )
+    _state["ops"] = {"rms_norm": norm, "rope": rope}
     return _state["ops"]
 
 
-def forward_op():
-    """The fused RMSNorm forward (a Custom op taking x, weight, eps as a (1,) float32 Tensor and
-    returning (y, rstd)), or None where it cannot run here or is switched off. Resolved when a
-    model is built, so a compiled graph sees a constant choice."""
+def forward_op(name: str = "rms_norm"):
+    """The fused forward ``name`` -- ``rms_norm`` (x, weight, eps as a (1,) float32 Tensor ->
+    (y, rstd)) or ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y) -- or None where it
+    cannot run here or is switched off. Resolved when a model is built, so a compiled graph sees
+    a constant choice."""
     if not enabled():
         return None
     fused = _ops()
-    return None if fused is None else fused[0]
+    return None if fused is None else fused[name]
 
 
 def composed(x, weight, eps: float):

@@ -1,8 +1,10 @@
-// RMSNorm forward and backward as MindSpore AOT custom operators for the CPU (models/fused.py).
-// MindSpore 2.9's CPU build has no RmsNorm kernel: composed of mul / mean / rsqrt / mul / mul, each
-// a broadcasting kernel and, eagerly, one dispatch each, a SmolLM2 step's 61 norms cost ~28% of it.
+// Fused CPU kernels of the decoder as MindSpore AOT custom operators (models/fused.py): RMSNorm and
+// RoPE, forward and backward. MindSpore 2.9's CPU build has no RmsNorm kernel; composed of
+// mul / mean / rsqrt / mul / mul (and RoPE of two broadcasting muls, a permutation matmul and an
+// add), each a broadcasting kernel and, eagerly, one dispatch each, they cost a SmolLM2 step ~28%
+// (the norms) and ~20% of each attention layer (RoPE).
 //
-// Over the last axis of x (rows = every other axis), float32 only:
+// RMSNorm, over the last axis of x (rows = every other axis), float32 only:
 //   rstd = 1 / sqrt(mean(x^2) + eps)          y = x * rstd * w
 //   dx = rstd * (dy * w) - x * rstd^3 * mean(dy * w * x)          dw = sum over rows of dy * x * rstd
 // Sums accumulate in double; every row is computed the same way whatever the batch around it.
@@ -73,4 +75,50 @@ extern "C" int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **
   }
   for (int64_t j = 0; j < d; ++j) dw[j] = static_cast<float>(acc[j]);
   return 0;
+}
+
+// RoPE in the rotate-half layout: x (B, H, T, D), cos and sin (B, 1, T, D), sin carrying
+// rotate-half's sign (decoder.Transformer._embed); swap(x)[j] = x[(j + D/2) % D]:
+//   y = x * cos + swap(x) * sin          dx = dy * cos + swap(dy * sin)   (swap is its own inverse)
+namespace {
+int rope(void **params, int *ndims, int64_t **shapes, bool backward) {
+  if (ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4) return 2;
+  const int64_t b = shapes[0][0], h = shapes[0][1], t = shapes[0][2], d = shapes[0][3];
+  if (d % 2 || shapes[1][0] != b || shapes[1][1] != 1 || shapes[1][2] != t || shapes[1][3] != d)
+    return 3;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *cs = static_cast<const float *>(params[1]);
+  const float *sn = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t half = d / 2;
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t hi = 0; hi < h; ++hi)
+      for (int64_t ti = 0; ti < t; ++ti) {
+        const float *c = cs + (bi * t + ti) * d, *s = sn + (bi * t + ti) * d;
+        const float *xr = x + ((bi * h + hi) * t + ti) * d;
+        float *yr = y + ((bi * h + hi) * t + ti) * d;
+        if (!backward) {
+          for (int64_t j = 0; j < half; ++j) yr[j] = xr[j] * c[j] + xr[j + half] * s[j];
+          for (int64_t j = half; j < d; ++j) yr[j] = xr[j] * c[j] + xr[j - half] * s[j];
+        } else {  // x is dy here
+          for (int64_t j = 0; j < half; ++j) yr[j] = xr[j] * c[j] + xr[j + half] * s[j + half];
+          for (int64_t j = half; j < d; ++j) yr[j] = xr[j] * c[j] + xr[j - half] * s[j - half];
+        }
+      }
+  return 0;
+}
+}  // namespace
+
+// inputs x, cos, sin; output y
+extern "C" int RopeForward(int nparam, void **params, int *ndims, int64_t **shapes,
+                           const char **dtypes, void *stream, void *extra) {
+  if (nparam != 4 || !all_float32(nparam, dtypes)) return 1;
+  return rope(params, ndims, shapes, false);
+}
+
+// inputs dy, cos, sin; output dx
+extern "C" int RopeBackward(int nparam, void **params, int *ndims, int64_t **shapes,
+                            const char **dtypes, void *stream, void *extra) {
+  if (nparam != 4 || !all_float32(nparam, dtypes)) return 1;
+  return rope(params, ndims, shapes, true);
 }
