@@ -1,9 +1,10 @@
-"""The fused CPU RMSNorm (models/fused.py) against the composed one, in one process, interleaved:
-two SmolLM2-135M-shaped decoders holding the same random weights, one built with
-``MINDRLHF_FUSED_KERNELS=0``; each measurement alternates between them and keeps each side's
-best, so the machine's drift hits both alike.
+"""The fused CPU kernels (models/fused.py: RMSNorm, RoPE) against the composed operators, in one
+process, interleaved: two SmolLM2-135M-shaped decoders holding the same random weights, one
+built with ``MINDRLHF_FUSED_KERNELS=0``; each measurement alternates between them and keeps each
+side's best, so the machine's drift hits both alike.
 
 - ``norm``: one RMSNorm on a (batch, length, 576) input, forward and forward + backward;
+- ``rope``: RoPE on one layer's queries (batch, 9, length, 64), forward and forward + backward;
 - ``forward``: log-probs of the last ``--new`` positions (GRPO's scoring pass), no grad;
 - ``step``: the same plus the backward (GRPO's update without the optimizer);
 - ``generate``: ``--rows`` rollouts of ``--new`` tokens from ``--length - --new``-token prompts,
@@ -11,7 +12,7 @@ best, so the machine's drift hits both alike.
 
 Eager (PyNative, as the stages train SmolLM2) unless ``--compiled``. Prints one JSON object.
 
-    .venv/bin/python bench/fused_rmsnorm.py [--batch 32 --length 24 --new 8 --rows 64 --reps 4]
+    .venv/bin/python bench/fused_kernels.py [--batch 32 --length 24 --new 8 --rows 64 --reps 4]
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def main() -> None:
         os.environ["MINDRLHF_FUSED_KERNELS"] = flag
         models[side] = CausalLM(cfg, seed=0)
         norms[side] = RMSNorm(cfg.d_model, cfg.norm_eps)
+    assert models["composed"].model.layers[0].attn.fused_rope is None
     os.environ.pop("MINDRLHF_FUSED_KERNELS")
-    assert models["fused"].model.norm.fused is not None, "the fused kernel did not build"
+    assert models["fused"].model.norm.fused is not None, "the fused kernels did not build"
     load_state_dict(models["fused"], state_dict(models["composed"]))
 
     rng = np.random.default_rng(0)
@@ -77,6 +79,9 @@ def main() -> None:
     mask = Tensor(np.ones((args.batch, args.length), np.int32))
     p = args.length - args.new
     x = Tensor(rng.standard_normal((args.batch, args.length, cfg.d_model)).astype(np.float32))
+    q = Tensor(rng.standard_normal((args.batch, cfg.n_heads, args.length, 64)).astype(np.float32))
+    angle = rng.uniform(0, 6.3, (args.batch, 1, args.length, 64)).astype(np.float32)
+    cos, sin = Tensor(np.cos(angle)), Tensor(np.sin(angle))
     wrap = ms.jit if args.compiled else (lambda f: f)
 
     def passes(side):
@@ -88,13 +93,22 @@ def main() -> None:
         def norm_loss(x):
             return (n(x) * x).sum()
 
+        attn = m.model.layers[0].attn
+
+        def rope_loss(q):
+            return (attn._rope(q, cos, sin) * q).sum()
+
         grad = wrap(ms.value_and_grad(loss, None, m.trainable_params()))
         norm_grad = wrap(ms.value_and_grad(norm_loss, 0, n.trainable_params()))
         fwd = wrap(lambda s, k: response_logprobs(m, s, k, p))
         norm_fwd = wrap(lambda x: n(x))
+        rope_grad = wrap(ms.value_and_grad(rope_loss, 0))
+        rope_fwd = wrap(lambda q: attn._rope(q, cos, sin))
         return {
             "norm_fwd": lambda: norm_fwd(x).asnumpy(),
             "norm_step": lambda: norm_grad(x)[0].asnumpy(),
+            "rope_fwd": lambda: rope_fwd(q).asnumpy(),
+            "rope_step": lambda: rope_grad(q)[0].asnumpy(),
             "forward": lambda: fwd(ids, mask).asnumpy(),
             "step": lambda: grad(ids, mask)[0].asnumpy(),
         }
@@ -106,8 +120,8 @@ def main() -> None:
             np.abs(fns["fused"]["forward"]() - fns["composed"]["forward"]()).max()
         )
     }
-    for what in ("norm_fwd", "norm_step", "forward", "step"):
-        reps = args.reps * 3 if what.startswith("norm") else args.reps
+    for what in ("norm_fwd", "norm_step", "rope_fwd", "rope_step", "forward", "step"):
+        reps = args.reps * 3 if what.startswith(("norm", "rope")) else args.reps
         t = interleaved({s: fns[s][what] for s in models}, reps)
         out[what] = {
             "composed_ms": round(t["composed"] * 1e3, 2),
