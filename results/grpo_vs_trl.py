@@ -19,6 +19,7 @@ training (each side's clock from its process start, model loading and mid-run ev
 included, before- and after-evaluations not).
 
     .venv/bin/python results/grpo_vs_trl.py [--iterations 24] [--eval-every 4]
+        [--trl-runs same_update,stock_adamw]
 
 Prints JSON (also results/grpo_vs_trl.json) and writes results/grpo_vs_trl.png."""
 
@@ -97,8 +98,17 @@ def evaluate(hf_dir: Path, cfg, rows: dict, tok, max_new_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     add_args(ap)
+    ap.add_argument(
+        "--trl-runs",
+        default="same_update,stock_adamw",
+        help="which TRL runs: same_update (MindSpore's AdamWeightDecay rule in torch, the "
+        "like-for-like one) and/or stock_adamw (torch AdamW at the same lr)",
+    )
     ap.set_defaults(iterations=24, eval_every=4)
     args = ap.parse_args()
+    runs = [r for r in TRL_RUNS if r[0] in args.trl_runs.split(",")]
+    if not runs:
+        ap.error(f"--trl-runs names none of {[k for k, _ in TRL_RUNS]}")
 
     ours = run_ours(args)
     o, cfg, store, tok = ours["out"], ours["cfg"], ours["store"], ours["tok"]
@@ -154,7 +164,7 @@ def main() -> None:
 
     # the same update rule (MindSpore's AdamWeightDecay, no bias correction) first: the
     # like-for-like comparison; then TRL as shipped (torch AdamW) at the same nominal lr
-    trls = {"same_update": run_trl("ms_adamw"), "stock_adamw": run_trl("torch_adamw")}
+    trls = {k: run_trl(opt) for k, opt in runs}
 
     from mindrlhf.runtime import init_runtime
 
@@ -165,7 +175,7 @@ def main() -> None:
         return evaluate(d, cfg, heldout, tok, gc.max_new_tokens)
 
     final = {"start": ev(start), "ours": ev(mine)}
-    final.update({f"trl_{k}": ev(work / f"trl-{opt}") for k, opt in TRL_RUNS})
+    final.update({f"trl_{k}": ev(work / f"trl-{opt}") for k, opt in runs})
     import shutil
 
     for d in (work, data.parent):  # four fp32 copies of the model and TRL's output dirs: ~2 GB
@@ -184,7 +194,7 @@ def main() -> None:
             "adam_eps": 1e-6,
             "updates_per_iteration": gc.prompts_per_iter * gc.group_size // gc.mini_batch,
         },
-        "trl_impl": trls["same_update"]["impl"],
+        "trl_impl": next(iter(trls.values()))["impl"],
         "common_evaluator_greedy_accuracy": final,
         "ours_stage_evaluator_greedy_accuracy": {
             "before": o["greedy_accuracy_before"],
@@ -198,7 +208,7 @@ def main() -> None:
             "kl_per_iteration": o["kl_per_iteration"],
         },
     }
-    for k, _ in TRL_RUNS:
+    for k, _ in runs:
         t = trls[k]
         target = final[f"trl_{k}"]
         reach = next((s for s, a in ours_curve if a >= target), None)
@@ -230,7 +240,9 @@ def main() -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
     series = [("mindrlhf-flow (MindSpore)", out["ours"])] + [
-        (f"TRL, {label}", out[f"trl_{k}"]) for (k, _), label in zip(TRL_RUNS, TRL_LABELS)
+        (f"TRL, {label}", out[f"trl_{k}"])
+        for (k, _), label in zip(TRL_RUNS, TRL_LABELS)
+        if f"trl_{k}" in out
     ]
     for name, side in series:
         curve = side["accuracy_vs_wall_s"]
