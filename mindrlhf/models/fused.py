@@ -36,7 +36,7 @@ SOURCE = Path(__file__).with_name("kernels") / "cpu_ops.cc"
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++14"]
 log = logging.getLogger(__name__)
 
-_state: dict = {}  # "ops": (forward, backward) Custom ops, or None when unavailable
+_state: dict = {}  # "ops": {"rms_norm": ..., "rope": ...} Custom ops, or None when unavailable
 
 
 def _cache_dir() -> Path:
