@@ -100,6 +100,16 @@ def sample_next(logits: np.ndarray, gen: GenerationConfig, rng) -> np.ndarray:
     return np.minimum(idx, logits.shape[-1] - 1).astype(np.int32)
 
 
+def check_fits(model_cfg, prompt_len: int, max_new_tokens: int) -> None:
+    """A prompt block and its responses must fit the model's positions."""
+    limit = model_cfg.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_seq_len ({limit})"
+        )
+
+
 def generate(
     model,
     prompt_ids: np.ndarray,
@@ -129,11 +139,7 @@ def generate(
     b, p = prompt_ids.shape
     rng = row_streams(seed, range(b) if row_ids is None else row_ids)
     n = gen.max_new_tokens
-    limit = model.cfg.max_seq_len
-    if p + n > limit:
-        raise ValueError(
-            f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len ({limit})"
-        )
+    check_fits(model.cfg, p, n)
     seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
     mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
     compiled = gen.compiled if compiled is None else compiled

@@ -41,7 +41,7 @@ import copy
 
 import numpy as np
 
-from .generation import Generation
+from .generation import Generation, check_fits
 
 CPU_REFUSAL = (
     "generation.engine: mindformers runs MindFormers' incremental inference (use_past: paged "
@@ -170,11 +170,7 @@ class MindFormersGenerator:
     ) -> Generation:
         b, p = prompt_ids.shape
         n = gen.max_new_tokens
-        if p + n > self.model.cfg.max_seq_len:
-            raise ValueError(
-                f"prompt ({p}) + max_new_tokens ({n}) exceeds the model's max_seq_len "
-                f"({self.model.cfg.max_seq_len})"
-            )
+        check_fits(self.model.cfg, p, n)
         ids = right_padded(prompt_ids, prompt_mask, pad_id)
         if b > self.capacity:
             raise ValueError(f"a batch of {b} rows in a generator built for {self.capacity}")
