@@ -67,10 +67,12 @@ data:
     - {kind: prompts, path: data/math.jsonl, name: math, fields: {prompt: q, answer: a}}
 pipeline:
   stages: [prepare, sft, rm, ppo, grpo, dpo, online_dpo]
-sft: {steps: 6, batch_size: 4, ckpt_every: 3, log_every: 2, eval_batches: 1, lr: 0.001}
-rm: {steps: 4, batch_size: 4, ckpt_every: 2, log_every: 2}
+# a few steps of a small model: eager steps and decoding (compiling per shape would cost more)
+sft: {steps: 6, batch_size: 4, ckpt_every: 3, log_every: 2, eval_batches: 1, lr: 0.001,
+      compiled: false}
+rm: {steps: 4, batch_size: 4, ckpt_every: 2, log_every: 2, compiled: false}
 ppo: {prompts: math, iterations: 2, rollout_batch: 4, mini_batch: 2, ppo_epochs: 1, ckpt_every: 1,
-      eval_prompts: 4}
+      eval_prompts: 4, compiled: false}
 grpo:
   prompts: math
   reward: [python:reward.py:correct, python:reward.py:brevity]
@@ -82,7 +84,8 @@ grpo:
   max_new_tokens: 8
   ckpt_every: 1
   eval_prompts: 4
-dpo: {steps: 4, batch_size: 4, ckpt_every: 2, log_every: 2}
+  compiled: false
+dpo: {steps: 4, batch_size: 4, ckpt_every: 2, log_every: 2, compiled: false}
 online_dpo:
   prompts: math
   judge: [python:reward.py:correct, python:reward.py:brevity]   # ranks each sampled pair
@@ -90,7 +93,7 @@ online_dpo:
   prompts_per_round: 4
   steps_per_round: 2
   eval_prompts: 4
-generation: {max_new_tokens: 8}
+generation: {max_new_tokens: 8, compiled: false}
 """
 
 TOPICS = [
