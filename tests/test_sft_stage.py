@@ -52,7 +52,9 @@ def test_sft_loss_falls_and_writes_checkpoint(prepared, tmp_path):
 
 def test_killed_stage_resumes_to_identical_artifact(prepared, tmp_path):
     root, inputs = prepared
-    cfg = load_config("demo", tiny_overrides(root, steps=6, ckpt_every=2))
+    # compiled, as the shipped demo trains (the tiny configs are eager elsewhere): a resumed
+    # compiled step must continue exactly too
+    cfg = load_config("demo", tiny_overrides(root, steps=6, ckpt_every=2, compiled=True))
     clean = run_stage("sft", cfg, inputs, root, tmp_path / "clean", log=lambda s: None)
 
     run_dir = tmp_path / "crash"
