@@ -60,7 +60,9 @@ def make_pairs(n: int, target_tokens: int) -> list[dict]:
     return out
 
 
-def ours(pairs, args, compiled: bool) -> dict:
+def ours(pairs, args, mode: str) -> dict:
+    """``mode``: compiled (the step one graph), pynative (eager), layers (eager, each decoder
+    layer one shared graph: dpo.layer_graphs)."""
     import mindspore as ms  # noqa: F401
     import pyarrow as pa
     from mindspore import Tensor
@@ -68,10 +70,14 @@ def ours(pairs, args, compiled: bool) -> dict:
     from mindrlhf.config import DPOConfig
     from mindrlhf.data.tokenize import pair_batch, tokenize_pairs
     from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.models import decoder
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
     from mindrlhf.stages.dpo import make_dpo_loss, pair_logps
+
+    compiled, layers = mode == "compiled", mode == "layers"
+    decoder.LAYER_GRAPHS = layers  # as a stage with dpo.layer_graphs sets it
 
     cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
@@ -81,7 +87,7 @@ def ours(pairs, args, compiled: bool) -> dict:
         ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
     )
     del ref  # the pipeline computes these in their own stage (reflogp): no reference in memory
-    dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled)
+    dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled, layer_graphs=layers)
     trainer = Trainer(
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
     )
@@ -103,7 +109,8 @@ def ours(pairs, args, compiled: bool) -> dict:
         times.append(time.perf_counter() - t)
         tokens.append(int(bt["attention_mask"].sum()))
     timed, toks = times[1:], tokens[1:]
-    new_shape = [compiled and x not in shapes[:i] for i, x in enumerate(shapes)][1:]
+    graphs = compiled or layers
+    new_shape = [graphs and x not in shapes[:i] for i, x in enumerate(shapes)][1:]
     steady = [t for t, new in zip(timed, new_shape) if not new]
     n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
     # what the steady steps executed: chosen and rejected rows at their padded length, logits at
@@ -112,7 +119,8 @@ def ours(pairs, args, compiled: bool) -> dict:
         train_flops(cfg, r, n) for r, n, new in zip(rows[1:], shapes[1:], new_shape) if not new
     )
     return {
-        "impl": f"mindrlhf-flow / mindspore 2.9.0 {'compiled (jit)' if compiled else 'PyNative'}",
+        "impl": "mindrlhf-flow / mindspore 2.9.0 "
+        + {"compiled": "compiled (jit)", "pynative": "PyNative", "layers": "layer graphs"}[mode],
         "steps": len(timed),
         "padded_lengths": shapes,
         "compiles": int(sum(new_shape)),
@@ -144,7 +152,8 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="compiled,pynative",
-        help="our configurations to time (compiled = default)",
+        help="our configurations to time: compiled (the default), pynative, layers (eager step, "
+        "each decoder layer one shared graph)",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
@@ -154,7 +163,7 @@ def main() -> None:
 
         init_runtime("CPU")
         peak = matmul_peak_gflops()
-        r = ours(pairs, args, compiled=args.child == "compiled")
+        r = ours(pairs, args, args.child)
         r["mfu"] = round(r["achieved_gflops"] / peak["gflops"], 3)
         r["matmul_peak_gflops"] = round(peak["gflops"], 1)
         r["matmul_peak_by_size"] = peak["by_size"]

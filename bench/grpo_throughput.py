@@ -19,8 +19,9 @@ artifact-store write of the rollout and the evaluation passes are left out. It r
 ``--modes`` entry, each in its own process (its own peak RSS): ``compiled`` is the default
 configuration (decode step and training step as ``mindspore.jit`` graphs, generation.compiled /
 grpo.compiled), ``pynative`` the same with both off, ``decode`` compiled decoding with an eager
-training step (the smollm2-135m profile's setting). Graph compilation happens in the warm-up
-iteration, which is not timed (as TRL's), and is reported as ``warmup_iter_s``.
+training step, ``layers`` that with each decoder layer one compiled graph shared by all layers
+in the eager training and scoring passes (grpo.layer_graphs). Graph compilation happens in the
+warm-up iteration, which is not timed (as TRL's), and is reported as ``warmup_iter_s``.
 
 ``--shape smollm2`` times SmolLM2-135M's shape and vocabulary (LLaMA, 30 layers, d=576, 9 heads /
 3 kv heads, 49,152 tokens; random weights, its own tokenizer on both sides; the peer a
@@ -58,7 +59,8 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     """Our iteration in ``mode``: compiled (decode and training steps as graphs), pynative
     (neither), decode (compiled decoding, eager training and scoring: the smollm2-135m profile's
     setting, where a compiled SmolLM2 training step costs ~7 GB per batch length)."""
-    compiled, gen_compiled = mode == "compiled", mode in ("compiled", "decode")
+    compiled, gen_compiled = mode == "compiled", mode in ("compiled", "decode", "layers")
+    layers = mode == "layers"
     from types import SimpleNamespace
 
     import mindspore as ms  # noqa: F401
@@ -67,6 +69,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     from mindrlhf.algos.grpo import group_advantages, grpo_loss
     from mindrlhf.config import GenerationConfig, GRPOConfig
     from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.models import decoder
     from mindrlhf.models.decoder import CausalLM
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
@@ -82,6 +85,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
 
     cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
+    decoder.LAYER_GRAPHS = layers  # as a stage with grpo.layer_graphs sets it
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     ref.set_train(False)
     batch = args.prompts * args.group
@@ -96,6 +100,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
         max_new_tokens=args.new_tokens,
         iterations=args.iters + 1,
         compiled=compiled,
+        layer_graphs=layers,
     )
     gc.validate()
     gen = rollout_config(
@@ -232,7 +237,8 @@ def main() -> None:
         "--modes",
         default="compiled,pynative",
         help="our configurations to time: compiled (the default), pynative, decode (compiled "
-        "decoding, eager training)",
+        "decoding, eager training), layers (compiled decoding, eager training and scoring with "
+        "each decoder layer one shared graph: grpo.layer_graphs)",
     )
     ap.add_argument("--skip-peer", action="store_true", help="only our side")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process

@@ -322,6 +322,11 @@ class OptimConfig:
     # per input shape, so batch lengths are padded up to a multiple of pad_multiple
     compiled: bool = True
     pad_multiple: int = 8
+    # with compiled: false, each decoder layer of the stage's models still runs as one compiled
+    # graph, forward and backward, shared by all layers (models/decoder.py use_layer_graphs): it
+    # compiles in seconds per shape where the whole step takes minutes and gigabytes at
+    # SmolLM2's size, and skips most of the per-operator cost of eager steps and scoring
+    layer_graphs: bool = False
 
     def validate(self, p: str = ""):
         _positive(self.lr, p + "lr")
@@ -332,8 +337,8 @@ class OptimConfig:
 
     @property
     def pad_to(self) -> int:
-        """The multiple batch lengths are padded up to: only the compiled step gains from it."""
-        return self.pad_multiple if self.compiled else 1
+        """The multiple batch lengths are padded up to: only compiled graphs gain from it."""
+        return self.pad_multiple if self.compiled or self.layer_graphs else 1
 
 
 @dataclass
@@ -909,6 +914,7 @@ class Config:
             self.check_gate()
         if self.model.backend == "mindformers":
             self.check_mindformers()
+        self.check_layer_graphs()
         if self.generation.engine == "mindformers":
             if self.model.backend != "mindformers":
                 raise ValueError(
@@ -1025,6 +1031,29 @@ class Config:
                 f"parallel.model_parallel ({p.model_parallel}): MindFormers' LLaMA splits the "
                 "key/value heads model_parallel ways"
             )
+
+    def check_layer_graphs(self) -> None:
+        """``<stage>.layer_graphs`` is for our decoder's eager steps: refused where it would not
+        run, naming the key."""
+        for name in ("sft", "rm", "ppo", "grpo", "dpo"):
+            sec = getattr(self, name)
+            if not sec.layer_graphs:
+                continue
+            if sec.compiled:
+                raise ValueError(
+                    f"{name}.layer_graphs: the step is already one compiled graph "
+                    f"({name}.compiled: true); layer graphs are for {name}.compiled: false"
+                )
+            if self.model.backend != "native":
+                raise ValueError(
+                    f"{name}.layer_graphs runs our decoder's layers as graphs; model.backend is "
+                    f"{self.model.backend!r} (use model.backend: native)"
+                )
+            if self.model.lora is not None:
+                raise ValueError(
+                    f"{name}.layer_graphs: LoRA-wrapped layers run eagerly (model.lora is set); "
+                    f"turn {name}.layer_graphs off"
+                )
 
     def check_gate(self):
         cand, metric = self.promote.candidate, self.promote.metric

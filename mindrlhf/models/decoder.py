@@ -26,6 +26,10 @@ from . import fused
 
 NEG_INF = -1e9
 
+# Set per stage process from its section's ``layer_graphs`` (stages/common.start_stage): every
+# Transformer built afterwards runs its layers as shared graphs when called eagerly.
+LAYER_GRAPHS = False
+
 
 def _init(rng: np.random.Generator, shape, std: float) -> Parameter:
     return Parameter(Tensor(rng.normal(0.0, std, shape).astype(np.float32)))
@@ -40,17 +44,38 @@ class Linear(nn.Cell):
         super().__init__()
         self.weight = _init(rng, (d_out, d_in), std)
         self.bias = _const((d_out,), 0.0) if bias else None
+        self.n_w = 2 if bias else 1
         self.mm = ops.MatMul(transpose_b=True)
 
-    def construct(self, x):
+    def weights(self) -> tuple:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    def construct(self, x, w=None):
+        """``w``: this cell's :meth:`weights` passed in (a layer graph, see Transformer) instead of
+        read from ``self``."""
+        weight, bias = self.weight, self.bias
+        if w is not None:
+            weight = w[0]
+            bias = w[1] if len(w) > 1 else None
         lead = x.shape[:-1]
-        y = self.mm(x.reshape(-1, x.shape[-1]), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.mm(x.reshape(-1, x.shape[-1]), weight)
+        if bias is not None:
+            y = y + bias
         return y.reshape(*lead, -1)
 
 
+def _offsets(*cells) -> tuple:
+    """Where each cell's weights start in the concatenation of their ``weights()`` tuples, and
+    (last) where they end: Python ints, so slicing by them costs a layer graph nothing."""
+    at = [0]
+    for c in cells:
+        at.append(at[-1] + c.n_w)
+    return tuple(at)
+
+
 class LayerNorm(nn.Cell):
+    n_w = 2
+
     def __init__(self, d: int, eps: float):
         super().__init__()
         self.weight = _const((d,), 1.0)
@@ -58,12 +83,19 @@ class LayerNorm(nn.Cell):
         # the fused primitive is ~8x faster on CPU than composing mean/var/rsqrt
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
-    def construct(self, x):
-        return self.norm(x, self.weight, self.bias)[0]
+    def weights(self) -> tuple:
+        return (self.weight, self.bias)
+
+    def construct(self, x, w=None):
+        if w is None:
+            return self.norm(x, self.weight, self.bias)[0]
+        return self.norm(x, w[0], w[1])[0]
 
 
 class RMSNorm(nn.Cell):
     """On the CPU in float32, one fused kernel each way (models/fused.py); else composed."""
+
+    n_w = 1
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -72,10 +104,14 @@ class RMSNorm(nn.Cell):
         self.fused = fused.forward_op()
         self.eps_t = Tensor(np.array([eps], np.float32))
 
-    def construct(self, x):
+    def weights(self) -> tuple:
+        return (self.weight,)
+
+    def construct(self, x, w=None):
+        weight = self.weight if w is None else w[0]
         if self.fused is not None and x.dtype == ms.float32:
-            return self.fused(x, self.weight, self.eps_t)[0]
-        return fused.composed(x, self.weight, self.eps)
+            return self.fused(x, weight, self.eps_t)[0]
+        return fused.composed(x, weight, self.eps)
 
 
 def half_swap(hd: int) -> Tensor:
@@ -114,12 +150,26 @@ class Attention(nn.Cell):
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.w_at = _offsets(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        self.n_w = self.w_at[-1] + (2 if cfg.qk_norm else 0)
 
-    def _qk(self, x, b, t, query=None):
-        q = self.q_proj(x if query is None else query).reshape(b, t, self.n_heads, self.hd)
-        k = self.k_proj(x).reshape(b, t, self.n_kv, self.hd)
+    def weights(self) -> tuple:
+        """q, k, v, o projections' weights (and biases), then q/k norms': one flat tuple."""
+        w = self.q_proj.weights() + self.k_proj.weights() + self.v_proj.weights()
+        w = w + self.o_proj.weights()
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            w = w + self.q_norm.weights() + self.k_norm.weights()
+        return w
+
+    def _qk(self, x, b, t, query=None, w=None):
+        wq = wk = wqn = wkn = None
+        if w is not None:
+            o = self.w_at  # where each part starts in weights(), constants of a graph
+            wq, wk, wqn, wkn = w[: o[1]], w[o[1] : o[2]], w[o[4] : o[4] + 1], w[o[4] + 1 :]
+        q = self.q_proj(x if query is None else query, wq).reshape(b, t, self.n_heads, self.hd)
+        k = self.k_proj(x, wk).reshape(b, t, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, wqn), self.k_norm(k, wkn)
         # ops.transpose: Tensor.transpose's eager CPU path is ~2x slower for the same kernel
         return ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 1, 3))
 
@@ -130,14 +180,19 @@ class Attention(nn.Cell):
             return self.fused_rope(x, cos, sin)
         return x * cos + ops.matmul(x, self.swap) * sin
 
-    def construct(self, x, bias, cos, sin, past=None, query=None):
+    def construct(self, x, bias, cos, sin, past=None, query=None, w=None):
         """``query``: the input of the query projection when it is not ``x`` (Pangu-alpha's top
         query layer); keys and values always come from ``x``. The query heads that share a kv
         head are one batched matmul against it (heads h = j * rep + r read kv head j, as
-        Hugging Face's repeat_kv), so keys and values are never copied per query head."""
+        Hugging Face's repeat_kv), so keys and values are never copied per query head.
+        ``w``: :meth:`weights` passed in (a layer graph) instead of read from the sub-cells."""
         b, t, _ = x.shape
-        q, k = self._qk(x, b, t, query)
-        v = ops.transpose(self.v_proj(x).reshape(b, t, self.n_kv, self.hd), (0, 2, 1, 3))
+        wv = wo = None
+        if w is not None:
+            o = self.w_at
+            wv, wo = w[o[2] : o[3]], w[o[3] : o[4]]
+        q, k = self._qk(x, b, t, query, w)
+        v = ops.transpose(self.v_proj(x, wv).reshape(b, t, self.n_kv, self.hd), (0, 2, 1, 3))
         if self.rope:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if past is not None:
@@ -150,7 +205,7 @@ class Attention(nn.Cell):
         probs = ops.softmax(scores, -1).reshape(b, self.n_kv, rep * t, s)
         out = ops.matmul(probs, v).reshape(b, self.n_heads, t, self.hd)
         out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, t, self.n_heads * self.hd)
-        return self.o_proj(out), present
+        return self.o_proj(out, wo), present
 
     def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
         """One new token against a fixed-size cache held in Parameters and updated in place:
@@ -187,13 +242,24 @@ class MLP(nn.Cell):
             self.gate_proj = Linear(d, f, False, rng, std)
             self.up_proj = Linear(d, f, False, rng, std)
             self.down_proj = Linear(f, d, False, rng, out_std)
+        self.w_at = _offsets(self.up_proj, self.down_proj)
+        self.n_w = self.w_at[-1] + (0 if self.gate_proj is None else 1)
 
-    def construct(self, x):
+    def weights(self) -> tuple:
+        """up, down (and gate) projections' weights and biases: one flat tuple."""
+        w = self.up_proj.weights() + self.down_proj.weights()
+        return w if self.gate_proj is None else w + self.gate_proj.weights()
+
+    def construct(self, x, w=None):
+        wu = wd = wg = None
+        if w is not None:
+            o = self.w_at
+            wu, wd, wg = w[: o[1]], w[o[1] : o[2]], w[o[2] :]
         if self.fast_gelu:
-            return self.down_proj(ops.fast_gelu(self.up_proj(x)))
+            return self.down_proj(ops.fast_gelu(self.up_proj(x, wu)), wd)
         if self.gpt2:
-            return self.down_proj(ops.gelu(self.up_proj(x), approximate="tanh"))
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(ops.gelu(self.up_proj(x, wu), approximate="tanh"), wd)
+        return self.down_proj(ops.silu(self.gate_proj(x, wg)) * self.up_proj(x, wu), wd)
 
 
 class Block(nn.Cell):
@@ -204,11 +270,23 @@ class Block(nn.Cell):
         self.attn = Attention(cfg, rng)
         self.mlp_norm = norm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rng)
+        self.w_at = _offsets(self.attn_norm, self.attn, self.mlp_norm, self.mlp)
 
-    def construct(self, x, bias, cos, sin, past=None, query=None):
-        a, present = self.attn(self.attn_norm(x), bias, cos, sin, past, query)
+    def weights(self) -> tuple:
+        """Every weight of the layer, one flat tuple in the order ``construct``'s ``w`` reads them:
+        what a layer graph (Transformer.use_layer_graphs) takes as its inputs. (Flat: MindSpore
+        2.9 cannot differentiate a graph through nested tuple inputs.)"""
+        w = self.attn_norm.weights() + self.attn.weights() + self.mlp_norm.weights()
+        return w + self.mlp.weights()
+
+    def construct(self, x, bias, cos, sin, past=None, query=None, w=None):
+        wn1 = wa = wn2 = wm = None
+        if w is not None:
+            o = self.w_at
+            wn1, wa, wn2, wm = w[: o[1]], w[o[1] : o[2]], w[o[2] : o[3]], w[o[3] :]
+        a, present = self.attn(self.attn_norm(x, wn1), bias, cos, sin, past, query, wa)
         x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x, wn2), wm)
         return x, present
 
     def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
@@ -221,6 +299,8 @@ class Block(nn.Cell):
 class Transformer(nn.Cell):
     """Embeddings + blocks + final norm (+ Pangu-alpha's top query layer): hidden states (B, T, d)
     and the updated KV cache, one entry per layer, the top query layer's last."""
+
+    layer_graphs = None  # see use_layer_graphs
 
     def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         super().__init__()
@@ -246,6 +326,8 @@ class Transformer(nn.Cell):
         )
         # rotate_half(x) = (x @ half_swap) * rot_sign; the sign rides on the sine table
         self.rot_sign = Tensor(np.repeat(np.float32([-1.0, 1.0]), hd // 2))
+        if LAYER_GRAPHS:
+            self.use_layer_graphs()
 
     def construct(self, input_ids, attention_mask, past=None, segments=None):
         """``segments`` (B, T) for packed rows (mindrlhf/data/packing.py): the example each token
@@ -271,7 +353,13 @@ class Transformer(nn.Cell):
         x, cos, sin = self._embed(input_ids, positions)
         presents = []
         for i, layer in enumerate(self.layers):
-            x, present = layer(x, bias, cos, sin, None if past is None else past[i])
+            if self.layer_graphs is not None and past is None:
+                # Parameter.value(): a Parameter argument keys the graph by its name, and
+                # every layer would compile its own
+                w = [p.value() for p in layer.weights()]
+                x, present = self.layer_graphs(x, bias, cos, sin, *w)
+            else:
+                x, present = layer(x, bias, cos, sin, None if past is None else past[i])
             presents.append(present)
         h = self.norm(x)
         if self.top_query_layer is not None:
@@ -280,6 +368,23 @@ class Transformer(nn.Cell):
             )
             presents.append(present)
         return h, presents
+
+    def use_layer_graphs(self, on: bool = True) -> None:
+        """Eagerly (PyNative), run every decoder layer as one compiled graph -- forward and, under
+        a gradient, backward -- instead of ~40 operators dispatched one by one: the graph takes the
+        layer's weights as inputs, so all layers share it and it compiles once per input shape
+        (seconds), where compiling the whole model per shape takes minutes and gigabytes. Not
+        for LoRA-wrapped layers (lora._rebuild does not carry it) or cached decoding."""
+        graph = self.__dict__.get("_layer_graph")  # kept: a new function compiles anew
+        if graph is None and on:
+            template = self.layers[0]
+
+            def layer_graph(x, bias, cos, sin, *w):
+                return template(x, bias, cos, sin, None, None, w)
+
+            graph = ms.jit(layer_graph)
+            object.__setattr__(self, "_layer_graph", graph)
+        object.__setattr__(self, "layer_graphs", graph if on else None)
 
     def _embed(self, input_ids, positions):
         x = ops.gather(self.embed_tokens, input_ids, 0)

@@ -48,7 +48,9 @@ class LoraLinear(nn.Cell):
         self.scale = float(scale)
         self.dropout = float(dropout)
 
-    def construct(self, x):
+    def construct(self, x, w=None):
+        """``w``: as Linear's, but always None here: layer graphs are refused with LoRA (config
+        check_layer_graphs), so the weights are read from ``self``."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         y = self.mm(x2, self.weight)

@@ -123,6 +123,12 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
     configure_from(
         cfg.resources, host_memory_bytes(cfg), log=lambda s: print(f"[{name}] {s}", flush=True)
     )
+    section = getattr(cfg, {"online_dpo": "dpo"}.get(name, name), None)
+    if mindspore and getattr(section, "layer_graphs", False):
+        from ..models import decoder
+
+        decoder.LAYER_GRAPHS = True  # the models this stage builds (config.OptimConfig)
+        print(f"[{name}] layer graphs: each decoder layer runs as one compiled graph", flush=True)
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(

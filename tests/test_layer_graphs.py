@@ -1,0 +1,212 @@
+"""Layer graphs (``<stage>.layer_graphs``, models/decoder.py ``Transformer.use_layer_graphs``):
+eager passes that run each decoder layer as one compiled graph taking the layer's weights as
+inputs. The same model with and without them gives the same logits, KV cache, gradients and
+greedy generations -- for each family and weight layout (GQA, q/k norms, q/k/v biases, GPT-2
+biases and LayerNorms, Pangu-alpha's top query layer, packed rows), with trained-looking random
+weights so a weight read from the wrong slot shows; one graph serves every layer; inside a whole
+compiled step they are the same too; a stage takes the setting from its section."""
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, ops
+
+from conftest import randomize, tiny_model_cfg
+from mindrlhf.config import GenerationConfig, load_config
+from mindrlhf.models.decoder import CausalLM, ScalarHeadModel
+from mindrlhf.models.generation import generate, left_pad
+
+FAMILIES = {
+    # grouped kv heads, per-head q/k norms, q/k/v biases, an untied head: every slot of weights()
+    "llama-qwen3": dict(
+        family="llama", n_layers=3, qk_norm=True, qkv_bias=True, tie_embeddings=False
+    ),
+    "llama": dict(family="llama", n_layers=3),
+    "gpt2": dict(family="gpt2", n_layers=3),
+    "pangualpha": dict(family="pangualpha", n_layers=3),
+}
+
+
+def passes(model, ids, mask, segments=None):
+    """Logits, the KV cache and the gradient of every parameter for a loss that reads every
+    position, eagerly."""
+
+    def loss(ids, mask):
+        logits, _ = model(ids, mask, segments=segments)
+        return (
+            ops.log_softmax(logits, -1)[:, :, 3]
+            * Tensor(np.linspace(0.5, 2.0, 11, dtype=np.float32))
+        ).sum()
+
+    logits, presents = model(ids, mask, segments=segments)
+    _, grads = ms.value_and_grad(loss, None, model.trainable_params())(ids, mask)
+    kv = [t.asnumpy() for p in presents for t in p]
+    return logits.asnumpy(), kv, [g.asnumpy() for g in grads]
+
+
+def phases(name: str) -> int:
+    """How many graphs MindSpore has compiled from functions called ``name``."""
+    from mindspore.graph import api
+
+    return sum(f".{name}." in p or p.startswith(name) for p in api.ms_compile_cache)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layer_graphs_give_the_eager_model_exactly(family):
+    cfg = tiny_model_cfg(**FAMILIES[family])
+    model = CausalLM(cfg, seed=3)
+    randomize(model, seed=4, qk_scale=3.0)
+    r = np.random.default_rng(1)
+    ids = Tensor(r.integers(1, cfg.vocab_size, (3, 11)).astype(np.int32))
+    m = np.ones((3, 11), np.int32)
+    m[1, :4] = 0  # a left-padded row
+    mask = Tensor(m)
+    eager = passes(model, ids, mask)
+    model.model.use_layer_graphs()
+    graphs = passes(model, ids, mask)
+    np.testing.assert_allclose(graphs[0], eager[0], rtol=1e-5, atol=1e-5)
+    assert len(graphs[1]) == len(eager[1]) == 2 * cfg.n_layers
+    for a, b in zip(graphs[1], eager[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for (name, _), a, b in zip(model.parameters_and_names(), graphs[2], eager[2]):
+        # a key bias's gradient is zero but for rounding (softmax ignores a per-query shift)
+        tol = max(1e-4 * np.abs(b).max(), 1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=tol, err_msg=name)
+    # generation: the prompt forward through the layer graphs, cached decoding after it
+    pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False)
+    with_graphs = generate(model, pid, pmask, gen, -1, 0, compiled=False).sequences
+    model.model.use_layer_graphs(False)
+    np.testing.assert_array_equal(
+        with_graphs, generate(model, pid, pmask, gen, -1, 0, compiled=False).sequences
+    )
+
+
+def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
+    cfg = tiny_model_cfg("llama", n_layers=2, qkv_bias=True)
+    critic = ScalarHeadModel(cfg, seed=2)
+    randomize(critic, seed=6)
+    r = np.random.default_rng(2)
+    ids = Tensor(r.integers(1, cfg.vocab_size, (2, 11)).astype(np.int32))
+    mask = Tensor(np.ones((2, 11), np.int32))
+    seg = Tensor(np.array([[1] * 4 + [2] * 5 + [0] * 2, [1] * 7 + [2] * 4], np.int32))
+
+    def run():
+        def loss(ids, mask):
+            h, _ = critic.model(ids, mask, segments=seg)
+            return (critic.score(h)[..., 0] ** 2).sum()
+
+        v, g = ms.value_and_grad(loss, None, critic.trainable_params())(ids, mask)
+        return float(v.asnumpy()), [x.asnumpy() for x in g], critic(ids, mask).asnumpy()
+
+    eager = run()
+    critic.model.use_layer_graphs()
+    graphs = run()
+    assert graphs[0] == pytest.approx(eager[0], rel=1e-5)
+    np.testing.assert_allclose(graphs[2], eager[2], rtol=1e-5, atol=1e-5)
+    for a, b in zip(graphs[1], eager[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_one_graph_serves_every_layer():
+    """The layers' weights are the graph's inputs, so a 4-layer model compiles the layer once
+    for a shape (a Parameter argument would key a graph per layer), and again only for a new
+    shape."""
+    cfg = tiny_model_cfg("llama", n_layers=4, d_model=48, n_heads=6, n_kv_heads=3)
+    model = CausalLM(cfg, seed=0)
+    model.model.use_layer_graphs()
+    before = phases("layer_graph")
+    for t in (9, 9, 12):
+        ids = Tensor(np.ones((2, t), np.int32))
+        model(ids, Tensor(np.ones((2, t), np.int32)))
+    assert phases("layer_graph") - before == 2
+
+
+def nll_of(model):
+    def loss(ids, mask):
+        logits, _ = model(ids, mask)
+        nll = -ops.log_softmax(logits, -1)[:, :, 5].mean()
+        return nll, nll
+
+    return loss
+
+
+def test_layer_graphs_inside_a_compiled_step_are_the_same():
+    """A whole-step graph (Trainer with compiled: true) calling a model whose layers are graphs
+    inlines them: the same losses and weights as without."""
+    from mindrlhf.config import OptimConfig
+    from mindrlhf.models.decoder import state_dict
+    from mindrlhf.runtime import Dist
+    from mindrlhf.stages.common import Trainer
+
+    cfg = tiny_model_cfg("llama", n_layers=2, qk_norm=True)
+    ids = Tensor(np.random.default_rng(3).integers(1, cfg.vocab_size, (2, 9)).astype(np.int32))
+    mask = Tensor(np.ones((2, 9), np.int32))
+    out = []
+    for on in (False, True):
+        model = CausalLM(cfg, seed=1)
+        randomize(model, seed=2)
+        model.model.use_layer_graphs(on)
+
+        t = Trainer(model.trainable_params(), nll_of(model), OptimConfig(lr=1e-2), Dist(), 3)
+        losses = [t.step(ids, mask)[0] for _ in range(3)]
+        out.append((losses, state_dict(model)))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+    for k, v in out[0][1].items():
+        np.testing.assert_allclose(out[1][1][k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "over, says",
+    [
+        ({"sft": {"layer_graphs": True}}, "sft.compiled: true"),
+        (
+            {
+                "grpo": {"compiled": False, "layer_graphs": True},
+                "model": {"family": "llama", "backend": "mindformers"},
+            },
+            "grpo.layer_graphs runs our decoder",
+        ),
+        (
+            {
+                "dpo": {"compiled": False, "layer_graphs": True},
+                "model": {"lora": {"rank": 4}},
+                "profile": "smollm2-135m",
+            },
+            "dpo.layer_graphs: LoRA",
+        ),
+    ],
+)
+def test_layer_graphs_refused_where_they_would_not_run(over, says):
+    with pytest.raises(ValueError, match=says):
+        load_config(over.pop("profile", "demo"), over)
+
+
+def test_a_stage_takes_layer_graphs_from_its_section(tmp_path):
+    """The tiny SFT stage with ``sft.layer_graphs``: its models' layers run as graphs (the stage
+    says so) and the loss curve is the eager one's."""
+    from conftest import tiny_overrides
+    from mindrlhf.data.store import ArtifactStore
+    from mindrlhf.launch import run_stage
+
+    curves = {}
+    for on in (False, True):
+        root = tmp_path / str(on)
+        cfg = load_config(
+            "demo", tiny_overrides(root, compiled=False, layer_graphs=on, log_every=1)
+        )
+        lines = []
+        d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)
+        out = run_stage(
+            "sft",
+            cfg,
+            {"train": d["outputs"]["sft_train"], "heldout": d["outputs"]["sft_heldout"]},
+            root,
+            root / "runs" / "sft",
+            log=lines.append,
+        )
+        assert any("layer graphs" in ln for ln in lines) == on
+        meta = ArtifactStore(root).get(out["outputs"]["checkpoint"]).meta
+        curves[on] = [h["loss"] for h in meta["history"] if "loss" in h]
+    assert len(curves[True]) == 6
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
