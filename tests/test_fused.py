@@ -2,8 +2,8 @@
 gradients against a float64 NumPy RMSNorm written here, eagerly and compiled, on rows of very
 different scales, non-unit gains and a non-contiguous input. RoPE: forward and gradient against
 a float64 NumPy rotate-half written here, with arbitrary (not cos/sin-shaped) tables, so every
-element's partner and sign is checked. The composed fallback; the whole decoder the same with
-either."""
+element's partner and sign is checked. Attention's head swap against NumPy's. The composed
+fallback; the whole decoder the same with either."""
 
 import dataclasses
 
@@ -117,6 +117,31 @@ def test_fused_rope_equals_float64_reference(compiled, monkeypatch):
     got = attn._rope(ops.transpose(Tensor(base), (0, 2, 1, 3)), Tensor(cos), Tensor(sin))
     np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dx.asnumpy(), back(g).transpose(0, 2, 1, 3), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_head_swap_is_numpys_swapaxes_both_ways(compiled, monkeypatch):
+    """Attention's (B, T, heads, D) <-> (B, heads, T, D) row-copy kernel: the forward is NumPy's
+    swapaxes(1, 2) exactly, the gradient the gradient's swapaxes (every axis a different size, so
+    a mixed-up index shows)."""
+    from mindrlhf.models.decoder import Attention
+
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1")
+    attn = Attention(tiny_model_cfg("llama", d_model=48, n_heads=3), np.random.default_rng(0))
+    assert attn.fused_swap is not None
+    r = np.random.default_rng(5)
+    x = r.normal(size=(2, 5, 3, 7)).astype(np.float32)
+    g = r.normal(size=(2, 3, 5, 7)).astype(np.float32)
+
+    def loss(x):
+        return (attn._swap_heads(x) * Tensor(g)).sum()
+
+    fn = ms.value_and_grad(loss, 0)
+    if compiled:
+        fn = ms.jit(fn)
+    _, dx = fn(Tensor(x))
+    np.testing.assert_array_equal(attn._swap_heads(Tensor(x)).asnumpy(), x.swapaxes(1, 2))
+    np.testing.assert_array_equal(dx.asnumpy(), g.swapaxes(1, 2))
 
 
 def test_switched_off_it_is_the_composed_norm(monkeypatch):

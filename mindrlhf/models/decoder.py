@@ -146,6 +146,7 @@ class Attention(nn.Cell):
         self.rope = cfg.family == "llama"
         self.swap = half_swap(self.hd) if self.rope else None
         self.fused_rope = fused.forward_op("rope") if self.rope else None
+        self.fused_swap = fused.forward_op("swap12")
         self.bmm_nt = ops.BatchMatMul(transpose_b=True)
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
@@ -170,8 +171,15 @@ class Attention(nn.Cell):
         k = self.k_proj(x, wk).reshape(b, t, self.n_kv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q, wqn), self.k_norm(k, wkn)
-        # ops.transpose: Tensor.transpose's eager CPU path is ~2x slower for the same kernel
-        return ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 1, 3))
+        return self._swap_heads(q), self._swap_heads(k)
+
+    def _swap_heads(self, x):
+        """(B, T, heads, D) <-> (B, heads, T, D): the fused row-copy kernel on the CPU in float32
+        (models/fused.py), else ops.transpose (Tensor.transpose's eager CPU path is ~2x slower for
+        the same kernel)."""
+        if self.fused_swap is not None and x.dtype == ms.float32:
+            return self.fused_swap(x)
+        return ops.transpose(x, (0, 2, 1, 3))
 
     def _rope(self, x, cos, sin):
         """x cos + rotate_half(x) sin, ``sin`` carrying rotate-half's sign (Transformer._embed):
@@ -192,7 +200,7 @@ class Attention(nn.Cell):
             o = self.w_at
             wv, wo = w[o[2] : o[3]], w[o[3] : o[4]]
         q, k = self._qk(x, b, t, query, w)
-        v = ops.transpose(self.v_proj(x, wv).reshape(b, t, self.n_kv, self.hd), (0, 2, 1, 3))
+        v = self._swap_heads(self.v_proj(x, wv).reshape(b, t, self.n_kv, self.hd))
         if self.rope:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if past is not None:
@@ -204,7 +212,7 @@ class Attention(nn.Cell):
         scores = scores.reshape(b, self.n_kv, rep, t, s) + bias[:, :, None]
         probs = ops.softmax(scores, -1).reshape(b, self.n_kv, rep * t, s)
         out = ops.matmul(probs, v).reshape(b, self.n_heads, t, self.hd)
-        out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, t, self.n_heads * self.hd)
+        out = self._swap_heads(out).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out, wo), present
 
     def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):

@@ -1,5 +1,6 @@
 """Fused CPU kernels of the decoder, RMSNorm and RoPE: each one MindSpore AOT custom operator
-forward and one backward.
+forward and one backward; and attention's head transposes, (B, T, heads, D) <-> (B, heads, T, D),
+one row copy per (row, head, position) where MindSpore's CPU Transpose crawls.
 
 MindSpore 2.9's CPU build has no RmsNorm kernel, so ``x * rsqrt(mean(x*x) + eps) * w`` runs as
 five broadcasting kernels forward and about twice as many backward -- eagerly one dispatch each.
@@ -121,13 +122,31 @@ def _ops():
         func_type="aot",
         bprop=rope_bprop,
     )
-    _state["ops"] = {"rms_norm": norm, "rope": rope}
+    swap_back = ops.Custom(
+        f"{lib}:SwapAxes12",
+        out_shape=lambda x: [x[0], x[2], x[1], x[3]],
+        out_dtype=lambda x: x,
+        func_type="aot",
+    )
+
+    def swap_bprop(x, out, dout):
+        return (swap_back(dout),)  # the swap is its own inverse
+
+    swap = ops.Custom(
+        f"{lib}:SwapAxes12",
+        out_shape=lambda x: [x[0], x[2], x[1], x[3]],
+        out_dtype=lambda x: x,
+        func_type="aot",
+        bprop=swap_bprop,
+    )
+    _state["ops"] = {"rms_norm": norm, "rope": rope, "swap12": swap}
     return _state["ops"]
 
 
 def forward_op(name: str = "rms_norm"):
     """The fused forward ``name`` -- ``rms_norm`` (x, weight, eps as a (1,) float32 Tensor ->
-    (y, rstd)) or ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y) -- or None where it
+    (y, rstd)), ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y) or ``swap12`` (x (A, B, C,
+    D) -> (A, C, B, D), float32) -- or None where it
     cannot run here or is switched off. Resolved when a model is built, so a compiled graph sees
     a constant choice."""
     if not enabled():

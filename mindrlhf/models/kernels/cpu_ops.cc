@@ -122,3 +122,22 @@ extern "C" int RopeBackward(int nparam, void **params, int *ndims, int64_t **sha
   if (nparam != 4 || !all_float32(nparam, dtypes)) return 1;
   return rope(params, ndims, shapes, true);
 }
+
+// Swap axes 1 and 2 of a 4-D tensor: x (A, B, C, D) -> y (A, C, B, D), rows of D copied whole.
+// Attention moves q, k, v between (batch, T, heads, D) and (batch, heads, T, D) and back: MindSpore
+// 2.9's CPU Transpose does it at ~0.35 GB/s (5 ms for one 32 x 24 x 9 x 64 query). Its own inverse,
+// so the backward is the same kernel on the gradient. Any 4-byte dtype.
+extern "C" int SwapAxes12(int nparam, void **params, int *ndims, int64_t **shapes,
+                          const char **dtypes, void *stream, void *extra) {
+  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
+  if (ndims[0] != 4) return 2;
+  const int64_t a = shapes[0][0], b = shapes[0][1], c = shapes[0][2], d = shapes[0][3];
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  for (int64_t ai = 0; ai < a; ++ai)
+    for (int64_t bi = 0; bi < b; ++bi)
+      for (int64_t ci = 0; ci < c; ++ci)
+        std::memcpy(y + ((ai * c + ci) * b + bi) * d, x + ((ai * b + bi) * c + ci) * d,
+                    sizeof(float) * d);
+  return 0;
+}
