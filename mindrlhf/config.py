@@ -337,8 +337,11 @@ class OptimConfig:
 
     @property
     def pad_to(self) -> int:
-        """The multiple batch lengths are padded up to: only compiled graphs gain from it."""
-        return self.pad_multiple if self.compiled or self.layer_graphs else 1
+        """The multiple batch lengths are padded up to: only the compiled step gains from it. Not
+        layer graphs: one compiles in seconds per length, and padding up the ladder cost DPO at
+        SmolLM2's shape more (59-65-token batches padded to 64 / 96: 0.49 against 0.54 pairs/s
+        eager) than a compile per new length does."""
+        return self.pad_multiple if self.compiled else 1
 
 
 @dataclass

@@ -156,13 +156,13 @@ def test_layer_graphs_inside_a_compiled_step_are_the_same():
         np.testing.assert_allclose(out[1][1][k], v, rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_layer_graph_batches_pad_to_the_multiple():
-    """Each batch length compiles a layer graph, so batches pad up to pad_multiple as a compiled
-    step's do (an eager step alone does not pad)."""
+def test_layer_graph_batches_are_not_padded():
+    """A layer graph compiles in seconds per batch length, so batches keep their own length (the
+    ladder's padding cost more than the compiles); a compiled step pads."""
     from mindrlhf.config import OptimConfig
 
-    assert OptimConfig(compiled=False, layer_graphs=True, pad_multiple=8).pad_to == 8
-    assert OptimConfig(compiled=False, pad_multiple=8).pad_to == 1
+    assert OptimConfig(compiled=False, layer_graphs=True, pad_multiple=8).pad_to == 1
+    assert OptimConfig(compiled=True, pad_multiple=8).pad_to == 8
 
 
 @pytest.mark.parametrize(
