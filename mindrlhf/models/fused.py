@@ -122,23 +122,22 @@ def _ops():
         func_type="aot",
         bprop=rope_bprop,
     )
-    swap_back = ops.Custom(
-        f"{lib}:SwapAxes12",
-        out_shape=lambda x: [x[0], x[2], x[1], x[3]],
-        out_dtype=lambda x: x,
-        func_type="aot",
-    )
 
-    def swap_bprop(x, out, dout):
+    def swap12(**bprop):
+        return ops.Custom(
+            f"{lib}:SwapAxes12",
+            out_shape=lambda x: [x[0], x[2], x[1], x[3]],
+            out_dtype=lambda x: x,
+            func_type="aot",
+            **bprop,
+        )
+
+    swap_back = swap12()
+
+    def swap_bprop(x, out, dout):  # a def: MindSpore parses a bprop, and not a lambda argument
         return (swap_back(dout),)  # the swap is its own inverse
 
-    swap = ops.Custom(
-        f"{lib}:SwapAxes12",
-        out_shape=lambda x: [x[0], x[2], x[1], x[3]],
-        out_dtype=lambda x: x,
-        func_type="aot",
-        bprop=swap_bprop,
-    )
+    swap = swap12(bprop=swap_bprop)
     _state["ops"] = {"rms_norm": norm, "rope": rope, "swap12": swap}
     return _state["ops"]
 
