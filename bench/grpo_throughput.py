@@ -20,7 +20,9 @@ artifact-store write of the rollout and the evaluation passes are left out. It r
 configuration (decode step and training step as ``mindspore.jit`` graphs, generation.compiled /
 grpo.compiled), ``pynative`` the same with both off, ``decode`` compiled decoding with an eager
 training step, ``layers`` that with each decoder layer one compiled graph shared by all layers
-in the eager training and scoring passes (grpo.layer_graphs). Graph compilation happens in the
+in the eager training and scoring passes (grpo.layer_graphs). A mode with ``+sampled``
+(``layers+sampled``) takes the old policy's log-probs from the sampler instead of a scoring
+pass (grpo.old_logprobs: sampling). Graph compilation happens in the
 warm-up iteration, which is not timed (as TRL's), and is reported as ``warmup_iter_s``.
 
 ``--shape smollm2`` times SmolLM2-135M's shape and vocabulary (LLaMA, 30 layers, d=576, 9 heads /
@@ -59,8 +61,11 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     """Our iteration in ``mode``: compiled (decode and training steps as graphs), pynative
     (neither), decode (compiled decoding, eager training and scoring: the smollm2-135m profile's
     setting, where a compiled SmolLM2 training step costs ~7 GB per batch length)."""
-    compiled, gen_compiled = mode == "compiled", mode in ("compiled", "decode", "layers")
-    layers = mode == "layers"
+    base, _, extra = mode.partition("+")
+    if base not in ("compiled", "pynative", "decode", "layers") or extra not in ("", "sampled"):
+        raise SystemExit(f"unknown mode {mode!r}")
+    compiled, gen_compiled = base == "compiled", base in ("compiled", "decode", "layers")
+    layers, sampled = base == "layers", extra == "sampled"
     from types import SimpleNamespace
 
     import mindspore as ms  # noqa: F401
@@ -101,6 +106,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
         iterations=args.iters + 1,
         compiled=compiled,
         layer_graphs=layers,
+        old_logprobs="sampling" if sampled else "recompute",
     )
     gc.validate()
     gen = rollout_config(
@@ -132,11 +138,16 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
         prompt_ids = tok.encode_batch(rows["prompt"])
         t0 = time.perf_counter()
         policy.set_train(False)
-        g = sample(policy, prompt_ids, gen, no_eos, seed=it * 16, multiple=gc.pad_to)
+        g = sample(
+            policy, prompt_ids, gen, no_eos, seed=it * 16, multiple=gc.pad_to, logprobs=sampled
+        )
         t1 = time.perf_counter()
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
-        old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled) * rmask
+        if sampled:  # as the stage with grpo.old_logprobs: sampling
+            old_lp = g.logprobs * rmask
+        else:
+            old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled) * rmask
         ref_lp = score_rollout(response_logprobs, ref, seq, am, p, compiled) * rmask
         rewards = np.array(
             [bench_reward(c, a) for c, a in zip(decode_responses(g, tok), rows["answer"])]
@@ -195,7 +206,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
         **{f"{k}_s": round(float(np.mean(v)), 3) for k, v in steady.items()},
         "new_tokens_per_sample": new_tokens[-1],
         "prompt_len_padded": prompt_lens,
-        "old_logps_recomputed": True,
+        "old_logps_recomputed": not sampled,
         "mean_reward": round(float(np.mean(rewards_seen)), 4),
         "params": n_params,
     }
@@ -238,7 +249,8 @@ def main() -> None:
         default="compiled,pynative",
         help="our configurations to time: compiled (the default), pynative, decode (compiled "
         "decoding, eager training), layers (compiled decoding, eager training and scoring with "
-        "each decoder layer one shared graph: grpo.layer_graphs)",
+        "each decoder layer one shared graph: grpo.layer_graphs); a +sampled suffix "
+        "(layers+sampled) takes the old log-probs from the sampler (grpo.old_logprobs: sampling)",
     )
     ap.add_argument("--skip-peer", action="store_true", help="only our side")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process

@@ -416,7 +416,21 @@ class WatchConfig:
 
 
 @dataclass
-class PPOConfig(OptimConfig, WatchConfig):
+class OldLogprobsConfig:
+    """Where an RL loop (PPO, GRPO) takes its policy's log-probs of its own rollout from."""
+
+    # "recompute": a forward pass of the policy over the finished rollout, as TRL and OpenRLHF
+    # do; "sampling": read off the logits the sampler already computed for each token
+    # (models/generation.py Generation.logprobs), which saves that pass -- one of GRPO's two
+    # scoring passes, the reference's being the other. The same law either way (temperature 1,
+    # untruncated, the weights that sampled); the KV-cached decode sums in another order, so
+    # the two agree to float32 rounding (~1e-5 nats), not bit for bit. Needs
+    # generation.engine: native
+    old_logprobs: Literal["recompute", "sampling"] = "recompute"
+
+
+@dataclass
+class PPOConfig(OptimConfig, WatchConfig, OldLogprobsConfig):
     lr: float = 2e-4  # actor
     critic_lr: float = 5e-4
     prompts: str = "movie_reviews"  # which recipe's (or data source's) prompt table
@@ -474,7 +488,7 @@ class PPOConfig(OptimConfig, WatchConfig):
 
 
 @dataclass
-class GRPOConfig(OptimConfig, WatchConfig):
+class GRPOConfig(OptimConfig, WatchConfig, OldLogprobsConfig):
     lr: float = 2e-4
     prompts: str = "arithmetic"  # a recipe or data source whose prompt tables GRPO samples
     # "rm" (the reward model), a recipe's reward function, python:<file.py or module>:<function>,
@@ -919,6 +933,13 @@ class Config:
             self.check_mindformers()
         self.check_layer_graphs()
         if self.generation.engine == "mindformers":
+            for name in ("ppo", "grpo"):
+                if getattr(self, name).old_logprobs == "sampling":
+                    raise ValueError(
+                        f"{name}.old_logprobs: sampling reads the log-probs off our sampler's "
+                        "logits; generation.engine: mindformers does not record them (use "
+                        f"{name}.old_logprobs: recompute)"
+                    )
             if self.model.backend != "mindformers":
                 raise ValueError(
                     "generation.engine: mindformers decodes with MindFormers' LlamaForCausalLM; "

@@ -53,6 +53,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         help="eager GRPO steps and scoring with each decoder layer one shared compiled graph "
         "(grpo.layer_graphs): compiles in seconds per shape, no whole-step graph memory",
     )
+    ap.add_argument(
+        "--sampling-logprobs",
+        action="store_true",
+        help="the old policy's log-probs read off the sampler's logits (grpo.old_logprobs: "
+        "sampling) instead of a second forward pass over each rollout",
+    )
 
 
 def run_ours(args) -> dict:
@@ -80,6 +86,7 @@ def run_ours(args) -> dict:
             "reward": f"python:{HERE / 'arith_reward.py'}:first_integer",
             "compiled": args.compiled,
             "layer_graphs": args.layer_graphs,
+            "old_logprobs": "sampling" if args.sampling_logprobs else "recompute",
             "iterations": args.iterations,
             "prompts_per_iter": args.prompts_per_iter,
             "group_size": args.group_size,

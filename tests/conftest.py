@@ -320,3 +320,23 @@ def assert_config_rejects(tmp_path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(p) in str(e.value) and key in str(e.value)
+
+
+def assert_rollout_logprobs_of(store, rollout_id: str, policy_id: str, cfg) -> None:
+    """The rollout table's stored log-probs are those a forward pass of the checkpoint
+    ``policy_id`` gives on its stored sequences, token by token; 0 off the response mask."""
+    from mindspore import Tensor
+
+    from mindrlhf.stages.ppo import load_policy
+    from mindrlhf.stages.rollout import response_logprobs, table_arrays
+
+    ex = table_arrays(store.read_dataset(rollout_id))
+    policy = load_policy(store, policy_id, cfg.model, train=False, parallel=cfg.parallel)
+    p = int(ex["prompt_len"][0])
+    want = response_logprobs(
+        policy, Tensor(ex["sequence"]), Tensor(ex["attention_mask"]), p
+    ).asnumpy()
+    m = ex["response_mask"] > 0
+    assert m.sum() > 20 and np.std(want[m]) > 0.1  # enough tokens, log-probs that differ
+    np.testing.assert_allclose(ex["logprobs"][m], want[m], atol=5e-5)
+    assert not ex["logprobs"][~m].any()

@@ -53,6 +53,35 @@ def test_cached_decoding_of_a_sharp_model_equals_full_recompute(family, compiled
         assert len({tuple(r) for r in a.responses.tolist()}) > 1  # not a degenerate constant output
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("path", ["compiled-cache", "eager-cache", "no-cache"])
+def test_recorded_logprobs_are_a_forward_pass_over_the_result(family, path, rng):
+    """generate(logprobs=True) records each response token's log-prob under the model at
+    temperature 1, untruncated -- what ppo/grpo.old_logprobs: recompute gets from a forward pass
+    over the finished sequences (response_logprobs) -- whatever temperature, top-k and top-p the
+    sampler used; the eos token has its own log-prob, the padding after it 0."""
+    from mindspore import Tensor
+
+    from mindrlhf.stages.rollout import response_logprobs
+
+    m = CausalLM(tiny_model_cfg(family), seed=7)
+    randomize(m, seed=1, qk_scale=4.0)
+    ids, mask = prompts(rng)
+    gen = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.6, top_k=20, top_p=0.9)
+    kw = dict(seed=11, use_cache=path != "no-cache", compiled=path == "compiled-cache")
+    eos = int(generate(m, ids, mask, gen, -1, PAD, **kw).responses[1, 3])  # row 1 stops there
+    g = generate(m, ids, mask, gen, eos, PAD, logprobs=True, **kw)
+    rm = g.response_mask > 0
+    assert 0 < rm[1].sum() <= 4 and rm.all(1).any()  # a row stopped early, another ran on
+    want = response_logprobs(m, Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len)
+    want = want.asnumpy()
+    assert want[rm].std() > 0.3  # log-probs that differ from token to token
+    np.testing.assert_allclose(g.logprobs[rm], want[rm], atol=2e-5)
+    assert not g.logprobs[~rm].any()
+    assert g.logprobs.shape == g.response_mask.shape
+    assert generate(m, ids, mask, gen, eos, PAD, **kw).logprobs is None  # only when asked
+
+
 def test_eos_stops_rows_and_pads_after():
     m = CausalLM(tiny_model_cfg(), seed=0)
     ids, mask = left_pad([[5, 6, 7], [8, 9], [40, 41, 42, 43]], PAD)

@@ -372,6 +372,7 @@ VARIANT = {
     "overlong_penalty": 0.5,
     "iterations": 3,
     "ckpt_every": 2,
+    "old_logprobs": "sampling",  # through the gather, dynamic sampling's merge and a resume
 }
 
 
@@ -425,6 +426,25 @@ def test_a_non_default_grpo_runs_resumes_and_reports_its_counts(variant_run, tmp
     again = run_stage("grpo", cfg, inputs, root, crash, log=lines.append)
     assert any("iteration 2: reusing rollout" in ln for ln in lines)
     assert again["outputs"] == clean["outputs"] and again["history"] == hist
+
+
+@pytest.mark.slow
+def test_sampled_old_logprobs_are_the_policys_recomputed(variant_run):
+    """grpo.old_logprobs: sampling -- the first rollout's stored log-probs (read off the sampler,
+    then carried through dynamic sampling's row picking and merge) are those a forward pass of
+    the SFT policy that sampled it gives on the stored sequences, row by row and token by
+    token."""
+    from conftest import assert_rollout_logprobs_of
+    from mindrlhf.data.store import ArtifactStore
+
+    root, cfg, inputs, clean = variant_run
+    store = ArtifactStore(root)
+    first = next(
+        i
+        for i in store.get(clean["outputs"]["metrics"]).parents
+        if store.get(i).meta["iteration"] == 0
+    )
+    assert_rollout_logprobs_of(store, first, inputs["sft"], cfg)
 
 
 @pytest.mark.slow

@@ -36,6 +36,10 @@ class Generation:
     attention_mask: np.ndarray  # (B, P + N)
     response_mask: np.ndarray  # (B, N): 1 for generated tokens up to and including eos
     prompt_len: int
+    # (B, N) float32, only with generate(logprobs=True): each response token's log-prob under the
+    # generating model at temperature 1, untruncated -- what response_logprobs would compute on
+    # the finished sequences -- read off the logits the sampler already has; 0 after a row's eos
+    logprobs: np.ndarray | None = None
 
     @property
     def responses(self) -> np.ndarray:
@@ -100,6 +104,15 @@ def sample_next(logits: np.ndarray, gen: GenerationConfig, rng) -> np.ndarray:
     return np.minimum(idx, logits.shape[-1] - 1).astype(np.int32)
 
 
+def chosen_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """log softmax(logits)[row, token] per row, in float64: the model's own distribution, whatever
+    temperature or truncation the sampler applied."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(-1)
+    lse = top + np.log(np.exp(x - top[:, None]).sum(-1))
+    return (x[np.arange(len(tokens)), tokens] - lse).astype(np.float32)
+
+
 def check_fits(model_cfg, prompt_len: int, max_new_tokens: int) -> None:
     """A prompt block and its responses must fit the model's positions."""
     limit = model_cfg.max_seq_len
@@ -121,14 +134,21 @@ def generate(
     use_cache: bool = True,
     compiled: bool | None = None,
     row_ids=None,
+    logprobs: bool = False,
 ) -> Generation:
     """Generate up to ``gen.max_new_tokens`` for a left-padded batch; stop rows at ``eos_id``.
     ``row_ids``: each row's id in the whole batch (default 0..B-1), which keys its random stream.
     A model of another backend (``model.backend: mindformers``) decodes with its
     ``shared_decoder``: our decoder on the same Parameter objects, so nothing is copied; with
     ``gen.engine: mindformers``, MindFormers' own incremental inference decodes instead
-    (models/mindformers_generation.py; Ascend)."""
+    (models/mindformers_generation.py; Ascend). ``logprobs``: also record each sampled token's
+    log-prob (:class:`Generation`), so the policy's old log-probs need no second forward pass."""
     if gen.engine == "mindformers":
+        if logprobs:
+            raise ValueError(
+                "generation.engine mindformers does not record the sampled tokens' log-probs; "
+                "recompute them (grpo.old_logprobs: recompute) or use generation.engine: native"
+            )
         from .mindformers_generation import generator
 
         return generator(model, len(prompt_ids)).generate(
@@ -143,23 +163,28 @@ def generate(
     seq = np.concatenate([prompt_ids.astype(np.int32), np.full((b, n), pad_id, np.int32)], 1)
     mask = np.concatenate([prompt_mask.astype(np.int32), np.zeros((b, n), np.int32)], 1)
     compiled = gen.compiled if compiled is None else compiled
+    lp = np.zeros((b, n), np.float32) if logprobs else None
     if use_cache and compiled:  # in a graph the projection reads the weight as it is: no copy
-        steps = _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng)
+        steps = _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng, lp)
     else:
         with frozen_head(model):
-            steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache)
+            steps = _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache, lp)
     seq, mask = seq[:, : p + steps], mask[:, : p + steps]
-    return Generation(seq, mask, mask[:, p:].copy(), p)
+    return Generation(seq, mask, mask[:, p:].copy(), p, None if lp is None else lp[:, :steps])
 
 
-def _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits) -> int:
+def _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits, lp=None) -> int:
     """Fill ``seq``/``mask`` columns p.. in place, ``next_logits(t)`` giving the (B, V) logits of
-    step t; returns the number of steps taken."""
+    step t, and ``lp`` (B, n) with the chosen tokens' log-probs if given; returns the number of
+    steps taken."""
     done = np.zeros(seq.shape[0], dtype=bool)
     steps = 0
     for t in range(n):
         cur = p + t  # number of tokens known so far
-        tok = sample_next(next_logits(t), gen, rng)
+        logits = next_logits(t)
+        tok = sample_next(logits, gen, rng)
+        if lp is not None:
+            lp[:, t] = np.where(done, 0.0, chosen_logprobs(logits, tok))
         tok = np.where(done, pad_id, tok)
         seq[:, cur] = tok
         mask[:, cur] = (~done).astype(np.int32)
@@ -170,7 +195,7 @@ def _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits) -> int:
     return steps
 
 
-def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
+def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache, lp=None) -> int:
     """The eager paths: a cache grown by concatenation, or the whole sequence every step."""
     past = None
 
@@ -185,7 +210,7 @@ def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache) -> int:
             logits, past = model(Tensor(seq[:, cur - 1 : cur]), Tensor(mask[:, :cur]), past, True)
         return logits.asnumpy()[:, -1]
 
-    return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)
+    return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits, lp)
 
 
 def _step_graph(model, batch: int, length: int):
@@ -210,7 +235,7 @@ def _step_graph(model, batch: int, length: int):
     return per_model[(batch, length)]
 
 
-def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
+def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng, lp=None) -> int:
     """As ``_decode`` with the fixed-size cache: the prompt runs once eagerly, its keys and values
     go into columns 0..p-1, then every new token is one call of the compiled step."""
     logits, presents = model(Tensor(seq[:, :p]), Tensor(mask[:, :p]), None, True)
@@ -229,4 +254,4 @@ def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng) -> int:
             "decode", key, step, *args, on_release=lambda: graphs.pop(seq.shape, None)
         ).asnumpy()
 
-    return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits)
+    return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits, lp)

@@ -26,19 +26,25 @@ def merge_generations(parts: list[Generation], pad_id: int) -> Generation:
     blocks right-padded to the widest."""
     p = max(g.prompt_len for g in parts)
     n = max(g.responses.shape[1] for g in parts)
-    seqs, ams, rms = [], [], []
+    seqs, ams, rms, lps = [], [], [], []
     for g in parts:
         g = pad_responses(g, n, pad_id)
         left = ((0, 0), (p - g.prompt_len, 0))
         seqs.append(np.pad(g.sequences, left, constant_values=pad_id))
         ams.append(np.pad(g.attention_mask, left))
         rms.append(g.response_mask)
-    return Generation(np.concatenate(seqs), np.concatenate(ams), np.concatenate(rms), p)
+        lps.append(g.logprobs)
+    lp = None if any(x is None for x in lps) else np.concatenate(lps)
+    return Generation(np.concatenate(seqs), np.concatenate(ams), np.concatenate(rms), p, lp)
 
 
 def take_rows(g: Generation, rows: np.ndarray) -> Generation:
     return Generation(
-        g.sequences[rows], g.attention_mask[rows], g.response_mask[rows], g.prompt_len
+        g.sequences[rows],
+        g.attention_mask[rows],
+        g.response_mask[rows],
+        g.prompt_len,
+        None if g.logprobs is None else g.logprobs[rows],
     )
 
 

@@ -167,17 +167,20 @@ def run(ctx: StageContext) -> None:
             row_ids=mine + t * len(batch_rows),  # round t: rows of their own random streams
             batch_prompts=rows_of(prompts, batch_rows)["prompt_ids"],
             dist=ctx.dist,
+            logprobs=gc.old_logprobs == "sampling",
         )
-        c = gather_rows(
-            {
-                "sequence": g.sequences,
-                "attention_mask": g.attention_mask,
-                "response_mask": g.response_mask,
-                "reward": reward_fn(g, rows),
-            },
-            ctx.dist,
+        local = {
+            "sequence": g.sequences,
+            "attention_mask": g.attention_mask,
+            "response_mask": g.response_mask,
+            "reward": reward_fn(g, rows),
+        }
+        if g.logprobs is not None:
+            local["logprobs"] = g.logprobs
+        c = gather_rows(local, ctx.dist)
+        whole = Generation(
+            c["sequence"], c["attention_mask"], c["response_mask"], g.prompt_len, c.get("logprobs")
         )
-        whole = Generation(c["sequence"], c["attention_mask"], c["response_mask"], g.prompt_len)
         cols = {"reward": np.asarray(c["reward"])}
         if gc.overlong_buffer:
             lengths = whole.response_mask.sum(1)
@@ -212,20 +215,21 @@ def run(ctx: StageContext) -> None:
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         mine = shard(np.arange(len(seq)), ctx.dist)
         rmask = g.response_mask[mine].astype(np.float32)
-        c = gather_rows(
-            {
-                "logprobs": score_rollout(
-                    response_logprobs, policy, seq[mine], am[mine], p, gc.compiled
-                )
-                * rmask,
-                "ref_logprobs": score_rollout(
-                    response_logprobs, ref, seq[mine], am[mine], p, gc.compiled
-                )
-                * rmask,
-            },
-            ctx.dist,
-        )
+        scored = {
+            "ref_logprobs": score_rollout(
+                response_logprobs, ref, seq[mine], am[mine], p, gc.compiled
+            )
+            * rmask
+        }
+        if gc.old_logprobs == "recompute":
+            scored["logprobs"] = (
+                score_rollout(response_logprobs, policy, seq[mine], am[mine], p, gc.compiled)
+                * rmask
+            )
+        c = gather_rows(scored, ctx.dist)
         mask = g.response_mask.astype(np.float32)
+        if gc.old_logprobs == "sampling":  # the sampler's own, recorded in draw()
+            c["logprobs"] = g.logprobs * mask
         adv = ESTIMATORS[gc.estimator](gc, cols["score"], c["logprobs"], c["ref_logprobs"], mask)
         shaping = {k: cols[k] for k in ("overlong_penalty",) if k in cols}
         table = experience_table(

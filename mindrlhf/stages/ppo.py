@@ -227,15 +227,20 @@ def run(ctx: StageContext) -> None:
             row_ids=mine,
             batch_prompts=batch,
             dist=ctx.dist,
+            logprobs=pc.old_logprobs == "sampling",
         )
         seq, am, p = g.sequences, g.attention_mask, g.prompt_len
         rmask = g.response_mask.astype(np.float32)
         raw = score_sequences(reward, g.sequences, score_mask(g, tok.eos_id), norm)
+        if pc.old_logprobs == "sampling":
+            old = g.logprobs  # the sampler's own, recorded as it sampled
+        else:
+            old = score_rollout(response_logprobs, actor, seq, am, p, pc.compiled)
         local = {
             "sequence": seq,
             "attention_mask": am,
             "response_mask": g.response_mask,
-            "logprobs": score_rollout(response_logprobs, actor, seq, am, p, pc.compiled) * rmask,
+            "logprobs": old * rmask,
             "ref_logprobs": score_rollout(response_logprobs, ref, seq, am, p, pc.compiled) * rmask,
             "values": score_rollout(response_values, critic, seq, am, p, pc.compiled) * rmask,
             "score": np.clip(raw, -pc.score_clip, pc.score_clip),

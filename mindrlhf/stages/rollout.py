@@ -73,6 +73,7 @@ def pad_responses(g: Generation, width: int, pad_id: int) -> Generation:
         np.pad(g.attention_mask, ((0, 0), (0, extra))),
         np.pad(g.response_mask, ((0, 0), (0, extra))),
         g.prompt_len,
+        None if g.logprobs is None else np.pad(g.logprobs, ((0, 0), (0, extra))),
     )
 
 
@@ -86,13 +87,15 @@ def sample(
     row_ids=None,
     batch_prompts: list[list[int]] | None = None,
     dist=None,
+    logprobs: bool = False,
 ) -> Generation:
     """Sample responses for left-padded prompts (see :func:`prompt_block`). ``multiple`` > 1 pads
     the response block to a rung on it, for the compiled training step that consumes the rollout.
 
     Data parallel: this rank's rows of a batch, ``row_ids`` their places in it (they key the random
     streams, so a row samples the same tokens on any rank), ``batch_prompts`` the whole batch's
-    prompts and ``dist`` the ranks, which agree on the prompt and response widths."""
+    prompts and ``dist`` the ranks, which agree on the prompt and response widths. ``logprobs``:
+    record the sampled tokens' log-probs (Generation.logprobs)."""
     length = prompt_block(batch_prompts or prompt_rows, gen_cfg, policy.cfg)
     ids, mask = left_pad(prompt_rows, tok.pad_id, length)
     g = generate(
@@ -105,6 +108,7 @@ def sample(
         seed=seed,
         use_cache=True,
         row_ids=row_ids,
+        logprobs=logprobs,
     )
     steps = g.responses.shape[1] if dist is None else all_max(g.responses.shape[1], dist)
     return pad_responses(g, bucket_length(steps, multiple, gen_cfg.max_new_tokens), tok.pad_id)
