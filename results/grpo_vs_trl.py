@@ -143,7 +143,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
     start = export(cfg.store.root, ours["policy"], work / "start")
 
-    gen = cfg.generation
+    from mindrlhf.stages.rollout import rollout_config
+
+    # the law our GRPO stage samples with (temperature 1, no top-k / top-p: the policy's own,
+    # so the loss's log-probs are the sampling law's), not the profile's generation section --
+    # before 2026-11-28 12:00 TRL was handed the latter (0.8 / 50 / 0.95) and sampled sharper
+    gen = rollout_config(cfg.generation, max_new_tokens=gc.max_new_tokens)
 
     def run_trl(optimizer: str) -> dict:
         return run_peer(
