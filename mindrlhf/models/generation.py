@@ -149,7 +149,7 @@ def generate(
         if logprobs:
             raise ValueError(
                 "generation.engine mindformers does not record the sampled tokens' log-probs; "
-                "recompute them (grpo.old_logprobs: recompute) or use generation.engine: native"
+                "recompute them (ppo/grpo.old_logprobs: recompute) or use generation.engine: native"
             )
         from .mindformers_generation import generator
 
