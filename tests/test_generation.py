@@ -54,6 +54,39 @@ def test_cached_decoding_of_a_sharp_model_equals_full_recompute(family, compiled
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-cache", "eager-cache"])
+def test_rows_sharing_a_prompt_run_it_once_and_decode_as_if_alone(family, compiled, rng):
+    """Repeated prompts (a GRPO group, interleaved here with others of other lengths) run their
+    prompt pass once per distinct prompt; every row still decodes what full recomputation gives
+    it, with its own random stream, so the copies of one prompt sample different responses."""
+    m = CausalLM(tiny_model_cfg(family), seed=7)
+    randomize(m, seed=1, qk_scale=4.0)
+    rows = [list(rng.integers(4, 97, n)) for n in (5, 9, 2)]
+    order = [0, 1, 0, 2, 1, 0, 0, 2]
+    ids, mask = left_pad([rows[i] for i in order], PAD)
+
+    gen = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.8)
+    a = generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=True, compiled=compiled)
+    b = generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=False)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    np.testing.assert_array_equal(a.response_mask, b.response_mask)
+    assert len({tuple(a.responses[i]) for i in (0, 2, 5, 6)}) > 2  # one prompt, own samples
+    with pytest.MonkeyPatch.context() as mp:
+        calls = []
+        mp.setattr(m.model, "construct", _counting(m.model.construct, calls))
+        generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=True, compiled=compiled)
+    assert calls[0] == 3  # the prompt pass: three distinct prompts, not eight rows
+
+
+def _counting(construct, calls):
+    def wrapped(input_ids, *a, **k):
+        calls.append(input_ids.shape[0])
+        return construct(input_ids, *a, **k)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("path", ["compiled-cache", "eager-cache", "no-cache"])
 def test_recorded_logprobs_are_a_forward_pass_over_the_result(family, path, rng):
     """generate(logprobs=True) records each response token's log-prob under the model at

@@ -3,7 +3,9 @@
 Prompts are left-padded so every row's last prompt token sits in the same column; the mask
 carries the padding, and positions come from the mask's cumulative sum. With ``use_cache`` the
 prompt is run once and each new token is fed alone with the cached keys and values; without it
-the whole sequence is recomputed every step (the reference the cache must equal).
+the whole sequence is recomputed every step (the reference the cache must equal). Rows with the
+same prompt (a GRPO group, an online DPO pair, several samples per prompt) share one prompt pass:
+it runs once per distinct prompt and its keys, values and first logits are copied to each row.
 
 With ``gen.compiled`` (the default) the cache has a fixed size, prompt + max_new_tokens columns,
 and one decode step -- write the new key/value into its column, attend over every column with
@@ -197,6 +199,25 @@ def _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits, lp=None) -> in
     return steps
 
 
+def prefill(model, seq, mask, p: int):
+    """The prompt pass of cached decoding: the last prompt position's logits (B, V) as NumPy and
+    each layer's keys and values. Rows whose prompt and padding are identical run once, and
+    their results are gathered back into every row's place: at a group size of 8 the prompt
+    costs an eighth."""
+    import mindspore as ms
+    from mindspore import ops
+
+    rows = np.concatenate([seq[:, :p], mask[:, :p]], 1)
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    if len(first) == len(rows):
+        logits, presents = model(Tensor(seq[:, :p]), Tensor(mask[:, :p]), None, True)
+        return logits.asnumpy()[:, -1], presents
+    logits, presents = model(Tensor(seq[first, :p]), Tensor(mask[first, :p]), None, True)
+    idx = Tensor(inverse.reshape(-1).astype(np.int32), ms.int32)
+    presents = [tuple(ops.gather(x, idx, 0) for x in kv) for kv in presents]
+    return logits.asnumpy()[:, -1][inverse.reshape(-1)], presents
+
+
 def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache, lp=None) -> int:
     """The eager paths: a cache grown by concatenation, or the whole sequence every step."""
     past = None
@@ -207,7 +228,8 @@ def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache, lp=None
         if not use_cache:
             logits, _ = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
         elif past is None:
-            logits, past = model(Tensor(seq[:, :cur]), Tensor(mask[:, :cur]), None, True)
+            first, past = prefill(model, seq, mask, p)
+            return first
         else:
             logits, past = model(Tensor(seq[:, cur - 1 : cur]), Tensor(mask[:, :cur]), past, True)
         return logits.asnumpy()[:, -1]
@@ -238,12 +260,12 @@ def _step_graph(model, batch: int, length: int):
 
 
 def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng, lp=None) -> int:
-    """As ``_decode`` with the fixed-size cache: the prompt runs once eagerly, its keys and values
-    go into columns 0..p-1, then every new token is one call of the compiled step."""
-    logits, presents = model(Tensor(seq[:, :p]), Tensor(mask[:, :p]), None, True)
+    """As ``_decode`` with the fixed-size cache: the prompt runs once eagerly (:func:`prefill`),
+    its keys and values go into columns 0..p-1, then every new token is one call of the compiled
+    step."""
+    first, presents = prefill(model, seq, mask, p)
     step, cache = _step_graph(model, *seq.shape)
     cache.fill(presents)
-    first = logits.asnumpy()[:, -1]
     graphs = graph_cache(model, "_decode_graphs")
     key = (id(model), *seq.shape)
 
