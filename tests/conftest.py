@@ -322,9 +322,12 @@ def assert_config_rejects(tmp_path, text: str, key: str) -> None:
     assert str(p) in str(e.value) and key in str(e.value)
 
 
-def assert_rollout_logprobs_of(store, rollout_id: str, policy_id: str, cfg) -> None:
-    """The rollout table's stored log-probs are those a forward pass of the checkpoint
-    ``policy_id`` gives on its stored sequences, token by token; 0 off the response mask."""
+def assert_rollout_logprobs_of(
+    store, rollout_id: str, policy_id: str, cfg, column: str = "logprobs"
+) -> None:
+    """The rollout table's stored log-probs (``column``: the policy's, or ref_logprobs) are
+    those a full forward pass of the checkpoint ``policy_id`` gives on its stored sequences,
+    token by token; 0 off the response mask."""
     from mindspore import Tensor
 
     from mindrlhf.stages.ppo import load_policy
@@ -338,5 +341,5 @@ def assert_rollout_logprobs_of(store, rollout_id: str, policy_id: str, cfg) -> N
     ).asnumpy()
     m = ex["response_mask"] > 0
     assert m.sum() > 20 and np.std(want[m]) > 0.1  # enough tokens, log-probs that differ
-    np.testing.assert_allclose(ex["logprobs"][m], want[m], atol=5e-5)
-    assert not ex["logprobs"][~m].any()
+    np.testing.assert_allclose(ex[column][m], want[m], atol=5e-5)
+    assert not ex[column][~m].any()

@@ -162,3 +162,32 @@ def test_prompt_too_long_for_model():
     ids, mask = left_pad([[5] * 10], PAD)
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(m, ids, mask, GenerationConfig(max_new_tokens=10), EOS, PAD)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_scoring_rows_sharing_a_prompt_runs_it_once(family, rng):
+    """response_logits(share_prompts=True), as the GRPO reference scores a rollout: repeated
+    prompts of several lengths, interleaved, left-padded; the responses attend to a gathered
+    cache of their own prompt. The same log-probs as the full pass, one prompt pass of 3 rows."""
+    from mindspore import Tensor
+
+    from mindrlhf.stages.rollout import response_logprobs
+
+    m = CausalLM(tiny_model_cfg(family), seed=7)
+    randomize(m, seed=1, qk_scale=4.0)
+    rows = [list(rng.integers(4, 97, n)) for n in (5, 9, 2)]
+    ids, mask = left_pad([rows[i] for i in [0, 1, 0, 2, 1, 0, 0, 2]], PAD)
+    gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0)
+    eos = int(generate(m, ids, mask, gen, -1, PAD, seed=5).responses[1, 3])  # row 1 stops there
+    g = generate(m, ids, mask, gen, eos, PAD, seed=5, use_cache=False)
+    seq, am, p = Tensor(g.sequences), Tensor(g.attention_mask), g.prompt_len
+    assert (g.response_mask == 0).any()  # a row stopped at eos: masked keys after it
+    full = response_logprobs(m, seq, am, p).asnumpy()
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(m.model, "construct", _counting(m.model.construct, calls))
+        shared = response_logprobs(m, seq, am, p, share_prompts=True).asnumpy()
+    rm = g.response_mask > 0
+    assert full[rm].std() > 0.3
+    np.testing.assert_allclose(shared[rm], full[rm], atol=2e-5)
+    assert calls == [3, 8]  # the distinct prompts, then every row's response

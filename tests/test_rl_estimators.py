@@ -433,7 +433,8 @@ def test_sampled_old_logprobs_are_the_policys_recomputed(variant_run):
     """grpo.old_logprobs: sampling -- the first rollout's stored log-probs (read off the sampler,
     then carried through dynamic sampling's row picking and merge) are those a forward pass of
     the SFT policy that sampled it gives on the stored sequences, row by row and token by
-    token."""
+    token. Its reference log-probs, scored with each group's prompt run once
+    (share_prompts), are the reference's (the same SFT checkpoint) full forward pass."""
     from conftest import assert_rollout_logprobs_of
     from mindrlhf.data.store import ArtifactStore
 
@@ -445,6 +446,7 @@ def test_sampled_old_logprobs_are_the_policys_recomputed(variant_run):
         if store.get(i).meta["iteration"] == 0
     )
     assert_rollout_logprobs_of(store, first, inputs["sft"], cfg)
+    assert_rollout_logprobs_of(store, first, inputs["sft"], cfg, column="ref_logprobs")
 
 
 @pytest.mark.slow

@@ -496,11 +496,33 @@ class CausalLM(nn.Cell):
         w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
         return self.mm(h2, w).reshape(*lead, -1)
 
-    def response_logits(self, input_ids, attention_mask, prompt_len: int):
+    def response_logits(self, input_ids, attention_mask, prompt_len: int, share_prompts=False):
         """Logits predicting the response tokens input_ids[:, P:]: positions P-1 .. T-2 only, so
-        the vocabulary projection (the largest matmul and tensor here) skips the prompt."""
+        the vocabulary projection (the largest matmul and tensor here) skips the prompt.
+
+        ``share_prompts`` (eager, no gradients: a frozen model scoring a rollout): rows whose
+        prompt columns (tokens and mask) are identical -- a GRPO group -- run the prompt once;
+        its keys and values are gathered into each row's place and the responses run against
+        them as a cache. The same logits up to float rounding, a group of G paying one prompt."""
+        if share_prompts:
+            first, inverse = prompt_groups(
+                input_ids.asnumpy(), attention_mask.asnumpy(), prompt_len
+            )
+            if len(first) < input_ids.shape[0]:
+                return self._shared_prompt_logits(
+                    input_ids, attention_mask, prompt_len, first, inverse
+                )
         h, _ = self.model(input_ids, attention_mask)
         return self.logits_from_hidden(h[:, prompt_len - 1 : -1])
+
+    def _shared_prompt_logits(self, input_ids, attention_mask, p: int, first, inverse):
+        rows, idx = Tensor(first.astype(np.int32)), Tensor(inverse.astype(np.int32))
+        h, presents = self.model(input_ids[rows, :p], attention_mask[rows, :p])
+        past = [tuple(ops.gather(x, idx, 0) for x in kv) for kv in presents]
+        # positions P .. T-2 attend to the cached prompt; position P-1's state is the prompt's last
+        h_resp, _ = self.model(input_ids[:, p:-1], attention_mask[:, :-1], past)
+        h = ops.cat((ops.gather(h[:, -1:], idx, 0), h_resp), 1)
+        return self.logits_from_hidden(h)
 
     def construct(
         self, input_ids, attention_mask, past=None, last_only: bool = False, segments=None
@@ -509,6 +531,14 @@ class CausalLM(nn.Cell):
         if last_only:
             h = h[:, -1:]
         return self.logits_from_hidden(h), presents
+
+
+def prompt_groups(ids: np.ndarray, mask: np.ndarray, prompt_len: int):
+    """Rows with identical prompt columns (tokens and mask): ``first`` the row of each distinct
+    prompt, ``inverse`` (B,) each row's index into ``first``."""
+    rows = np.concatenate([ids[:, :prompt_len], mask[:, :prompt_len]], 1)
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
 
 
 class frozen_head:

@@ -29,7 +29,7 @@ from mindspore import Tensor
 
 from ..config import GenerationConfig
 from ..graphs import POOL
-from .decoder import frozen_head, graph_cache
+from .decoder import frozen_head, graph_cache, prompt_groups
 
 
 @dataclass
@@ -207,15 +207,14 @@ def prefill(model, seq, mask, p: int):
     import mindspore as ms
     from mindspore import ops
 
-    rows = np.concatenate([seq[:, :p], mask[:, :p]], 1)
-    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    if len(first) == len(rows):
+    first, inverse = prompt_groups(seq, mask, p)
+    if len(first) == len(seq):
         logits, presents = model(Tensor(seq[:, :p]), Tensor(mask[:, :p]), None, True)
         return logits.asnumpy()[:, -1], presents
     logits, presents = model(Tensor(seq[first, :p]), Tensor(mask[first, :p]), None, True)
-    idx = Tensor(inverse.reshape(-1).astype(np.int32), ms.int32)
+    idx = Tensor(inverse.astype(np.int32), ms.int32)
     presents = [tuple(ops.gather(x, idx, 0) for x in kv) for kv in presents]
-    return logits.asnumpy()[:, -1][inverse.reshape(-1)], presents
+    return logits.asnumpy()[:, -1][inverse], presents
 
 
 def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache, lp=None) -> int:

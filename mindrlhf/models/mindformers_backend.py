@@ -277,8 +277,9 @@ class MindFormersCausalLM(nn.Cell):
     def logits_from_hidden(self, h):
         return self.net.lm_head(h).astype(ms.float32)
 
-    def response_logits(self, input_ids, attention_mask, prompt_len: int):
-        """Logits predicting input_ids[:, P:] (positions P-1 .. T-2), as CausalLM's."""
+    def response_logits(self, input_ids, attention_mask, prompt_len: int, share_prompts=False):
+        """Logits predicting input_ids[:, P:] (positions P-1 .. T-2), as CausalLM's. MindFormers'
+        forward takes no cache here, so ``share_prompts`` is a no-op: every row runs whole."""
         h = self.hidden(input_ids, attention_mask)
         return self.logits_from_hidden(h[:, prompt_len - 1 : -1])
 

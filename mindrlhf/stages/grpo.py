@@ -217,7 +217,7 @@ def run(ctx: StageContext) -> None:
         rmask = g.response_mask[mine].astype(np.float32)
         scored = {
             "ref_logprobs": score_rollout(
-                response_logprobs, ref, seq[mine], am[mine], p, gc.compiled
+                response_logprobs, ref, seq[mine], am[mine], p, gc.compiled, share_prompts=True
             )
             * rmask
         }

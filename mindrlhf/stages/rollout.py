@@ -114,10 +114,10 @@ def sample(
     return pad_responses(g, bucket_length(steps, multiple, gen_cfg.max_new_tokens), tok.pad_id)
 
 
-def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0):
+def response_logprobs(model, seq, mask, prompt_len: int, temperature: float = 1.0, **kw):
     """Log-probs of the response tokens seq[:, P:] under ``model`` (Tensors in, (B, N) Tensor
-    out)."""
-    logits = model.response_logits(seq, mask, prompt_len)
+    out); ``kw``: CausalLM.response_logits' (share_prompts)."""
+    logits = model.response_logits(seq, mask, prompt_len, **kw)
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, seq[:, prompt_len:])
@@ -129,15 +129,25 @@ def response_values(critic, seq, mask, prompt_len: int):
 
 
 def score_rollout(
-    fn, model, seq: np.ndarray, mask: np.ndarray, prompt_len: int, compiled: bool
+    fn,
+    model,
+    seq: np.ndarray,
+    mask: np.ndarray,
+    prompt_len: int,
+    compiled: bool,
+    share_prompts: bool = False,
 ) -> np.ndarray:
     """``fn(model, seq, mask, prompt_len)`` (response_logprobs / response_values) on a rollout,
     without gradients, as NumPy. ``compiled``: one mindspore.jit graph per (fn, prompt length)
-    and batch shape, kept on the model; rollout shapes are bucketed, so a stage meets few."""
+    and batch shape, kept on the model; rollout shapes are bucketed, so a stage meets few.
+    ``share_prompts`` (response_logprobs, eager): rows with the same prompt run it once
+    (CausalLM.response_logits); for the reference, whose scores only feed the KL term -- the
+    policy's old log-probs keep the full pass, the training forward's arithmetic."""
     from mindspore import Tensor
 
     if not compiled:
-        return fn(model, Tensor(seq), Tensor(mask), prompt_len).asnumpy()
+        kw = {"share_prompts": True} if share_prompts else {}
+        return fn(model, Tensor(seq), Tensor(mask), prompt_len, **kw).asnumpy()
     graphs = graph_cache(model, "_score_graphs")
     key = (fn.__name__, prompt_len)
     if key not in graphs:
