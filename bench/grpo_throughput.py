@@ -117,7 +117,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     )  # every sample runs new_tokens tokens, as TRL's
 
     def loss_fn(seq, am, old_lp, ref_lp, adv, mask, p):
-        lp = response_logprobs(policy, seq, am, p)
+        lp = response_logprobs(policy, seq, am, p, share_prompts=not compiled)  # as the stage
         return grpo_loss(lp, old_lp, ref_lp, adv, mask, gc.clip_range, gc.beta)
 
     trainer = Trainer(
@@ -147,8 +147,9 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
         if sampled:  # as the stage with grpo.old_logprobs: sampling
             old_lp = g.logprobs * rmask
         else:
-            old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled) * rmask
-        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, compiled) * rmask
+            old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled, True) * rmask
+        ref_lp = score_rollout(response_logprobs, ref, seq, am, p, compiled, share_prompts=True)
+        ref_lp = ref_lp * rmask
         rewards = np.array(
             [bench_reward(c, a) for c, a in zip(decode_responses(g, tok), rows["answer"])]
         )

@@ -366,6 +366,11 @@ class Transformer(nn.Cell):
                 # every layer would compile its own
                 w = [p.value() for p in layer.weights()]
                 x, present = self.layer_graphs(x, bias, cos, sin, *w)
+            elif self.layer_graphs is not None and t > 1:
+                # a block of tokens after a cached prompt (share_prompts); one-token decode
+                # steps stay eager: their key length grows every step and would compile anew
+                w = [p.value() for p in layer.weights()]
+                x, present = self._layer_graph_past(x, bias, cos, sin, *past[i], *w)
             else:
                 x, present = layer(x, bias, cos, sin, None if past is None else past[i])
             presents.append(present)
@@ -390,8 +395,12 @@ class Transformer(nn.Cell):
             def layer_graph(x, bias, cos, sin, *w):
                 return template(x, bias, cos, sin, None, None, w)
 
+            def layer_graph_past(x, bias, cos, sin, past_k, past_v, *w):
+                return template(x, bias, cos, sin, (past_k, past_v), None, w)
+
             graph = ms.jit(layer_graph)
             object.__setattr__(self, "_layer_graph", graph)
+            object.__setattr__(self, "_layer_graph_past", ms.jit(layer_graph_past))
         object.__setattr__(self, "layer_graphs", graph if on else None)
 
     def _embed(self, input_ids, positions):
@@ -500,10 +509,11 @@ class CausalLM(nn.Cell):
         """Logits predicting the response tokens input_ids[:, P:]: positions P-1 .. T-2 only, so
         the vocabulary projection (the largest matmul and tensor here) skips the prompt.
 
-        ``share_prompts`` (eager, no gradients: a frozen model scoring a rollout): rows whose
-        prompt columns (tokens and mask) are identical -- a GRPO group -- run the prompt once;
-        its keys and values are gathered into each row's place and the responses run against
-        them as a cache. The same logits up to float rounding, a group of G paying one prompt."""
+        ``share_prompts`` (eager: the rows are read on the host): rows whose prompt columns
+        (tokens and mask) are identical -- a GRPO group -- run the prompt once; its keys and
+        values are gathered into each row's place and the responses run against them as a
+        cache. The same logits up to float rounding and, through the gather, the same
+        gradients: a group of G pays one prompt, forward and backward."""
         if share_prompts:
             first, inverse = prompt_groups(
                 input_ids.asnumpy(), attention_mask.asnumpy(), prompt_len

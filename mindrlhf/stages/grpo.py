@@ -119,7 +119,8 @@ def run(ctx: StageContext) -> None:
     objective = policy_loss(gc)
 
     def loss_fn(seq, am, old_lp, ref_lp, adv, mask, denom, p):
-        lp = response_logprobs(policy, seq, am, p)
+        # eagerly, a mini-batch's rows of one group run their prompt once (forward and backward)
+        lp = response_logprobs(policy, seq, am, p, share_prompts=not gc.compiled)
         return objective(lp, old_lp, ref_lp, adv, mask, denom)
 
     batch = gc.prompts_per_iter * gc.group_size
@@ -223,7 +224,7 @@ def run(ctx: StageContext) -> None:
         }
         if gc.old_logprobs == "recompute":
             scored["logprobs"] = (
-                score_rollout(response_logprobs, policy, seq[mine], am[mine], p, gc.compiled)
+                score_rollout(response_logprobs, policy, seq[mine], am[mine], p, gc.compiled, True)
                 * rmask
             )
         c = gather_rows(scored, ctx.dist)

@@ -141,8 +141,8 @@ def score_rollout(
     without gradients, as NumPy. ``compiled``: one mindspore.jit graph per (fn, prompt length)
     and batch shape, kept on the model; rollout shapes are bucketed, so a stage meets few.
     ``share_prompts`` (response_logprobs, eager): rows with the same prompt run it once
-    (CausalLM.response_logits); for the reference, whose scores only feed the KL term -- the
-    policy's old log-probs keep the full pass, the training forward's arithmetic."""
+    (CausalLM.response_logits), as GRPO's eager training step does; a graph runs every row
+    whole."""
     from mindspore import Tensor
 
     if not compiled:
