@@ -75,7 +75,7 @@ def test_rows_sharing_a_prompt_run_it_once_and_decode_as_if_alone(family, compil
         calls = []
         mp.setattr(m.model, "construct", _counting(m.model.construct, calls))
         generate(m, ids, mask, gen, EOS, PAD, seed=11, use_cache=True, compiled=compiled)
-    assert calls[0] == 3  # the prompt pass: three distinct prompts, not eight rows
+    assert calls[0] == 4  # the prompt pass: three distinct prompts (padded to 4), not 8 rows
 
 
 def _counting(construct, calls):
@@ -168,7 +168,8 @@ def test_prompt_too_long_for_model():
 def test_scoring_rows_sharing_a_prompt_runs_it_once(family, rng):
     """response_logits(share_prompts=True), as the GRPO reference scores a rollout: repeated
     prompts of several lengths, interleaved, left-padded; the responses attend to a gathered
-    cache of their own prompt. The same log-probs as the full pass, one prompt pass of 3 rows."""
+    cache of their own prompt. The same log-probs as the full pass, one prompt pass of 4 rows
+    (3 distinct, padded to a power of two)."""
     from mindspore import Tensor
 
     from mindrlhf.stages.rollout import response_logprobs
@@ -190,4 +191,4 @@ def test_scoring_rows_sharing_a_prompt_runs_it_once(family, rng):
     rm = g.response_mask > 0
     assert full[rm].std() > 0.3
     np.testing.assert_allclose(shared[rm], full[rm], atol=2e-5)
-    assert calls == [3, 8]  # the distinct prompts, then every row's response
+    assert calls == [4, 8]  # the distinct prompts (3, padded to 4), then every row's response

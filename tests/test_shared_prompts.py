@@ -56,3 +56,23 @@ def test_shared_prompt_gradients_are_the_full_passes(family, graphs, rng):
         np.testing.assert_allclose(
             a, b, rtol=1e-4, atol=max(1e-4 * np.abs(b).max(), 1e-6), err_msg=name
         )
+
+
+def test_prompt_groups_pad_to_few_shapes():
+    """The distinct prompts' rows, padded to a power of two with a repeat (the prompt pass meets
+    few batch shapes); every row maps back to its own prompt; no sharing when padding leaves
+    nothing to save."""
+    from mindrlhf.models.decoder import prompt_groups
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, 50, (5, 4))
+    order = np.array([3, 0, 4, 4, 1, 2, 0, 3, 1, 2, 2, 4])  # 5 distinct in 12 rows
+    ids = np.concatenate([prompts[order], rng.integers(1, 50, (12, 3))], 1)
+    mask = np.ones_like(ids)
+    first, inverse = prompt_groups(ids, mask, 4)
+    assert len(first) == 8 and len(set(first.tolist())) == 5
+    np.testing.assert_array_equal(ids[first[inverse], :4], ids[:, :4])
+    mask[0, 0] = 0  # the same tokens under another mask: another prompt
+    assert len(set(prompt_groups(ids, mask, 4)[0].tolist())) == 6
+    # 3 distinct in 4 rows: a padded pass of 4 saves nothing
+    np.testing.assert_array_equal(prompt_groups(ids[:4], mask[:4], 4)[0], np.arange(4))

@@ -545,10 +545,16 @@ class CausalLM(nn.Cell):
 
 def prompt_groups(ids: np.ndarray, mask: np.ndarray, prompt_len: int):
     """Rows with identical prompt columns (tokens and mask): ``first`` the row of each distinct
-    prompt, ``inverse`` (B,) each row's index into ``first``."""
+    prompt, ``inverse`` (B,) each row's index into ``first``. ``first`` is padded to a power of
+    two by repeating its last row (computed, never read back), so the prompt pass meets few
+    batch shapes: a layer graph compiles for each, and a GRPO mini-batch drawn from G-row groups
+    holds a varying number of them. When that is not fewer than the rows, each row is its own."""
     rows = np.concatenate([ids[:, :prompt_len], mask[:, :prompt_len]], 1)
     _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    return first, inverse.reshape(-1)
+    bucket = 1 << (len(first) - 1).bit_length()
+    if bucket >= len(rows):
+        return np.arange(len(rows)), np.arange(len(rows))
+    return np.pad(first, (0, bucket - len(first)), mode="edge"), inverse.reshape(-1)
 
 
 class frozen_head:
