@@ -361,16 +361,16 @@ class Transformer(nn.Cell):
         x, cos, sin = self._embed(input_ids, positions)
         presents = []
         for i, layer in enumerate(self.layers):
-            if self.layer_graphs is not None and past is None:
+            # after a cache, only a block of tokens (share_prompts) takes a graph: one-token
+            # decode steps stay eager, their key length grows every step and would compile anew
+            if self.layer_graphs is not None and (past is None or t > 1):
                 # Parameter.value(): a Parameter argument keys the graph by its name, and
                 # every layer would compile its own
                 w = [p.value() for p in layer.weights()]
-                x, present = self.layer_graphs(x, bias, cos, sin, *w)
-            elif self.layer_graphs is not None and t > 1:
-                # a block of tokens after a cached prompt (share_prompts); one-token decode
-                # steps stay eager: their key length grows every step and would compile anew
-                w = [p.value() for p in layer.weights()]
-                x, present = self._layer_graph_past(x, bias, cos, sin, *past[i], *w)
+                if past is None:
+                    x, present = self.layer_graphs(x, bias, cos, sin, *w)
+                else:
+                    x, present = self._layer_graph_past(x, bias, cos, sin, *past[i], *w)
             else:
                 x, present = layer(x, bias, cos, sin, None if past is None else past[i])
             presents.append(present)
