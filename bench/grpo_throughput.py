@@ -213,6 +213,30 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     }
 
 
+def peer(args, prompts) -> dict:
+    """TRL's side, in its own process (the peer venv)."""
+    data, tokdir = write_inputs(prompts, "bench-grpo-", model_config(args.shape, args.seq)[1])
+    cmd = ["--data", str(data), "--tokenizer-dir", str(tokdir)]
+    for k in (
+        "shape",
+        "layers",
+        "d",
+        "heads",
+        "seq",
+        "prompts",
+        "group",
+        "new_tokens",
+        "mini_batch",
+        "epochs",
+        "iters",
+        "lr",
+        "beta",
+        "clip",
+    ):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return run_peer("peer_trl_grpo.py", cmd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -254,6 +278,12 @@ def main() -> None:
         "(layers+sampled) takes the old log-probs from the sampler (grpo.old_logprobs: sampling)",
     )
     ap.add_argument("--skip-peer", action="store_true", help="only our side")
+    ap.add_argument(
+        "--peer-first",
+        action="store_true",
+        help="run TRL before our modes (by default it runs last): on a VM whose speed drifts "
+        "within a run, the two orders bracket the ratio",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
     prompts = make_prompts(args.prompts * (args.iters + 1))
@@ -267,6 +297,7 @@ def main() -> None:
         return
     # each side in its own process, one after the other: its own peak RSS, nothing shared
     modes = args.modes.split(",")
+    trl = peer(args, prompts) if args.peer_first and not args.skip_peer else None
     runs = {m: own_side(__file__, m) for m in modes}
     result = {
         "bench": "grpo_throughput",
@@ -275,26 +306,7 @@ def main() -> None:
         "ours_by_mode": runs,
     }
     if not args.skip_peer:
-        data, tokdir = write_inputs(prompts, "bench-grpo-", model_config(args.shape, args.seq)[1])
-        cmd = ["--data", str(data), "--tokenizer-dir", str(tokdir)]
-        for k in (
-            "shape",
-            "layers",
-            "d",
-            "heads",
-            "seq",
-            "prompts",
-            "group",
-            "new_tokens",
-            "mini_batch",
-            "epochs",
-            "iters",
-            "lr",
-            "beta",
-            "clip",
-        ):
-            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        trl = result["trl"] = run_peer("peer_trl_grpo.py", cmd)
+        trl = result["trl"] = trl or peer(args, prompts)
         o = result["ours"]
         result["ratio_vs_trl"] = round(
             o["samples_per_s"] / trl["samples_per_s"], 3
