@@ -147,7 +147,10 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
         if sampled:  # as the stage with grpo.old_logprobs: sampling
             old_lp = g.logprobs * rmask
         else:
-            old_lp = score_rollout(response_logprobs, policy, seq, am, p, compiled, True) * rmask
+            old_lp = score_rollout(
+                response_logprobs, policy, seq, am, p, compiled, share_prompts=True
+            )
+            old_lp = old_lp * rmask
         ref_lp = score_rollout(response_logprobs, ref, seq, am, p, compiled, share_prompts=True)
         ref_lp = ref_lp * rmask
         rewards = np.array(

@@ -528,7 +528,7 @@ class CausalLM(nn.Cell):
     def _shared_prompt_logits(self, input_ids, attention_mask, p: int, first, inverse):
         rows, idx = Tensor(first.astype(np.int32)), Tensor(inverse.astype(np.int32))
         h, presents = self.model(input_ids[rows, :p], attention_mask[rows, :p])
-        past = [tuple(ops.gather(x, idx, 0) for x in kv) for kv in presents]
+        past = cache_rows(presents, idx)
         # positions P .. T-2 attend to the cached prompt; position P-1's state is the prompt's last
         h_resp, _ = self.model(input_ids[:, p:-1], attention_mask[:, :-1], past)
         h = ops.cat((ops.gather(h[:, -1:], idx, 0), h_resp), 1)
@@ -555,6 +555,12 @@ def prompt_groups(ids: np.ndarray, mask: np.ndarray, prompt_len: int):
     if bucket >= len(rows):
         return np.arange(len(rows)), np.arange(len(rows))
     return np.pad(first, (0, bucket - len(first)), mode="edge"), inverse.reshape(-1)
+
+
+def cache_rows(presents, idx: Tensor) -> list:
+    """Each layer's (keys, values) with rows taken by ``idx``: a prompt pass over the distinct
+    prompts (:func:`prompt_groups`) spread back to every row that shares one."""
+    return [tuple(ops.gather(x, idx, 0) for x in kv) for kv in presents]
 
 
 class frozen_head:

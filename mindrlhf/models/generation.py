@@ -29,7 +29,7 @@ from mindspore import Tensor
 
 from ..config import GenerationConfig
 from ..graphs import POOL
-from .decoder import frozen_head, graph_cache, prompt_groups
+from .decoder import cache_rows, frozen_head, graph_cache, prompt_groups
 
 
 @dataclass
@@ -205,7 +205,6 @@ def prefill(model, seq, mask, p: int):
     their results are gathered back into every row's place: at a group size of 8 the prompt
     costs an eighth."""
     import mindspore as ms
-    from mindspore import ops
 
     first, inverse = prompt_groups(seq, mask, p)
     if len(first) == len(seq):
@@ -213,8 +212,7 @@ def prefill(model, seq, mask, p: int):
         return logits.asnumpy()[:, -1], presents
     logits, presents = model(Tensor(seq[first, :p]), Tensor(mask[first, :p]), None, True)
     idx = Tensor(inverse.astype(np.int32), ms.int32)
-    presents = [tuple(ops.gather(x, idx, 0) for x in kv) for kv in presents]
-    return logits.asnumpy()[:, -1][inverse], presents
+    return logits.asnumpy()[:, -1][inverse], cache_rows(presents, idx)
 
 
 def _decode(model, seq, mask, p, n, gen, eos_id, pad_id, rng, use_cache, lp=None) -> int:

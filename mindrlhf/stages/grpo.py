@@ -224,7 +224,15 @@ def run(ctx: StageContext) -> None:
         }
         if gc.old_logprobs == "recompute":
             scored["logprobs"] = (
-                score_rollout(response_logprobs, policy, seq[mine], am[mine], p, gc.compiled, True)
+                score_rollout(
+                    response_logprobs,
+                    policy,
+                    seq[mine],
+                    am[mine],
+                    p,
+                    gc.compiled,
+                    share_prompts=True,
+                )
                 * rmask
             )
         c = gather_rows(scored, ctx.dist)
