@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -87,11 +88,12 @@ def cmd_run(args) -> int:
         lost = api_lost(e)
         if lost is None:
             raise
-        raise PrefectUnavailable(
+        err = PrefectUnavailable(
             f"lost the Prefect API during the run ({lost}); the stages that finished have their "
-            "outputs in "
-            "the store, verified, and a rerun reuses them"
-        ) from None
+            "outputs in the store, verified, and a rerun reuses them"
+        )
+        err.mid_run = True  # main() ends the process without draining Prefect's queues
+        raise err from None
     print(format_summary(summary))
     return 0
 
@@ -300,6 +302,12 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def _children() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
 def _terminate(signum, frame):
     raise SystemExit(
         128 + signum
@@ -371,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (StageFailed, PrefectUnavailable) as e:
         print(f"mindrlhf: {e}", file=sys.stderr)
+        if argv is None and getattr(e, "mid_run", False) and not _children():
+            # At exit Prefect's event and log workers would try to deliver what they still hold to
+            # the API that is gone, each item ~7 s of failed connections (~50 s after a stage's
+            # asset events): nothing can be delivered and the store holds the outputs, so with no
+            # stage process left to wait for, end now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except (ArtifactNotFound, KeyError) as e:
         print(f"mindrlhf: {e.args[0] if e.args else e}", file=sys.stderr)

@@ -46,7 +46,7 @@ def start_server(home: Path, port: int) -> subprocess.Popen:
 def test_server_killed_mid_stage_ends_clearly_and_rerun_reuses(tmp_path):
     home, port, store = tmp_path / "home", free_port(), tmp_path / "store"
     base = load_config("demo").to_dict()
-    over = tiny_overrides(store, steps=200, ckpt_every=100)
+    over = tiny_overrides(store, steps=80, ckpt_every=40)  # still running when the server dies
 
     def merge(a, b):
         return {
@@ -66,21 +66,26 @@ def test_server_killed_mid_stage_ends_clearly_and_rerun_reuses(tmp_path):
     }
     srv = start_server(home, port)
     t0 = time.time()
-    run = subprocess.Popen(
-        [str(BIN / "mindrlhf"), "run", str(cfg)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with open(tmp_path / "run.log", "w") as log:
+        run = subprocess.Popen(
+            [str(BIN / "mindrlhf"), "run", str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     while not list(store.glob("runs/sft-*/spec.json")) and time.time() - t0 < 300:
         time.sleep(0.3)
     time.sleep(3)
     os.killpg(srv.pid, signal.SIGKILL)
-    out, _ = run.communicate(timeout=300)
-    assert run.returncode == 1
+    stage_done = None  # when the stage, which outlives the server, wrote its result
+    while run.poll() is None and time.time() - t0 < 300:
+        if stage_done is None and list(store.glob("runs/sft-*/result.json")):
+            stage_done = time.time()
+        time.sleep(0.2)
+    ended = time.time()
+    out = (tmp_path / "run.log").read_text()
+    assert run.returncode == 1, out[-3000:]
     assert "mindrlhf: lost the Prefect API during the run" in out
-    assert time.time() - t0 < 240
+    # then it ends: Prefect's flow engine spends ~7 s on each asset / state event it still holds
+    # (~30 s here), and its workers at interpreter exit would spend as long again on the rest
+    assert stage_done is not None and ended - stage_done < 50, (ended - stage_done, out[-3000:])
 
     srv = start_server(home, port)
     try:
