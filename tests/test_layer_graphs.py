@@ -61,6 +61,7 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
     m = np.ones((3, 11), np.int32)
     m[1, :4] = 0  # a left-padded row
     mask = Tensor(m)
+    model.set_train(True)  # layer graphs serve training; a forward without gradient is eager
     eager = passes(model, ids, mask)
     model.model.use_layer_graphs()
     graphs = passes(model, ids, mask)
@@ -72,7 +73,7 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
         # a key bias's gradient is zero but for rounding (softmax ignores a per-query shift)
         tol = max(1e-4 * np.abs(b).max(), 1e-6)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=tol, err_msg=name)
-    # generation: the prompt forward through the layer graphs, cached decoding after it
+    # generation (no gradient: eager whatever the setting) decodes the same tokens
     pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
     gen = GenerationConfig(max_new_tokens=8, do_sample=False)
     with_graphs = generate(model, pid, pmask, gen, -1, 0, compiled=False).sequences
@@ -99,6 +100,7 @@ def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
         v, g = ms.value_and_grad(loss, None, critic.trainable_params())(ids, mask)
         return float(v.asnumpy()), [x.asnumpy() for x in g], critic(ids, mask).asnumpy()
 
+    critic.set_train(True)
     eager = run()
     critic.model.use_layer_graphs()
     graphs = run()
@@ -111,14 +113,20 @@ def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
 def test_one_graph_serves_every_layer():
     """The layers' weights are the graph's inputs, so a 4-layer model compiles the layer once
     for a shape (a Parameter argument would key a graph per layer), and again only for a new
-    shape."""
+    shape. Out of training mode (scoring, generation, evaluation) the layers run eagerly: no
+    graph for a forward without gradient, where eager is the faster of the two."""
     cfg = tiny_model_cfg("llama", n_layers=4, d_model=48, n_heads=6, n_kv_heads=3)
     model = CausalLM(cfg, seed=0)
     model.model.use_layer_graphs()
+    model.set_train(True)
     before = phases("layer_graph")
     for t in (9, 9, 12):
         ids = Tensor(np.ones((2, t), np.int32))
         model(ids, Tensor(np.ones((2, t), np.int32)))
+    assert phases("layer_graph") - before == 2
+    model.set_train(False)
+    for t in (9, 15):
+        model(Tensor(np.ones((2, t), np.int32)), Tensor(np.ones((2, t), np.int32)))
     assert phases("layer_graph") - before == 2
 
 
@@ -147,6 +155,7 @@ def test_layer_graphs_inside_a_compiled_step_are_the_same():
         model = CausalLM(cfg, seed=1)
         randomize(model, seed=2)
         model.model.use_layer_graphs(on)
+        model.set_train(True)
 
         t = Trainer(model.trainable_params(), nll_of(model), OptimConfig(lr=1e-2), Dist(), 3)
         losses = [t.step(ids, mask)[0] for _ in range(3)]

@@ -36,6 +36,7 @@ def test_shared_prompt_gradients_are_the_full_passes(family, graphs, rng):
     model = CausalLM(cfg, seed=3)
     randomize(model, seed=4, qk_scale=3.0)
     model.model.use_layer_graphs(graphs)
+    model.set_train(True)  # a training step's forward: layer graphs serve it
     seq, mask, p = rollout(cfg, rng)
     weight = Tensor(rng.standard_normal((8, seq.shape[1] - p)).astype(np.float32) * mask[:, p:])
     params = model.trainable_params()
