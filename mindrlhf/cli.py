@@ -381,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mindrlhf: {e}", file=sys.stderr)
         if argv is None and getattr(e, "mid_run", False) and not _children():
             # At exit Prefect's event and log workers would try to deliver what they still hold to
-            # the API that is gone, each item ~7 s of failed connections (~50 s after a stage's
-            # asset events): nothing can be delivered and the store holds the outputs, so with no
-            # stage process left to wait for, end now.
+            # the API that is gone, each item ~7 s of failed connections (~40 s in
+            # tests/test_prefect_faults.py): nothing can be delivered and the store holds the
+            # outputs, so with no stage process left to wait for, end now.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
