@@ -25,8 +25,8 @@ import yaml
 from .config import ConfigError, load_config
 from .data.schema import DataError
 from .data.store import ArtifactNotFound, ArtifactStore, IntegrityError, atomic_write_bytes
-from .launch import StageFailed
-from .prefect_api import PrefectUnavailable
+from .launch import StageFailed, process_tree
+from .prefect_api import PrefectLost, PrefectUnavailable
 
 STAGE_NAMES = (
     "prepare",
@@ -88,12 +88,10 @@ def cmd_run(args) -> int:
         lost = api_lost(e)
         if lost is None:
             raise
-        err = PrefectUnavailable(
+        raise PrefectLost(
             f"lost the Prefect API during the run ({lost}); the stages that finished have their "
             "outputs in the store, verified, and a rerun reuses them"
-        )
-        err.mid_run = True  # main() ends the process without draining Prefect's queues
-        raise err from None
+        ) from None
     print(format_summary(summary))
     return 0
 
@@ -302,12 +300,6 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
-def _children() -> list:
-    import psutil
-
-    return psutil.Process().children(recursive=True)
-
-
 def _terminate(signum, frame):
     raise SystemExit(
         128 + signum
@@ -379,11 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (StageFailed, PrefectUnavailable) as e:
         print(f"mindrlhf: {e}", file=sys.stderr)
-        if argv is None and getattr(e, "mid_run", False) and not _children():
+        if argv is None and isinstance(e, PrefectLost) and len(process_tree(os.getpid())) == 1:
             # At exit Prefect's event and log workers would try to deliver what they still hold to
             # the API that is gone, each item ~7 s of failed connections (~40 s in
             # tests/test_prefect_faults.py): nothing can be delivered and the store holds the
-            # outputs, so with no stage process left to wait for, end now.
+            # outputs, so with no stage process left to wait for (the tree is this process
+            # alone), end now.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)

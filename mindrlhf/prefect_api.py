@@ -19,6 +19,11 @@ class PrefectUnavailable(RuntimeError):
     pass
 
 
+class PrefectLost(PrefectUnavailable):
+    """The API went away during a run (not at the check before it): what Prefect still holds to
+    send can no longer be delivered."""
+
+
 def bound_client() -> None:
     """Defaults for the limits the user has not set (before Prefect reads its settings)."""
     for k, v in CLIENT_LIMITS.items():
