@@ -78,6 +78,7 @@ def ours(pairs, args, mode: str) -> dict:
 
     compiled, layers = mode == "compiled", mode == "layers"
     decoder.LAYER_GRAPHS = layers  # as a stage with dpo.layer_graphs sets it
+    decoder.LAYER_SPAN = args.layer_span  # and its layer_graph_span
 
     cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
@@ -154,6 +155,12 @@ def main() -> None:
         default="compiled,pynative",
         help="our configurations to time: compiled (the default), pynative, layers (eager step, "
         "each decoder layer one shared graph)",
+    )
+    ap.add_argument(
+        "--layer-span",
+        type=int,
+        default=5,
+        help="layers one layer graph runs (<stage>.layer_graph_span; 5 the config default)",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()

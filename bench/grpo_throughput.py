@@ -91,6 +91,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
     decoder.LAYER_GRAPHS = layers  # as a stage with grpo.layer_graphs sets it
+    decoder.LAYER_SPAN = args.layer_span  # and its layer_graph_span
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     ref.set_train(False)
     batch = args.prompts * args.group
@@ -286,6 +287,12 @@ def main() -> None:
         action="store_true",
         help="run TRL before our modes (by default it runs last): on a VM whose speed drifts "
         "within a run, the two orders bracket the ratio",
+    )
+    ap.add_argument(
+        "--layer-span",
+        type=int,
+        default=5,
+        help="layers one layer graph runs (<stage>.layer_graph_span; 5 the config default)",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()

@@ -327,10 +327,15 @@ class OptimConfig:
     # compiles in seconds per shape where the whole step takes minutes and gigabytes at
     # SmolLM2's size, and skips most of the per-operator cost of eager steps and scoring
     layer_graphs: bool = False
+    # layers one layer graph runs (consecutive, the model cut into even spans): more per graph
+    # means fewer graph calls, each costing ~50-70 ms under a gradient at SmolLM2's size, and a
+    # bigger graph to compile and hold (bench/README.md)
+    layer_graph_span: int = 5
 
     def validate(self, p: str = ""):
         _positive(self.lr, p + "lr")
         _positive(self.pad_multiple, p + "pad_multiple")
+        _positive(self.layer_graph_span, p + "layer_graph_span")
         _non_negative(self.weight_decay, p + "weight_decay")
         _non_negative(self.warmup_steps, p + "warmup_steps")
         _non_negative(self.grad_clip, p + "grad_clip")

@@ -53,6 +53,9 @@ def phases(name: str) -> int:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_layer_graphs_give_the_eager_model_exactly(family):
+    """At a span of 2 the 3 layers run as two graph calls, of 2 layers and of 1: each layer's
+    weights, cache and gradients must come from its own slot of a span's inputs and outputs.
+    (Pangu-alpha's 2 blocks are one span.)"""
     cfg = tiny_model_cfg(**FAMILIES[family])
     model = CausalLM(cfg, seed=3)
     randomize(model, seed=4, qk_scale=3.0)
@@ -63,7 +66,9 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
     mask = Tensor(m)
     model.set_train(True)  # layer graphs serve training; a forward without gradient is eager
     eager = passes(model, ids, mask)
-    model.model.use_layer_graphs()
+    model.model.use_layer_graphs(span=2)
+    n = len(model.model.layers)  # Pangu-alpha: 2 blocks and its top query layer
+    assert model.model._spans == [(0, 2), (2, 3)][: n - 1]
     graphs = passes(model, ids, mask)
     np.testing.assert_allclose(graphs[0], eager[0], rtol=1e-5, atol=1e-5)
     assert len(graphs[1]) == len(eager[1]) == 2 * cfg.n_layers
@@ -111,13 +116,15 @@ def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
 
 
 def test_one_graph_serves_every_layer():
-    """The layers' weights are the graph's inputs, so a 4-layer model compiles the layer once
-    for a shape (a Parameter argument would key a graph per layer), and again only for a new
-    shape. Out of training mode (scoring, generation, evaluation) the layers run eagerly: no
-    graph for a forward without gradient, where eager is the faster of the two."""
+    """The layers' weights are the graph's inputs, so a 4-layer model cut into spans of 2 layers
+    compiles one graph for a shape, which both spans call (a Parameter argument would key a
+    graph per span), and again only for a new shape. Out of training mode (scoring, generation,
+    evaluation) the layers run eagerly: no graph for a forward without gradient, where eager is
+    the faster of the two."""
     cfg = tiny_model_cfg("llama", n_layers=4, d_model=48, n_heads=6, n_kv_heads=3)
     model = CausalLM(cfg, seed=0)
-    model.model.use_layer_graphs()
+    model.model.use_layer_graphs(span=3)  # cut as evenly as can be: 2 + 2, not 3 + 1
+    assert model.model._spans == [(0, 2), (2, 4)]
     model.set_train(True)
     before = phases("layer_graph")
     for t in (9, 9, 12):

@@ -35,7 +35,7 @@ def test_shared_prompt_gradients_are_the_full_passes(family, graphs, rng):
     cfg = tiny_model_cfg(**FAMILIES[family])
     model = CausalLM(cfg, seed=3)
     randomize(model, seed=4, qk_scale=3.0)
-    model.model.use_layer_graphs(graphs)
+    model.model.use_layer_graphs(graphs, span=2)  # 3 layers: spans of 2 and 1, caches and all
     model.set_train(True)  # a training step's forward: layer graphs serve it
     seq, mask, p = rollout(cfg, rng)
     weight = Tensor(rng.standard_normal((8, seq.shape[1] - p)).astype(np.float32) * mask[:, p:])

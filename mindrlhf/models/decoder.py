@@ -26,9 +26,11 @@ from . import fused
 
 NEG_INF = -1e9
 
-# Set per stage process from its section's ``layer_graphs`` (stages/common.start_stage): every
-# Transformer built afterwards runs its layers as shared graphs when called eagerly.
+# Set per stage process from its section's ``layer_graphs`` and ``layer_graph_span``
+# (stages/common.start_stage): every Transformer built afterwards runs its layers as shared
+# graphs, at most LAYER_SPAN consecutive layers a graph call, when called eagerly.
 LAYER_GRAPHS = False
+LAYER_SPAN = 5
 
 
 def _init(rng: np.random.Generator, shape, std: float) -> Parameter:
@@ -364,18 +366,26 @@ class Transformer(nn.Cell):
         # tokens (share_prompts) takes one: one-token decode steps stay eager, their key length
         # grows every step and would compile anew
         graphs = self.layer_graphs is not None and self.training and (past is None or t > 1)
-        for i, layer in enumerate(self.layers):
-            if graphs:
-                # Parameter.value(): a Parameter argument keys the graph by its name, and
-                # every layer would compile its own
-                w = [p.value() for p in layer.weights()]
+        if graphs:
+            for start, stop in self._spans:  # plain loops: a compiled step parses this too
+                w, kv = [], []
+                for i in range(start, stop):
+                    # Parameter.value(): a Parameter argument keys the graph by its name, and
+                    # every span would compile its own
+                    w += [p.value() for p in self.layers[i].weights()]
+                    if past is not None:
+                        kv += [past[i][0], past[i][1]]
                 if past is None:
-                    x, present = self.layer_graphs(x, bias, cos, sin, *w)
+                    out = self.layer_graphs(x, bias, cos, sin, *w)
                 else:
-                    x, present = self._layer_graph_past(x, bias, cos, sin, *past[i], *w)
-            else:
+                    out = self._layer_graph_past(x, bias, cos, sin, *kv, *w)
+                x = out[0]
+                for j in range(stop - start):
+                    presents.append((out[1 + 2 * j], out[2 + 2 * j]))
+        else:
+            for i, layer in enumerate(self.layers):
                 x, present = layer(x, bias, cos, sin, None if past is None else past[i])
-            presents.append(present)
+                presents.append(present)
         h = self.norm(x)
         if self.top_query_layer is not None:
             h, present = self.top_query_layer(
@@ -384,26 +394,48 @@ class Transformer(nn.Cell):
             presents.append(present)
         return h, presents
 
-    def use_layer_graphs(self, on: bool = True) -> None:
-        """Eagerly (PyNative), run every decoder layer as one compiled graph -- forward and, under
-        a gradient, backward -- instead of ~40 operators dispatched one by one: the graph takes the
-        layer's weights as inputs, so all layers share it and it compiles once per input shape
-        (seconds), where compiling the whole model per shape takes minutes and gigabytes. Not
-        for LoRA-wrapped layers (lora._rebuild does not carry it) or cached decoding.
+    def use_layer_graphs(self, on: bool = True, span: int | None = None) -> None:
+        """Eagerly (PyNative), run the decoder layers as compiled graphs -- forward and, under a
+        gradient, backward -- instead of ~40 operators each dispatched one by one: a graph runs
+        ``span`` consecutive layers (default LAYER_SPAN) and takes their weights as inputs, so
+        every run of as many layers shares it; it compiles once per input shape (seconds), where
+        compiling the whole model per shape takes minutes and gigabytes. The layers are cut into
+        spans as even as can be (SmolLM2's 30 at 5: six calls of one graph; 24 at 5: four of 5
+        and one of 4, two graphs). Why spans and not one layer a graph: each graph call under a
+        PyNative gradient costs ~50-70 ms at SmolLM2's shape on top of its kernels (what it
+        keeps for the backward), so one layer a graph spent a third of a training step's
+        forward and backward on 30 calls (bench/README.md). Not for LoRA-wrapped layers
+        (lora._rebuild does not carry it) or cached decoding.
 
         Only in training mode (``set_train(True)``, as every stage's training step): a forward
         without a gradient -- scoring, generation's prompt pass, evaluation -- runs eagerly,
-        which is faster there (SmolLM2's shape, GRPO's reference scoring of 64 rows: 2.3 s
-        eager, 3.1 s through layer graphs; a 64 x 16 forward 2.7 s against 3.8 s)."""
+        which measured faster there with one layer a graph (SmolLM2's shape, GRPO's reference
+        scoring of 64 rows: 2.3 s eager, 3.1 s through layer graphs)."""
+        span = max(1, LAYER_SPAN if span is None else span)
+        n = len(self.layers)
+        calls = -(-n // span)
+        sizes = [n // calls + (i < n % calls) for i in range(calls)]
+        bounds = np.cumsum([0] + sizes)
+        object.__setattr__(self, "_spans", list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
         graph = self.__dict__.get("_layer_graph")  # kept: a new function compiles anew
         if graph is None and on:
             template = self.layers[0]
+            nw = len(template.weights())
+
+            def run(x, bias, cos, sin, kv, w):
+                out = []
+                for j in range(len(w) // nw):
+                    past = None if not kv else (kv[2 * j], kv[2 * j + 1])
+                    x, (k, v) = template(x, bias, cos, sin, past, None, w[j * nw : (j + 1) * nw])
+                    out += [k, v]
+                return (x, *out)
 
             def layer_graph(x, bias, cos, sin, *w):
-                return template(x, bias, cos, sin, None, None, w)
+                return run(x, bias, cos, sin, (), w)
 
-            def layer_graph_past(x, bias, cos, sin, past_k, past_v, *w):
-                return template(x, bias, cos, sin, (past_k, past_v), None, w)
+            def layer_graph_past(x, bias, cos, sin, *kv_w):
+                n_kv = 2 * (len(kv_w) // (nw + 2))  # keys and values, then weights, per layer
+                return run(x, bias, cos, sin, kv_w[:n_kv], kv_w[n_kv:])
 
             graph = ms.jit(layer_graph)
             object.__setattr__(self, "_layer_graph", graph)

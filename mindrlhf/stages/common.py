@@ -128,7 +128,12 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
         from ..models import decoder
 
         decoder.LAYER_GRAPHS = True  # the models this stage builds (config.OptimConfig)
-        print(f"[{name}] layer graphs: each decoder layer runs as one compiled graph", flush=True)
+        decoder.LAYER_SPAN = section.layer_graph_span
+        print(
+            f"[{name}] layer graphs: up to {section.layer_graph_span} decoder layers a compiled "
+            "graph",
+            flush=True,
+        )
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
