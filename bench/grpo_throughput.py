@@ -242,6 +242,8 @@ def peer(args, prompts) -> dict:
 
 
 def main() -> None:
+    from mindrlhf.config import OptimConfig
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -291,8 +293,8 @@ def main() -> None:
     ap.add_argument(
         "--layer-span",
         type=int,
-        default=5,
-        help="layers one layer graph runs (<stage>.layer_graph_span; 5 the config default)",
+        default=OptimConfig.layer_graph_span,
+        help="layers one layer graph runs (<stage>.layer_graph_span; default: the config's)",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()

@@ -403,9 +403,9 @@ class Transformer(nn.Cell):
         spans as even as can be (SmolLM2's 30 at 5: six calls of one graph; 24 at 5: four of 5
         and one of 4, two graphs). Why spans and not one layer a graph: each graph call under a
         PyNative gradient costs ~50-70 ms at SmolLM2's shape on top of its kernels (what it
-        keeps for the backward), so one layer a graph spent a third of a training step's
-        forward and backward on 30 calls (bench/README.md). Not for LoRA-wrapped layers
-        (lora._rebuild does not carry it) or cached decoding.
+        keeps for the backward), so one layer a graph spent about a quarter of the layers'
+        forward and backward on 30 calls (4.87 s against 3.74 at 5, bench/README.md). Not for
+        LoRA-wrapped layers (lora._rebuild does not carry it) or cached decoding.
 
         Only in training mode (``set_train(True)``, as every stage's training step): a forward
         without a gradient -- scoring, generation's prompt pass, evaluation -- runs eagerly,
