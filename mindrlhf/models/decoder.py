@@ -21,7 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..config import ModelConfig
+from ..config import ModelConfig, OptimConfig
 from . import fused
 
 NEG_INF = -1e9
@@ -30,7 +30,7 @@ NEG_INF = -1e9
 # (stages/common.start_stage): every Transformer built afterwards runs its layers as shared
 # graphs, at most LAYER_SPAN consecutive layers a graph call, when called eagerly.
 LAYER_GRAPHS = False
-LAYER_SPAN = 5
+LAYER_SPAN = OptimConfig.layer_graph_span
 
 
 def _init(rng: np.random.Generator, shape, std: float) -> Parameter:
