@@ -327,9 +327,10 @@ class OptimConfig:
     # compiles in seconds per shape where the whole step takes minutes and gigabytes at
     # SmolLM2's size, and skips most of the per-operator cost of eager steps and scoring
     layer_graphs: bool = False
-    # layers one layer graph runs (consecutive, the model cut into even spans): more per graph
-    # means fewer graph calls, each costing ~50-70 ms under a gradient at SmolLM2's size, and a
-    # bigger graph to compile and hold (bench/README.md)
+    # layers one layer graph of a training step runs (consecutive, the model cut into even
+    # spans): more per graph means fewer graph calls, each costing ~50-70 ms under a gradient at
+    # SmolLM2's size, and a bigger graph to compile and hold (bench/README.md); a forward out of
+    # training mode (scoring, generation's prompt pass, evaluation) runs every layer in one call
     layer_graph_span: int = 5
 
     def validate(self, p: str = ""):

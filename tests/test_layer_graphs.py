@@ -64,7 +64,7 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
     m = np.ones((3, 11), np.int32)
     m[1, :4] = 0  # a left-padded row
     mask = Tensor(m)
-    model.set_train(True)  # layer graphs serve training; a forward without gradient is eager
+    model.set_train(True)
     eager = passes(model, ids, mask)
     model.model.use_layer_graphs(span=2)
     n = len(model.model.layers)  # Pangu-alpha: 2 blocks and its top query layer
@@ -78,14 +78,30 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
         # a key bias's gradient is zero but for rounding (softmax ignores a per-query shift)
         tol = max(1e-4 * np.abs(b).max(), 1e-6)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=tol, err_msg=name)
-    # generation (no gradient: eager whatever the setting) decodes the same tokens
+    # out of training mode every layer runs in one graph call: the same logits and cache, the
+    # same response logits through a shared prompt's cache (rows 0-1 and 2-3 share their first
+    # 6 columns) and the same greedy tokens (prompt pass in the graph, decode steps eager)
+    model.set_train(False)
+    rows = np.asarray(ids)[[0, 0, 1, 1]]
+    rows[1, 6:] = rows[2, 6:]
+    rows[3, 6:] = rows[0, 6:]
+    sids, smask = Tensor(rows), Tensor(m[[0, 0, 1, 1]])
     pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
     gen = GenerationConfig(max_new_tokens=8, do_sample=False)
-    with_graphs = generate(model, pid, pmask, gen, -1, 0, compiled=False).sequences
+
+    def forwards():
+        logits, presents = model(ids, mask)
+        return [
+            logits.asnumpy(),
+            *[t.asnumpy() for p in presents for t in p],
+            model.response_logits(sids, smask, 6, share_prompts=True).asnumpy(),
+            generate(model, pid, pmask, gen, -1, 0, compiled=False).sequences,
+        ]
+
+    with_graphs = forwards()
     model.model.use_layer_graphs(False)
-    np.testing.assert_array_equal(
-        with_graphs, generate(model, pid, pmask, gen, -1, 0, compiled=False).sequences
-    )
+    for a, b in zip(with_graphs, forwards(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
@@ -119,8 +135,8 @@ def test_one_graph_serves_every_layer():
     """The layers' weights are the graph's inputs, so a 4-layer model cut into spans of 2 layers
     compiles one graph for a shape, which both spans call (a Parameter argument would key a
     graph per span), and again only for a new shape. Out of training mode (scoring, generation,
-    evaluation) the layers run eagerly: no graph for a forward without gradient, where eager is
-    the faster of the two."""
+    evaluation) all 4 layers run in one call: one more graph per shape, not the spans', and a
+    one-token decode step after a cache none."""
     cfg = tiny_model_cfg("llama", n_layers=4, d_model=48, n_heads=6, n_kv_heads=3)
     model = CausalLM(cfg, seed=0)
     model.model.use_layer_graphs(span=3)  # cut as evenly as can be: 2 + 2, not 3 + 1
@@ -132,9 +148,14 @@ def test_one_graph_serves_every_layer():
         model(ids, Tensor(np.ones((2, t), np.int32)))
     assert phases("layer_graph") - before == 2
     model.set_train(False)
-    for t in (9, 15):
+    for t in (9, 15, 9):
         model(Tensor(np.ones((2, t), np.int32)), Tensor(np.ones((2, t), np.int32)))
-    assert phases("layer_graph") - before == 2
+    assert phases("layer_graph") - before == 4
+    pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
+    gen = GenerationConfig(max_new_tokens=5, do_sample=False)
+    past = phases("layer_graph_past")
+    generate(model, pid, pmask, gen, -1, 0, compiled=False)  # a (2, 4) prompt pass, then eager
+    assert (phases("layer_graph") - before, phases("layer_graph_past") - past) == (5, 0)
 
 
 def nll_of(model):

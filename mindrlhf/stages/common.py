@@ -131,7 +131,7 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
         decoder.LAYER_SPAN = section.layer_graph_span
         print(
             f"[{name}] layer graphs: up to {section.layer_graph_span} decoder layers a compiled "
-            "graph",
+            "graph in training steps, every layer in one out of them",
             flush=True,
         )
     run_dir = Path(spec["run_dir"])
