@@ -158,6 +158,32 @@ def test_one_graph_serves_every_layer():
     assert (phases("layer_graph") - before, phases("layer_graph_past") - past) == (5, 0)
 
 
+def test_models_of_one_architecture_share_the_graphs():
+    """A policy and its reference (one config) share the layer-graph functions: the second model
+    compiles nothing for a shape the first met, and runs its own weights through them exactly. A
+    model whose weights have the same shapes but split into other heads gets its own."""
+    cfg = tiny_model_cfg("llama", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2)
+    other = tiny_model_cfg("llama", n_layers=2, d_model=48, n_heads=3, n_kv_heads=1)
+    r = np.random.default_rng(5)
+    ids = Tensor(r.integers(1, cfg.vocab_size, (2, 7)).astype(np.int32))
+    mask = Tensor(np.ones((2, 7), np.int32))
+    models = [CausalLM(c, seed=s) for s, c in enumerate((cfg, cfg, other))]
+    eager = []
+    for s, m in enumerate(models):
+        randomize(m, seed=10 + s, qk_scale=3.0)
+        m.set_train(False)
+        eager.append(m(ids, mask)[0].asnumpy())
+        m.model.use_layer_graphs()
+    a, b, c = models
+    a(ids, mask)
+    before = phases("layer_graph")
+    outs = [m(ids, mask)[0].asnumpy() for m in (b, c)]
+    assert phases("layer_graph") - before == 1  # c's, not b's
+    assert b.model.layer_graphs is a.model.layer_graphs is not c.model.layer_graphs
+    for out, ref in zip(outs, eager[1:], strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def nll_of(model):
     def loss(ids, mask):
         logits, _ = model(ids, mask)

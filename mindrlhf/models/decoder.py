@@ -31,6 +31,10 @@ NEG_INF = -1e9
 # graphs, at most LAYER_SPAN consecutive layers a graph call, when called eagerly.
 LAYER_GRAPHS = False
 LAYER_SPAN = OptimConfig.layer_graph_span
+# the layer-graph functions, one pair per block architecture (class and model config): models of
+# one architecture (a policy and its reference) share them, so a shape compiles once and the
+# memory its graph holds is held once (see Transformer.use_layer_graphs)
+_LAYER_GRAPH_FNS: dict[tuple[str, str], tuple] = {}
 
 
 def _init(rng: np.random.Generator, shape, std: float) -> Parameter:
@@ -425,7 +429,14 @@ class Transformer(nn.Cell):
         object.__setattr__(self, "_spans", list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
         object.__setattr__(self, "_whole", [(0, n)])
         graph = self.__dict__.get("_layer_graph")  # kept: a new function compiles anew
+        key = (type(self.layers[0]).__qualname__, repr(self.cfg))
+        if graph is None and on and key in _LAYER_GRAPH_FNS:
+            graph, past = _LAYER_GRAPH_FNS[key]
+            object.__setattr__(self, "_layer_graph", graph)
+            object.__setattr__(self, "_layer_graph_past", past)
         if graph is None and on:
+            # the first model of its architecture lends its first block: the weights are inputs,
+            # and a block keeps nothing else that differs between models of one config
             template = self.layers[0]
             nw = len(template.weights())
 
@@ -445,8 +456,9 @@ class Transformer(nn.Cell):
                 return run(x, bias, cos, sin, kv_w[:n_kv], kv_w[n_kv:])
 
             graph = ms.jit(layer_graph)
+            _LAYER_GRAPH_FNS[key] = (graph, ms.jit(layer_graph_past))
             object.__setattr__(self, "_layer_graph", graph)
-            object.__setattr__(self, "_layer_graph_past", ms.jit(layer_graph_past))
+            object.__setattr__(self, "_layer_graph_past", _LAYER_GRAPH_FNS[key][1])
         object.__setattr__(self, "layer_graphs", graph if on else None)
 
     def _embed(self, input_ids, positions):
