@@ -420,7 +420,9 @@ class Transformer(nn.Cell):
         little or no faster than eager and one call much faster (SmolLM2's shape, GRPO's
         reference scoring of 64 x 20 with shared prompts: eager 2.13 s, spans of 15 1.87 s, all
         30 layers in one call 1.28 s; a 32 x 16 prompt pass 1.46 s eager, 0.87 s in one call).
-        Each such shape keeps its graph's buffers: +1.5 GB peak in the GRPO bench."""
+        Each such shape keeps its graph's buffers: +1.0 GB peak in the GRPO bench, where the
+        policy and the reference share the functions (one pair per block class and model
+        config, _LAYER_GRAPH_FNS; +1.5 GB when each model had its own)."""
         span = max(1, LAYER_SPAN if span is None else span)
         n = len(self.layers)
         calls = -(-n // span)
