@@ -430,13 +430,8 @@ class Transformer(nn.Cell):
         bounds = np.cumsum([0] + sizes)
         object.__setattr__(self, "_spans", list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
         object.__setattr__(self, "_whole", [(0, n)])
-        graph = self.__dict__.get("_layer_graph")  # kept: a new function compiles anew
         key = (type(self.layers[0]).__qualname__, repr(self.cfg))
-        if graph is None and on and key in _LAYER_GRAPH_FNS:
-            graph, past = _LAYER_GRAPH_FNS[key]
-            object.__setattr__(self, "_layer_graph", graph)
-            object.__setattr__(self, "_layer_graph_past", past)
-        if graph is None and on:
+        if on and key not in _LAYER_GRAPH_FNS:  # kept: a new function compiles anew
             # the first model of its architecture lends its first block: the weights are inputs,
             # and a block keeps nothing else that differs between models of one config
             template = self.layers[0]
@@ -457,11 +452,10 @@ class Transformer(nn.Cell):
                 n_kv = 2 * (len(kv_w) // (nw + 2))  # keys and values, then weights, per layer
                 return run(x, bias, cos, sin, kv_w[:n_kv], kv_w[n_kv:])
 
-            graph = ms.jit(layer_graph)
-            _LAYER_GRAPH_FNS[key] = (graph, ms.jit(layer_graph_past))
-            object.__setattr__(self, "_layer_graph", graph)
-            object.__setattr__(self, "_layer_graph_past", _LAYER_GRAPH_FNS[key][1])
-        object.__setattr__(self, "layer_graphs", graph if on else None)
+            _LAYER_GRAPH_FNS[key] = (ms.jit(layer_graph), ms.jit(layer_graph_past))
+        graph, past = _LAYER_GRAPH_FNS[key] if on else (None, None)
+        object.__setattr__(self, "_layer_graph_past", past)
+        object.__setattr__(self, "layer_graphs", graph)
 
     def _embed(self, input_ids, positions):
         x = ops.gather(self.embed_tokens, input_ids, 0)
