@@ -208,6 +208,19 @@ SMOLLM2 = dict(
 )
 
 
+def add_layer_span_arg(ap) -> None:
+    """``--layer-span``: the layers one layer graph of a training step runs, as
+    ``<stage>.layer_graph_span`` (default: the config's)."""
+    from mindrlhf.config import OptimConfig
+
+    ap.add_argument(
+        "--layer-span",
+        type=int,
+        default=OptimConfig.layer_graph_span,
+        help="layers one layer graph runs (<stage>.layer_graph_span; default: the config's)",
+    )
+
+
 def model_config(shape: str, seq: int, layers: int = 6, d: int = 512, heads: int = 8):
     """(ModelConfig, tokenizer name) of a bench shape: ``gpt2`` (``layers`` x ``d``, ``heads``,
     GPT-2's vocabulary) or ``smollm2`` (SmolLM2-135M's)."""

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 from benchlib import (
+    add_layer_span_arg,
     matmul_peak_gflops,
     model_config,
     own_side,
@@ -135,8 +136,6 @@ def ours(pairs, args, mode: str) -> dict:
 
 
 def main() -> None:
-    from mindrlhf.config import OptimConfig
-
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
         "--shape",
@@ -158,12 +157,7 @@ def main() -> None:
         help="our configurations to time: compiled (the default), pynative, layers (eager step, "
         "each decoder layer one shared graph)",
     )
-    ap.add_argument(
-        "--layer-span",
-        type=int,
-        default=OptimConfig.layer_graph_span,
-        help="layers one layer graph runs (<stage>.layer_graph_span; default: the config's)",
-    )
+    add_layer_span_arg(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)

@@ -42,7 +42,7 @@ import json
 import time
 
 import numpy as np
-from benchlib import model_config, own_side, peak_rss_gb, run_peer, write_inputs
+from benchlib import add_layer_span_arg, model_config, own_side, peak_rss_gb, run_peer, write_inputs
 from peer_trl_grpo import (
     bench_reward,
 )  # pure Python at import time; the peer uses the same function
@@ -242,8 +242,6 @@ def peer(args, prompts) -> dict:
 
 
 def main() -> None:
-    from mindrlhf.config import OptimConfig
-
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -290,12 +288,7 @@ def main() -> None:
         help="run TRL before our modes (by default it runs last): on a VM whose speed drifts "
         "within a run, the two orders bracket the ratio",
     )
-    ap.add_argument(
-        "--layer-span",
-        type=int,
-        default=OptimConfig.layer_graph_span,
-        help="layers one layer graph runs (<stage>.layer_graph_span; default: the config's)",
-    )
+    add_layer_span_arg(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
     prompts = make_prompts(args.prompts * (args.iters + 1))
