@@ -162,24 +162,29 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
 
 
-def train_flops(cfg, rows: int, length: int, logit_positions: int | None = None) -> float:
+def train_flops(
+    cfg, rows: int, length: int, logit_positions: int | None = None, layer_length: int | None = None
+) -> float:
     """Floating-point operations one training step (forward + backward) of a decoder of ``cfg``
     (a ModelConfig) executes on ``rows`` sequences padded to ``length``: every matmul that runs,
     counted on the padded shapes -- the q/k/v/o projections (k and v at the kv-head width), the
-    attention scores and their weighted sum over all ``length`` keys (computed dense, the causal
-    mask applied after), the MLP (three matrices for a gated LLaMA MLP, two for GPT-2) and the
-    vocabulary projection on ``logit_positions`` positions per row (default: all of them). The
-    embedding lookup is not a matmul. Backward costs two forwards (input and weight gradients)."""
+    attention scores and their weighted sum over all keys (computed dense, the causal mask
+    applied after), the MLP (three matrices for a gated LLaMA MLP, two for GPT-2) -- at
+    ``layer_length`` positions (default ``length``; layer graphs pad it further inside the
+    model) and the vocabulary projection on ``logit_positions`` positions per row (default: all
+    ``length``). The embedding lookup is not a matmul. Backward costs two forwards (input and
+    weight gradients)."""
     d, h = cfg.d_model, cfg.n_heads
     dh = cfg.attn_head_dim or d // h
     kv = cfg.n_kv_heads or h
     d_ff = cfg.d_ff or (4 * d if cfg.family == "gpt2" else int(8 * d / 3))
+    n = length if layer_length is None else layer_length
     proj = 2 * d * (h * dh) + 2 * 2 * d * (kv * dh) + 2 * (h * dh) * d
-    scores = 2 * 2 * length * h * dh  # q k^T and the weighted sum of v, per query position
+    scores = 2 * 2 * n * h * dh  # q k^T and the weighted sum of v, per query position
     mlp = (3 if cfg.family == "llama" else 2) * 2 * d * d_ff
     per_token = cfg.n_layers * (proj + scores + mlp)
     head = 2 * d * cfg.vocab_size * (length if logit_positions is None else logit_positions)
-    return 3.0 * rows * (length * per_token + head)
+    return 3.0 * rows * (n * per_token + head)
 
 
 def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 4) -> dict:
@@ -208,9 +213,10 @@ SMOLLM2 = dict(
 )
 
 
-def add_layer_span_arg(ap) -> None:
-    """``--layer-span``: the layers one layer graph of a training step runs, as
-    ``<stage>.layer_graph_span`` (default: the config's)."""
+def add_layer_graph_args(ap) -> None:
+    """``--layer-span`` and ``--layer-pad``: the layers one layer graph of a training step runs
+    and the multiple a sequence is padded to inside the model, as ``<stage>.layer_graph_span``
+    and ``<stage>.layer_graph_pad`` (defaults: the config's)."""
     from mindrlhf.config import OptimConfig
 
     ap.add_argument(
@@ -218,6 +224,13 @@ def add_layer_span_arg(ap) -> None:
         type=int,
         default=OptimConfig.layer_graph_span,
         help="layers one layer graph runs (<stage>.layer_graph_span; default: the config's)",
+    )
+    ap.add_argument(
+        "--layer-pad",
+        type=int,
+        default=OptimConfig.layer_graph_pad,
+        help="layer graphs pad lengths to a multiple of this (<stage>.layer_graph_pad; default: "
+        "the config's; 1 pads nothing)",
     )
 
 

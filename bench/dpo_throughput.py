@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 from benchlib import (
-    add_layer_span_arg,
+    add_layer_graph_args,
     matmul_peak_gflops,
     model_config,
     own_side,
@@ -80,6 +80,7 @@ def ours(pairs, args, mode: str) -> dict:
     compiled, layers = mode == "compiled", mode == "layers"
     decoder.LAYER_GRAPHS = layers  # as a stage with dpo.layer_graphs sets it
     decoder.LAYER_SPAN = args.layer_span  # and its layer_graph_span
+    decoder.LAYER_PAD = args.layer_pad  # and its layer_graph_pad
 
     cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
@@ -112,19 +113,25 @@ def ours(pairs, args, mode: str) -> dict:
         tokens.append(int(bt["attention_mask"].sum()))
     timed, toks = times[1:], tokens[1:]
     graphs = compiled or layers
-    new_shape = [graphs and x not in shapes[:i] for i, x in enumerate(shapes)][1:]
+    # the length the layers ran at: layer graphs pad it inside the model (decoder.LAYER_PAD)
+    layer_lens = [-(-x // args.layer_pad) * args.layer_pad if layers else x for x in shapes]
+    new_shape = [graphs and x not in layer_lens[:i] for i, x in enumerate(layer_lens)][1:]
     steady = [t for t, new in zip(timed, new_shape) if not new]
     n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
-    # what the steady steps executed: chosen and rejected rows at their padded length, logits at
-    # every position (the DPO loss reads the log-prob of every response token)
+    # what the steady steps executed: chosen and rejected rows, the layers at their padded
+    # length, logits at every position of the batch (the DPO loss reads the log-prob of every
+    # response token)
     flops = sum(
-        train_flops(cfg, r, n) for r, n, new in zip(rows[1:], shapes[1:], new_shape) if not new
+        train_flops(cfg, r, n, layer_length=ln)
+        for r, n, ln, new in zip(rows[1:], shapes[1:], layer_lens[1:], new_shape)
+        if not new
     )
     return {
         "impl": "mindrlhf-flow / mindspore 2.9.0 "
         + {"compiled": "compiled (jit)", "pynative": "PyNative", "layers": "layer graphs"}[mode],
         "steps": len(timed),
         "padded_lengths": shapes,
+        "layer_lengths": layer_lens,
         "compiles": int(sum(new_shape)),
         "warmup_step_s": round(times[0], 2),
         "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3),
@@ -157,7 +164,7 @@ def main() -> None:
         help="our configurations to time: compiled (the default), pynative, layers (eager step, "
         "each decoder layer one shared graph)",
     )
-    add_layer_span_arg(ap)
+    add_layer_graph_args(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)

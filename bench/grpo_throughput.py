@@ -42,7 +42,14 @@ import json
 import time
 
 import numpy as np
-from benchlib import add_layer_span_arg, model_config, own_side, peak_rss_gb, run_peer, write_inputs
+from benchlib import (
+    add_layer_graph_args,
+    model_config,
+    own_side,
+    peak_rss_gb,
+    run_peer,
+    write_inputs,
+)
 from peer_trl_grpo import (
     bench_reward,
 )  # pure Python at import time; the peer uses the same function
@@ -92,6 +99,7 @@ def ours(prompts: list[dict], args, mode: str) -> dict:
     tok = load_tokenizer(tok_name)
     decoder.LAYER_GRAPHS = layers  # as a stage with grpo.layer_graphs sets it
     decoder.LAYER_SPAN = args.layer_span  # and its layer_graph_span
+    decoder.LAYER_PAD = args.layer_pad  # and its layer_graph_pad
     policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
     ref.set_train(False)
     batch = args.prompts * args.group
@@ -288,7 +296,7 @@ def main() -> None:
         help="run TRL before our modes (by default it runs last): on a VM whose speed drifts "
         "within a run, the two orders bracket the ratio",
     )
-    add_layer_span_arg(ap)
+    add_layer_graph_args(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
     prompts = make_prompts(args.prompts * (args.iters + 1))

@@ -332,11 +332,17 @@ class OptimConfig:
     # SmolLM2's size, and a bigger graph to compile and hold (bench/README.md); a forward out of
     # training mode (scoring, generation's prompt pass, evaluation) runs every layer in one call
     layer_graph_span: int = 5
+    # with layer graphs, a sequence's length is padded inside the model to a multiple of this
+    # (masked positions after the real ones, the outputs cut back): a graph compiles and holds
+    # its buffers per input shape, and batches of every length from 59 to 65 tokens (DPO's) or
+    # scoring batches of every length otherwise meet a graph each; 1 pads nothing
+    layer_graph_pad: int = 8
 
     def validate(self, p: str = ""):
         _positive(self.lr, p + "lr")
         _positive(self.pad_multiple, p + "pad_multiple")
         _positive(self.layer_graph_span, p + "layer_graph_span")
+        _positive(self.layer_graph_pad, p + "layer_graph_pad")
         _non_negative(self.weight_decay, p + "weight_decay")
         _non_negative(self.warmup_steps, p + "warmup_steps")
         _non_negative(self.grad_clip, p + "grad_clip")
@@ -344,9 +350,10 @@ class OptimConfig:
     @property
     def pad_to(self) -> int:
         """The multiple batch lengths are padded up to: only the compiled step gains from it. Not
-        layer graphs: one compiles in seconds per length, and padding up the ladder cost DPO at
-        SmolLM2's shape more (59-65-token batches padded to 64 / 96: 0.49 against 0.54 pairs/s
-        eager) than a compile per new length does."""
+        layer graphs: padding up the ladder cost DPO at SmolLM2's shape more (59-65-token
+        batches padded to 64 / 96: 0.49 against 0.54 pairs/s eager) than a compile per new
+        length did; they pad inside the model instead, to a multiple of ``layer_graph_pad``
+        (the layers only, not the vocabulary projection and the loss)."""
         return self.pad_multiple if self.compiled else 1
 
 

@@ -131,31 +131,48 @@ def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
-def test_one_graph_serves_every_layer():
+def test_one_graph_serves_every_layer(monkeypatch):
     """The layers' weights are the graph's inputs, so a 4-layer model cut into spans of 2 layers
     compiles one graph for a shape, which both spans call (a Parameter argument would key a
-    graph per span), and again only for a new shape. Out of training mode (scoring, generation,
-    evaluation) all 4 layers run in one call: one more graph per shape, not the spans', and a
-    one-token decode step after a cache none."""
+    graph per span), and again only for a new shape -- lengths padded to a multiple of
+    LAYER_PAD (8), so 9 and 12 tokens are one shape (16) and 17 another (24), with outputs at
+    the real length. Out of training mode (scoring, generation, evaluation) all 4 layers run in
+    one call: one more graph per shape, not the spans', and a one-token decode step after a
+    cache none. Without padding (LAYER_PAD 1) each length is its own shape."""
+    from mindrlhf.models import decoder
+
     cfg = tiny_model_cfg("llama", n_layers=4, d_model=48, n_heads=6, n_kv_heads=3)
     model = CausalLM(cfg, seed=0)
     model.model.use_layer_graphs(span=3)  # cut as evenly as can be: 2 + 2, not 3 + 1
     assert model.model._spans == [(0, 2), (2, 4)]
+
+    def run(t):
+        logits, presents = model(
+            Tensor(np.ones((2, t), np.int32)), Tensor(np.ones((2, t), np.int32))
+        )
+        assert logits.shape == (2, t, cfg.vocab_size)
+        assert all(k.shape[2] == v.shape[2] == t for k, v in presents)
+
     model.set_train(True)
     before = phases("layer_graph")
     for t in (9, 9, 12):
-        ids = Tensor(np.ones((2, t), np.int32))
-        model(ids, Tensor(np.ones((2, t), np.int32)))
+        run(t)
+    assert phases("layer_graph") - before == 1
+    run(17)
     assert phases("layer_graph") - before == 2
     model.set_train(False)
-    for t in (9, 15, 9):
-        model(Tensor(np.ones((2, t), np.int32)), Tensor(np.ones((2, t), np.int32)))
-    assert phases("layer_graph") - before == 4
+    for t in (9, 15, 9, 16):
+        run(t)
+    assert phases("layer_graph") - before == 3
     pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
     gen = GenerationConfig(max_new_tokens=5, do_sample=False)
     past = phases("layer_graph_past")
-    generate(model, pid, pmask, gen, -1, 0, compiled=False)  # a (2, 4) prompt pass, then eager
-    assert (phases("layer_graph") - before, phases("layer_graph_past") - past) == (5, 0)
+    generate(model, pid, pmask, gen, -1, 0, compiled=False)  # a (2, 4 -> 8) prompt pass, then eager
+    assert (phases("layer_graph") - before, phases("layer_graph_past") - past) == (4, 0)
+    monkeypatch.setattr(decoder, "LAYER_PAD", 1)
+    for t in (10, 11, 10):
+        run(t)
+    assert phases("layer_graph") - before == 6
 
 
 def test_models_of_one_architecture_share_the_graphs():

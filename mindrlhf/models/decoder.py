@@ -31,6 +31,8 @@ NEG_INF = -1e9
 # graphs, at most LAYER_SPAN consecutive layers a graph call, when called eagerly.
 LAYER_GRAPHS = False
 LAYER_SPAN = OptimConfig.layer_graph_span
+# and LAYER_PAD from ``layer_graph_pad``: a block's length is padded to a multiple of it
+LAYER_PAD = OptimConfig.layer_graph_pad
 # the layer-graph functions, one pair per block architecture (class and model config): models of
 # one architecture (a policy and its reference) share them, so a shape compiles once and the
 # memory its graph holds is held once (see Transformer.use_layer_graphs)
@@ -353,6 +355,24 @@ class Transformer(nn.Cell):
         p = s - t
         if s > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {s} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        # layer graphs (see use_layer_graphs): training runs spans, a forward out of training
+        # mode one graph over every layer; after a cache, only a block of tokens (share_prompts)
+        # takes one: one-token decode steps stay eager, their key length grows every step and
+        # would compile anew
+        graphs = self.layer_graphs is not None and (past is None or t > 1)
+        # ... and meet the block padded at its end to a multiple of LAYER_PAD (a graph per
+        # length otherwise); no real position sees the padding (it comes after all of them),
+        # and the outputs are cut back to the real length below
+        t0, s0 = t, s
+        pad = (-t) % LAYER_PAD if graphs else 0
+        if pad and s + pad <= self.cfg.max_seq_len:
+            input_ids = ops.cat((input_ids, ops.zeros((b, pad), input_ids.dtype)), 1)
+            attention_mask = ops.cat((attention_mask, ops.zeros((b, pad), attention_mask.dtype)), 1)
+            if segments is not None:
+                segments = ops.cat((segments, ops.zeros((b, pad), segments.dtype)), 1)
+            t, s = t + pad, s + pad
+        else:
+            pad = 0
         if segments is None:
             positions = ops.clamp(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1, min=0)
             positions = positions[:, p:]
@@ -364,13 +384,16 @@ class Transformer(nn.Cell):
             # a token's position in its example: the keys it may see, itself included, minus one
             positions = ops.clamp(allowed.sum(-1).astype(ms.int32) - 1, min=0)
         bias = ((1.0 - allowed) * NEG_INF)[:, None]
+        if pad:  # a query that sees no real key (a left-padded position) ignores the padding too
+            bias = bias + ops.cat(
+                (
+                    ops.zeros((1, 1, 1, s - pad), bias.dtype),
+                    ops.full((1, 1, 1, pad), NEG_INF, dtype=bias.dtype),
+                ),
+                -1,
+            )
         x, cos, sin = self._embed(input_ids, positions)
         presents = []
-        # layer graphs (see use_layer_graphs): training runs spans, a forward out of training
-        # mode one graph over every layer; after a cache, only a block of tokens (share_prompts)
-        # takes one: one-token decode steps stay eager, their key length grows every step and
-        # would compile anew
-        graphs = self.layer_graphs is not None and (past is None or t > 1)
         if graphs:
             spans = self._whole
             if self.training:
@@ -390,6 +413,10 @@ class Transformer(nn.Cell):
                 x = out[0]
                 for j in range(stop - start):
                     presents.append((out[1 + 2 * j], out[2 + 2 * j]))
+            if pad:
+                x = x[:, :t0]
+                presents = [(k[:, :, :s0], v[:, :, :s0]) for k, v in presents]
+                bias, positions = bias[:, :, :t0, :s0], positions[:, :t0]
         else:
             for i, layer in enumerate(self.layers):
                 x, present = layer(x, bias, cos, sin, None if past is None else past[i])

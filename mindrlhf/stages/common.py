@@ -129,6 +129,7 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
 
         decoder.LAYER_GRAPHS = True  # the models this stage builds (config.OptimConfig)
         decoder.LAYER_SPAN = section.layer_graph_span
+        decoder.LAYER_PAD = section.layer_graph_pad
         print(
             f"[{name}] layer graphs: up to {section.layer_graph_span} decoder layers a compiled "
             "graph in training steps, every layer in one out of them",
