@@ -321,7 +321,8 @@ def test_full_chain_lineage_and_cache(prefect_server, tmp_path):
     assert len(s["online_dpo"]["heldout_score_by_round"]) == 3
     # PPO rollouts are versioned datasets linked from the metrics artifact
     metrics = store.get(s["ppo"]["checkpoint"]).parents[-1]
-    rollouts = store.get(metrics).parents
+    # in iteration order: the metrics artifact lists them by id, and ids are content hashes
+    rollouts = sorted(store.get(metrics).parents, key=lambda r: store.get(r).meta["iteration"])
     assert rollouts and all(store.get(r).name.startswith("tiny-ppo-rollout-") for r in rollouts)
     assert store.read_dataset(rollouts[0]).column_names[:4] == [
         "sequence",
