@@ -90,6 +90,8 @@ def ours(pairs, args, mode: str) -> dict:
         ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
     )
     del ref  # the pipeline computes these in their own stage (reflogp): no reference in memory
+    if layers:  # nor its forward graphs: the DPO stage releases each phase's graphs
+        decoder.release_layer_graphs()
     dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled, layer_graphs=layers)
     trainer = Trainer(
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1

@@ -299,3 +299,73 @@ def test_a_stage_takes_layer_graphs_from_its_section(tmp_path):
         curves[on] = [h["loss"] for h in meta["history"] if "loss" in h]
     assert len(curves[True]) == 6
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
+
+
+def test_dpo_with_layer_graphs_releases_each_phases_graphs_and_trains_as_eager(tmp_path):
+    """The tiny DPO stage with ``dpo.layer_graphs``: its held-out evaluation's graphs are
+    released before training and the training's before the last evaluation (it says how many),
+    and its losses and held-out figures are the eager stage's. In-process, a released shape
+    compiles again and gives the same logits."""
+    from conftest import tiny_overrides
+    from mindrlhf.data.store import ArtifactStore
+    from mindrlhf.launch import run_stage
+    from mindrlhf.models.decoder import release_layer_graphs
+
+    model = CausalLM(tiny_model_cfg("llama", n_layers=2), seed=0)
+    model.model.use_layer_graphs()
+    model.set_train(False)
+    ids, mask = Tensor(np.ones((2, 9), np.int32)), Tensor(np.ones((2, 9), np.int32))
+    first = model(ids, mask)[0].asnumpy()
+    assert release_layer_graphs() >= 1 and phases("layer_graph") == 0
+    np.testing.assert_array_equal(model(ids, mask)[0].asnumpy(), first)
+    assert phases("layer_graph") == 1
+
+    runs = {}
+    for on in (False, True):
+        root = tmp_path / str(on)
+        over = tiny_overrides(root, compiled=False)
+        over["dpo"] = dict(
+            steps=4, batch_size=4, ckpt_every=2, log_every=1, compiled=False, layer_graphs=on
+        )
+        cfg = load_config("demo", over)
+        d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)
+        o = d["outputs"]
+        sft = run_stage(
+            "sft",
+            cfg,
+            {"train": o["sft_train"], "heldout": o["sft_heldout"]},
+            root,
+            root / "runs" / "sft",
+            log=lambda s: None,
+        )["outputs"]["checkpoint"]
+        pairs = {"train": o["pairs_train"], "heldout": o["pairs_heldout"]}
+        ref = run_stage(
+            "reflogp",
+            cfg,
+            {**pairs, "model": sft},
+            root,
+            root / "runs" / "reflogp",
+            log=lambda s: None,
+        )["outputs"]
+        lines = []
+        out = run_stage(
+            "dpo",
+            cfg,
+            {**pairs, "sft": sft, "ref_train": ref["train"], "ref_heldout": ref["heldout"]},
+            root,
+            root / "runs" / "dpo",
+            log=lines.append,
+        )
+        released = [ln for ln in lines if "layer graphs: released" in ln]
+        meta = ArtifactStore(root).get(out["outputs"]["checkpoint"]).meta
+        runs[on] = (released, meta)
+    assert runs[False][0] == []
+    counts = [int(ln.split("released ")[1].split()[0]) for ln in runs[True][0]]
+    assert len(counts) == 2 and min(counts) >= 1, runs[True][0]
+    (_, eager), (_, graphs) = runs[False], runs[True]
+    np.testing.assert_allclose(
+        [h["loss"] for h in graphs["history"]], [h["loss"] for h in eager["history"]], rtol=1e-4
+    )
+    for k, v in eager["metrics"].items():
+        if isinstance(v, float):
+            assert graphs["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k

@@ -22,7 +22,7 @@ import pyarrow as pa
 from ..data.tokenize import longest_row, pair_batch
 from ..data.tokenizer import load_tokenizer
 from ..data.unpaired import EXAMPLE_COLUMNS, kl_partners, kto_examples, with_kl_sequences
-from ..models import lora
+from ..models import decoder, lora
 from .common import (
     RunCheckpoints,
     StageContext,
@@ -209,7 +209,16 @@ def run(ctx: StageContext) -> None:
     policy = lora.wrap(policy, cfg.model.lora, cfg.seed + 11, ctx.inputs["sft"])
     before = evaluate(policy, heldout, ref_heldout, tok.pad_id, dc)
     ctx.metric(step=0, **{f"heldout_{k}": v for k, v in before.items()})
+
+    # with layer graphs, each phase's graphs go before the next: evaluation and training meet
+    # different shapes, and each shape's graph holds its buffers
+    def release(after: str) -> None:
+        if dc.layer_graphs:
+            ctx.log(f"layer graphs: released {decoder.release_layer_graphs()} after {after}")
+
+    release("the held-out evaluation")
     history = train_dpo(ctx, policy, train, ref_train, dc.steps, cfg.seed + 11, tok)
+    release("training")
     after = evaluate(policy, heldout, ref_heldout, tok.pad_id, dc)
     ctx.metric(step=dc.steps, **{f"heldout_{k}": v for k, v in after.items()})
     if not ctx.dist.is_main:
