@@ -301,12 +301,14 @@ def test_a_stage_takes_layer_graphs_from_its_section(tmp_path):
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
 
 
-def test_dpo_with_layer_graphs_releases_each_phases_graphs_and_trains_as_eager(tmp_path):
+def test_dpo_with_layer_graphs_releases_each_phases_graphs_and_trains_as_eager(
+    tiny_chain, tmp_path
+):
     """The tiny DPO stage with ``dpo.layer_graphs``: its held-out evaluation's graphs are
     released before training and the training's before the last evaluation (it says how many),
     and its losses and held-out figures are the eager stage's. In-process, a released shape
     compiles again and gives the same logits."""
-    from conftest import tiny_overrides
+    from conftest import tiny_full_overrides
     from mindrlhf.data.store import ArtifactStore
     from mindrlhf.launch import run_stage
     from mindrlhf.models.decoder import release_layer_graphs
@@ -322,42 +324,19 @@ def test_dpo_with_layer_graphs_releases_each_phases_graphs_and_trains_as_eager(t
 
     runs = {}
     for on in (False, True):
-        root = tmp_path / str(on)
-        over = tiny_overrides(root, compiled=False)
-        over["dpo"] = dict(
-            steps=4, batch_size=4, ckpt_every=2, log_every=1, compiled=False, layer_graphs=on
-        )
-        cfg = load_config("demo", over)
-        d = run_stage("prepare", cfg, {}, root, root / "runs" / "prepare", log=lambda s: None)
-        o = d["outputs"]
-        sft = run_stage(
-            "sft",
-            cfg,
-            {"train": o["sft_train"], "heldout": o["sft_heldout"]},
-            root,
-            root / "runs" / "sft",
-            log=lambda s: None,
-        )["outputs"]["checkpoint"]
-        pairs = {"train": o["pairs_train"], "heldout": o["pairs_heldout"]}
-        ref = run_stage(
-            "reflogp",
-            cfg,
-            {**pairs, "model": sft},
-            root,
-            root / "runs" / "reflogp",
-            log=lambda s: None,
-        )["outputs"]
+        over = tiny_full_overrides(tiny_chain.root)
+        over["dpo"].update(log_every=1, layer_graphs=on)
         lines = []
         out = run_stage(
             "dpo",
-            cfg,
-            {**pairs, "sft": sft, "ref_train": ref["train"], "ref_heldout": ref["heldout"]},
-            root,
-            root / "runs" / "dpo",
+            load_config("demo", over),
+            tiny_chain.inputs["dpo"],
+            tiny_chain.root,
+            tmp_path / str(on),
             log=lines.append,
         )
         released = [ln for ln in lines if "layer graphs: released" in ln]
-        meta = ArtifactStore(root).get(out["outputs"]["checkpoint"]).meta
+        meta = ArtifactStore(tiny_chain.root).get(out["outputs"]["checkpoint"]).meta
         runs[on] = (released, meta)
     assert runs[False][0] == []
     counts = [int(ln.split("released ")[1].split()[0]) for ln in runs[True][0]]
