@@ -330,7 +330,7 @@ class OptimConfig:
     # layers one layer graph of a training step runs (consecutive, the model cut into even
     # spans): more per graph means fewer graph calls, each costing ~50-70 ms under a gradient at
     # SmolLM2's size, and a bigger graph to compile and hold (bench/README.md); a forward out of
-    # training mode (scoring, generation's prompt pass, evaluation) runs every layer in one call
+    # training mode (scoring, generation's prompt pass, evaluation) runs the same spans
     layer_graph_span: int = 5
     # with layer graphs, a sequence's length is padded inside the model to a multiple of this
     # (masked positions after the real ones, the outputs cut back): a graph compiles and holds

@@ -20,6 +20,7 @@ import math
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops.primitive import constexpr
 
 from ..config import ModelConfig, OptimConfig
 from . import fused
@@ -37,6 +38,22 @@ LAYER_PAD = OptimConfig.layer_graph_pad
 # one architecture (a policy and its reference) share them, so a shape compiles once and the
 # memory its graph holds is held once (see Transformer.use_layer_graphs)
 _LAYER_GRAPH_FNS: dict[tuple[str, str], tuple] = {}
+
+
+def _noop() -> int:
+    return 0
+
+
+@constexpr(check=False)
+def _unresolved(fn) -> bool:
+    return fn is None
+
+
+def in_graph() -> bool:
+    """True where the code is parsed into a MindSpore graph, False when it runs eagerly: a graph
+    hands a compile-time function a Python function as None (MindSpore tests itself the same way,
+    ``mindspore.common.api._run_in_jit``, whose import inside its body a graph cannot parse)."""
+    return _unresolved(_noop)
 
 
 def _init(rng: np.random.Generator, shape, std: float) -> Parameter:
@@ -395,10 +412,7 @@ class Transformer(nn.Cell):
         x, cos, sin = self._embed(input_ids, positions)
         presents = []
         if graphs:
-            spans = self._whole
-            if self.training:
-                spans = self._spans
-            for start, stop in spans:  # plain loops: a compiled step parses this too
+            for start, stop in self._spans:  # plain loops: a compiled step parses this too
                 w, kv = [], []
                 for i in range(start, stop):
                     # a view of each weight: a Parameter argument keys the graph by its name
@@ -413,6 +427,8 @@ class Transformer(nn.Cell):
                 else:
                     out = self._layer_graph_past(x, bias, cos, sin, *kv, *w)
                 x = out[0]
+                if not self.training and not in_graph():
+                    x.asnumpy()  # out of training mode, before the next call: use_layer_graphs
                 for j in range(stop - start):
                     presents.append((out[1 + 2 * j], out[2 + 2 * j]))
             if pad:
@@ -445,22 +461,24 @@ class Transformer(nn.Cell):
         LoRA-wrapped layers (lora._rebuild does not carry it) or one-token decode steps.
 
         Out of training mode (``set_train(False)``: scoring, generation's prompt pass,
-        evaluation) every layer runs in one graph call whatever the span: there spans measured
-        little or no faster than eager and one call much faster (SmolLM2's shape, GRPO's
-        reference scoring of 64 x 20 with shared prompts: eager 2.13 s, spans of 15 1.87 s, all
-        30 layers in one call 1.28 s; a 32 x 16 prompt pass 1.46 s eager, 0.87 s in one call).
-        Each such shape keeps its graph's buffers: +1.0 GB peak in the GRPO bench, where the
-        policy and the reference share the functions (one pair per block class and model
-        config, _LAYER_GRAPH_FNS; +1.5 GB when each model had its own). Hence ``construct``
-        pads a block to a multiple of LAYER_PAD for the graphs (DPO's bench: batches of 59-65
-        tokens met seven shapes and peaked at 11.8 GB; padded, two and 9.0 GB)."""
+        evaluation) the same spans run, and ``construct`` reads each span's output on the host
+        before the next call: without that read the chained calls ran at half speed (SmolLM2's
+        shape, 16 x 72: six spans 2.9-3.0 s against 1.45 s with it, and 1.5-1.6 s for all 30
+        layers in one call), with it they match one call while each shape holds a sixth of what
+        a 30-layer graph held (+0.06 GB a new shape against +0.36: a graph's kernels keep
+        buffers that grow with its layers and tokens), a shape met in training compiles nothing
+        more, and a compile takes about half as long. Before, every layer ran in one call there
+        and each shape held its graph's buffers (+1.0 GB peak in the GRPO bench, +1.5 GB before
+        the policy and the reference shared the functions, _LAYER_GRAPH_FNS, one pair per block
+        class and model config). Hence also ``construct`` pads a block to a multiple of
+        LAYER_PAD for the graphs (DPO's bench: batches of 59-65 tokens met seven shapes and
+        peaked at 11.8 GB; padded, two and 9.0 GB)."""
         span = max(1, LAYER_SPAN if span is None else span)
         n = len(self.layers)
         calls = -(-n // span)
         sizes = [n // calls + (i < n % calls) for i in range(calls)]
         bounds = np.cumsum([0] + sizes)
         object.__setattr__(self, "_spans", list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
-        object.__setattr__(self, "_whole", [(0, n)])
         key = (type(self.layers[0]).__qualname__, repr(self.cfg))
         if on and key not in _LAYER_GRAPH_FNS:  # kept: a new function compiles anew
             # the first model of its architecture lends its first block: the weights are inputs,

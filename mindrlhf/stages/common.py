@@ -132,7 +132,8 @@ def start_stage(name: str, argv: list[str] | None = None, mindspore: bool = True
         decoder.LAYER_PAD = section.layer_graph_pad
         print(
             f"[{name}] layer graphs: up to {section.layer_graph_span} decoder layers a compiled "
-            "graph in training steps, every layer in one out of them",
+            "graph, in training steps and out of them; lengths padded to a multiple of "
+            f"{section.layer_graph_pad}",
             flush=True,
         )
     run_dir = Path(spec["run_dir"])
