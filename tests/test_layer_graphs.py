@@ -278,26 +278,57 @@ def test_layer_graphs_inside_a_compiled_step_are_the_same():
         np.testing.assert_allclose(out[1][1][k], v, rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_a_layer_graph_model_compiles_into_a_graph_out_of_training_mode():
+COMPILED_SCORING = """
+import numpy as np, mindspore as ms
+from mindspore import Tensor
+from conftest import randomize, tiny_model_cfg
+from mindrlhf.runtime import init_runtime
+init_runtime("CPU")
+from mindrlhf.models.decoder import CausalLM, in_graph
+
+cfg = tiny_model_cfg("llama", n_layers=4)
+model = CausalLM(cfg, seed=0)
+randomize(model, seed=1, qk_scale=3.0)
+model.model.use_layer_graphs(span=2)
+model.set_train(False)
+ids = Tensor(np.random.default_rng(2).integers(1, cfg.vocab_size, (2, 9)).astype(np.int32))
+mask = Tensor(np.ones((2, 9), np.int32))
+eager = model(ids, mask)[0].asnumpy()
+
+
+def scores(s, m):
+    return model(s, m)[0]
+
+
+np.testing.assert_allclose(ms.jit(scores)(ids, mask).asnumpy(), eager, rtol=1e-5, atol=1e-6)
+assert in_graph() is False
+print("same logits")
+"""
+
+
+def test_a_layer_graph_model_compiles_into_a_graph_out_of_training_mode(tmp_path):
     """Out of training mode ``construct`` reads each span's output on the host between graph
     calls, which a graph cannot do: parsed into one (a compiled scoring pass), the read must drop
-    out (``decoder.in_graph``), and the graph gives the eager logits."""
-    from mindrlhf.models.decoder import in_graph
+    out (``decoder.in_graph``), and the graph gives the eager logits. In a child process: a graph
+    that fails to compile leaves MindSpore aborting at exit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    cfg = tiny_model_cfg("llama", n_layers=4)
-    model = CausalLM(cfg, seed=0)
-    randomize(model, seed=1, qk_scale=3.0)
-    model.model.use_layer_graphs(span=2)
-    model.set_train(False)
-    ids = Tensor(np.random.default_rng(2).integers(1, cfg.vocab_size, (2, 9)).astype(np.int32))
-    mask = Tensor(np.ones((2, 9), np.int32))
-    eager = model(ids, mask)[0].asnumpy()
-
-    def scores(s, m):
-        return model(s, m)[0]
-
-    np.testing.assert_allclose(ms.jit(scores)(ids, mask).asnumpy(), eager, rtol=1e-5, atol=1e-6)
-    assert in_graph() is False
+    here = Path(__file__).parent
+    script = tmp_path / "compiled_scoring.py"  # a graph is parsed from a file's source
+    script.write_text(COMPILED_SCORING)
+    p = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # this checkout's mindrlhf (a mutant's copy too), then conftest's helpers
+        env={**os.environ, "PYTHONPATH": os.pathsep.join((str(here.parent), str(here)))},
+    )
+    assert p.returncode == 0 and "same logits" in p.stdout, (p.stderr or p.stdout)[-2000:]
 
 
 def test_layer_graph_batches_are_not_padded():
