@@ -163,7 +163,11 @@ def peak_rss_gb() -> float:
 
 
 def train_flops(
-    cfg, rows: int, length: int, logit_positions: int | None = None, layer_length: int | None = None
+    cfg,
+    rows: int,
+    length: int,
+    logit_positions: float | None = None,
+    layer_length: int | None = None,
 ) -> float:
     """Floating-point operations one training step (forward + backward) of a decoder of ``cfg``
     (a ModelConfig) executes on ``rows`` sequences padded to ``length``: every matmul that runs,
@@ -183,7 +187,9 @@ def train_flops(
     scores = 2 * 2 * n * h * dh  # q k^T and the weighted sum of v, per query position
     mlp = (3 if cfg.family == "llama" else 2) * 2 * d * d_ff
     per_token = cfg.n_layers * (proj + scores + mlp)
-    head = 2 * d * cfg.vocab_size * (length if logit_positions is None else logit_positions)
+    head = (
+        2 * d * cfg.vocab_size * (length if logit_positions is None else logit_positions)
+    )  # per row, mean
     return 3.0 * rows * (n * per_token + head)
 
 

@@ -73,6 +73,7 @@ def ours(pairs, args, mode: str) -> dict:
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.models import decoder
     from mindrlhf.models.decoder import CausalLM
+    from mindrlhf.models.head import packed_layout
     from mindrlhf.runtime import Dist
     from mindrlhf.stages.common import Trainer
     from mindrlhf.stages.dpo import make_dpo_loss, pair_logps
@@ -92,46 +93,58 @@ def ours(pairs, args, mode: str) -> dict:
     del ref  # the pipeline computes these in their own stage (reflogp): no reference in memory
     if layers:  # nor its forward graphs: the DPO stage releases each phase's graphs
         decoder.release_layer_graphs()
-    dc = DPOConfig(lr=5e-4, beta=0.1, batch_size=args.batch, compiled=compiled, layer_graphs=layers)
+    dc = DPOConfig(
+        lr=5e-4,
+        beta=0.1,
+        batch_size=args.batch,
+        compiled=compiled,
+        layer_graphs=layers,
+        pack_per_row=args.pack_per_row,
+    )
     trainer = Trainer(
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
     )
     policy.set_train(True)
-    times, tokens, shapes, rows = [], [], [], []
+    times, tokens, shapes, rows, scored = [], [], [], [], []
     for s in range(args.steps + 1):
         idx = np.arange(s * args.batch, (s + 1) * args.batch)
         bt = pair_batch(table, idx, tok.pad_id, dc.pad_to)
-        shapes.append(bt["input_ids"].shape[1])
-        rows.append(bt["input_ids"].shape[0])  # chosen and rejected stacked
+        # the rows the layers ran: chosen and rejected stacked, or eagerly packed
+        # dc.pack_per_row to a row (models/head.py); the vocabulary projection eagerly at the
+        # positions that predict a response token, compiled at every position
+        ids, am, rm = bt["input_ids"], bt["attention_mask"], bt["response_mask"]
+        if not compiled and dc.pack_per_row > 1:
+            ids = packed_layout(ids, am, rm, dc.pack_per_row, cfg.max_seq_len)[0]
+        rows.append(ids.shape[0])
+        shapes.append(ids.shape[1])
+        scored.append(ids.shape[1] if compiled else (rm[:, 1:] > 0).sum() / ids.shape[0])
         t = time.perf_counter()
         trainer.step(
-            Tensor(bt["input_ids"]),
-            Tensor(bt["attention_mask"]),
-            Tensor(bt["response_mask"]),
-            Tensor(rc[idx]),
-            Tensor(rr[idx]),
+            Tensor(bt["input_ids"]), Tensor(am), Tensor(rm), Tensor(rc[idx]), Tensor(rr[idx])
         )
         times.append(time.perf_counter() - t)
-        tokens.append(int(bt["attention_mask"].sum()))
+        tokens.append(int(am.sum()))
     timed, toks = times[1:], tokens[1:]
     graphs = compiled or layers
     # the length the layers ran at: layer graphs pad it inside the model (decoder.LAYER_PAD)
     layer_lens = [-(-x // args.layer_pad) * args.layer_pad if layers else x for x in shapes]
-    new_shape = [graphs and x not in layer_lens[:i] for i, x in enumerate(layer_lens)][1:]
+    runs = list(zip(rows, layer_lens))
+    new_shape = [graphs and x not in runs[:i] for i, x in enumerate(runs)][1:]
     steady = [t for t, new in zip(timed, new_shape) if not new]
     n_params = sum(int(np.prod(p.shape)) for p in policy.trainable_params())
     # what the steady steps executed: chosen and rejected rows, the layers at their padded
-    # length, logits at every position of the batch (the DPO loss reads the log-prob of every
-    # response token)
+    # length, the vocabulary projection where it ran (eagerly: at the scored positions only)
     flops = sum(
-        train_flops(cfg, r, n, layer_length=ln)
-        for r, n, ln, new in zip(rows[1:], shapes[1:], layer_lens[1:], new_shape)
+        train_flops(cfg, r, n, logit_positions=k, layer_length=ln)
+        for r, n, k, ln, new in zip(rows[1:], shapes[1:], scored[1:], layer_lens[1:], new_shape)
         if not new
     )
     return {
         "impl": "mindrlhf-flow / mindspore 2.9.0 "
         + {"compiled": "compiled (jit)", "pynative": "PyNative", "layers": "layer graphs"}[mode],
         "steps": len(timed),
+        "pack_per_row": 1 if compiled else dc.pack_per_row,
+        "rows": rows,
         "padded_lengths": shapes,
         "layer_lengths": layer_lens,
         "compiles": int(sum(new_shape)),
@@ -167,6 +180,12 @@ def main() -> None:
         "each decoder layer one shared graph)",
     )
     add_layer_graph_args(ap)
+    ap.add_argument(
+        "--pack-per-row",
+        type=int,
+        default=2,
+        help="eager modes: sequences a row (dpo.pack_per_row; 1: one sequence a row, padded)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)

@@ -629,6 +629,11 @@ class DPOConfig(OptimConfig):
     undesirable_weight: float = 1.0  # kto: lambda_U, the weight of undesirable examples' losses
     orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term beside the SFT NLL (TRL: beta)
     simpo_gamma: float = 0.5  # simpo: the target reward margin gamma
+    # eager training steps (compiled: false) lay a batch's sequences this many to a row, padding
+    # dropped, and project the vocabulary only where a response token is predicted
+    # (models/head.py): the same loss and gradients to float rounding, fewer positions (SmolLM2's
+    # DPO bench: 8 x 106-113 tokens against 16 x 64-72). 1: one sequence a row
+    pack_per_row: int = 2
     batch_size: int = 16
     steps: int = 150
     ckpt_every: int = 50
@@ -650,7 +655,7 @@ class DPOConfig(OptimConfig):
         _positive(self.undesirable_weight, p + "undesirable_weight")
         _non_negative(self.orpo_lambda, p + "orpo_lambda")
         _non_negative(self.simpo_gamma, p + "simpo_gamma")
-        for k in ("batch_size", "steps", "ckpt_every", "log_every"):
+        for k in ("batch_size", "steps", "ckpt_every", "log_every", "pack_per_row"):
             _positive(getattr(self, k), p + k)
 
 

@@ -84,3 +84,19 @@ def packed_batch(
         "segment_ids": right_pad(sub.column("segment_ids").to_pylist(), 0, t),
         "loss_mask": right_pad(sub.column("loss_mask").to_pylist(), 0, t, dtype=np.float32),
     }
+
+
+def balance_rows(lengths, rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sequences of ``lengths`` laid out in ``rows`` rows as evenly as can be (longest first, each
+    into the emptiest row, ties to the lower row): (row of each sequence, its first column, the
+    fullest row's length). Depends on the lengths alone."""
+    lengths = np.asarray(lengths, np.int64)
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    fill = np.zeros(rows, np.int64)
+    row, start = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = int(np.argmin(fill))
+        row[i], start[i] = r, fill[r]
+        fill[r] += lengths[i]
+    return row, start, int(fill.max()) if len(lengths) else 0

@@ -7,17 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..algos.dpo import dpo_loss, preference_accuracy, sequence_logps
-from ..algos.preference import (
-    kto_loss,
-    label_accuracy,
-    orpo_loss,
-    reward_gap,
-    sequence_mean_logps,
-    simpo_loss,
-)
+from ..algos.dpo import dpo_loss, preference_accuracy
+from ..algos.preference import kto_loss, label_accuracy, orpo_loss, reward_gap, simpo_loss
 from ..data.tokenize import pair_batch
 from ..data.unpaired import EXAMPLE_COLUMNS
+from ..models.head import sequence_logps, sequence_mean_logps
 
 PAIR_COLUMNS = ("chosen_ids", "rejected_ids")
 # what each loss's held-out reward_accuracy compares (recorded with the reference-free results)
@@ -40,8 +34,8 @@ def pair_scores(
         idx = np.arange(s, min(s + batch, table.num_rows))
         bt = pair_batch(table, idx, pad_id, columns=columns)
         ids = Tensor(bt["input_ids"])
-        logits, _ = model(ids, Tensor(bt["attention_mask"]))
-        lp = sequence_logps(logits, ids, Tensor(bt["response_mask"])).asnumpy()
+        rm = Tensor(bt["response_mask"])
+        lp = sequence_logps(model, ids, Tensor(bt["attention_mask"]), rm).asnumpy()
         sums.append(lp.reshape(2, len(idx)))
         lengths.append(bt["response_mask"][:, 1:].sum(-1).reshape(2, len(idx)))
     if not sums:  # no pairs (an online DPO round whose judge tied them all)
@@ -58,9 +52,10 @@ def pair_logps(
 
 
 def _reference_pair_loss(policy, dc):
+    per_row = dc.pack_per_row
+
     def loss_fn(input_ids, attention_mask, response_mask, ref_chosen, ref_rejected):
-        logits, _ = policy(input_ids, attention_mask)
-        lp = sequence_logps(logits, input_ids, response_mask)
+        lp = sequence_logps(policy, input_ids, attention_mask, response_mask, per_row)
         k = lp.shape[0] // 2
         loss, rc, rr = dpo_loss(
             lp[:k], lp[k:], ref_chosen, ref_rejected, dc.beta, dc.loss, dc.label_smoothing
@@ -72,10 +67,10 @@ def _reference_pair_loss(policy, dc):
 
 def _reference_free_loss(policy, dc):
     orpo, lam, beta, gamma = dc.loss == "orpo", dc.orpo_lambda, dc.beta, dc.simpo_gamma
+    per_row = dc.pack_per_row
 
     def loss_fn(input_ids, attention_mask, response_mask):
-        logits, _ = policy(input_ids, attention_mask)
-        lp = sequence_mean_logps(logits, input_ids, response_mask)
+        lp = sequence_mean_logps(policy, input_ids, attention_mask, response_mask, per_row)
         k = lp.shape[0] // 2
         if orpo:
             loss, rc, rr = orpo_loss(lp[:k], lp[k:], lam)
@@ -87,13 +82,12 @@ def _reference_free_loss(policy, dc):
 
 
 def _kto_loss(policy, dc):
-    beta, dw, uw = dc.beta, dc.desirable_weight, dc.undesirable_weight
+    beta, dw, uw, per_row = dc.beta, dc.desirable_weight, dc.undesirable_weight, dc.pack_per_row
 
     def loss_fn(input_ids, attention_mask, response_mask, ref_logps, ref_kl_logps, desirable):
         # the examples, then their KL sequences. z0 is this batch's estimate (with data
         # parallelism: this rank's shard's; TRL averages it over ranks first)
-        logits, _ = policy(input_ids, attention_mask)
-        lp = sequence_logps(logits, input_ids, response_mask)
+        lp = sequence_logps(policy, input_ids, attention_mask, response_mask, per_row)
         k = lp.shape[0] // 2
         loss, rewards, _ = kto_loss(
             lp[:k], ref_logps, lp[k:], ref_kl_logps, desirable, beta, dw, uw
