@@ -144,6 +144,25 @@ def test_logits_equal_native_on_left_padded_rows(case, rng):
     np.testing.assert_allclose(ra, rb, atol=1e-4, rtol=0)
 
 
+def test_dpo_sequence_logps_read_mindformers_hidden_states(rng):
+    """models/head.py on the MindFormers backend: the projection at the scored positions of its
+    own hidden states (no packing: it takes no segments), the native model's sums on the same
+    weights; left-padded rows, as generation leaves them (which the native model packs)."""
+    from mindrlhf.models import head
+
+    mf, native, _ = pair(sorted(CASES)[0])
+    ids, mask = padded_batch(rng)
+    resp = mask.astype(np.float32)
+    resp[:, : ids.shape[1] - 3] = 0  # the last three tokens of each row are its response
+    args = (Tensor(ids), Tensor(mask), Tensor(resp))
+    got = head.sequence_logps(mf, *args, per_row=2).asnumpy()
+    want = head.sequence_logps(native, *args, per_row=1).asnumpy()
+    assert np.abs(want).min() > 1.0
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    packed = head.sequence_logps(native, *args, per_row=2).asnumpy()  # left padding dropped
+    np.testing.assert_allclose(packed, want, atol=1e-4, rtol=1e-5)
+
+
 def test_wrapper_equals_mindformers_own_forward(rng):
     """On rows without padding, where MindFormers' own positions and mask are right, the wrapper
     (which makes them itself for padded rows) gives exactly what LlamaForCausalLM.construct
