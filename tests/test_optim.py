@@ -94,3 +94,60 @@ def test_unknown_optimizer_is_refused_naming_the_key():
 
     with pytest.raises((ConfigError, ValueError), match=r"sft\.optimizer"):
         load_config("demo", {"sft": {"optimizer": "sgd"}})
+
+
+def two_params(rng):
+    """A weight large enough for the kernels' two threads (2 x 40,000) and a norm gain, which
+    AdamWeightDecay's default filter keeps out of weight decay."""
+    w = Parameter(Tensor(rng.standard_normal((2, 40_000)).astype(np.float32)), name="w")
+    gamma = Parameter(Tensor(rng.standard_normal(7).astype(np.float32)), name="norm.gamma")
+    return [w, gamma]
+
+
+@pytest.mark.parametrize("kind", ["adamweightdecay", "adamw"])
+def test_fused_eager_update_is_the_optimizers_own(kind, rng):
+    """optim.FusedUpdate (one in-place CPU kernel call a parameter, clipping's factor folded in)
+    against the optimizer's own step on the same gradients: weights, both moments and the step
+    count, over five steps with weight decay on one parameter and off the other."""
+    from mindrlhf.optim import fused_update, make_optimizer
+
+    ours, theirs = two_params(np.random.default_rng(3)), two_params(np.random.default_rng(3))
+    opt_a = make_optimizer(kind, ours, 0.01, 0.1)
+    opt_b = make_optimizer(kind, theirs, 0.01, 0.1)
+    fused = fused_update(opt_a)
+    assert fused is not None and opt_a.decay_flags == (True, False)
+    for step in range(5):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) * 0.1 for p in ours]
+        scale = [1.0, 0.37][step % 2]  # clipping on every other step
+        fused([Tensor(g) for g in grads], scale)
+        opt_b(tuple(Tensor(g * np.float32(scale)) for g in grads))
+    for a, b in zip(
+        [*ours, *opt_a.moments1, *opt_a.moments2], [*theirs, *opt_b.moments1, *opt_b.moments2]
+    ):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=2e-6, atol=1e-7, err_msg=a.name)
+    assert (
+        np.abs(ours[0].asnumpy() - two_params(np.random.default_rng(3))[0].asnumpy()).max() > 0.01
+    )
+    assert int(opt_a.global_step.asnumpy()[0]) == int(opt_b.global_step.asnumpy()[0]) == 5
+    g = [rng.standard_normal(p.shape).astype(np.float32) for p in ours]
+    want = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g))
+    assert fused.grad_norm([Tensor(x) for x in g]) == pytest.approx(want, rel=1e-12)
+
+
+def test_eager_trainer_steps_through_the_fused_update_and_clips_alike():
+    """The eager Trainer takes the fused path where it runs, and gives what its composed path
+    (host norm, one multiply a gradient, the optimizer's kernel) gives, clipping every step."""
+    runs = {}
+    for fused in (True, False):
+        model = Quadratic()
+        cfg = OptimConfig(lr=0.05, weight_decay=0.1, grad_clip=0.5, compiled=False)
+        t = Trainer([model.w], model.loss, cfg, Dist(), 10)
+        assert t.fused is not None
+        if not fused:
+            t.fused = None
+        norms = [t.step(Tensor(SCALE), Tensor(TARGET))[1] for _ in range(4)]
+        runs[fused] = (model.w.asnumpy(), norms)
+    assert min(runs[True][1]) > 0.5  # clipped at every step
+    np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-6)
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-6, atol=1e-7)
+    assert np.abs(runs[True][0] - P0).max() > 0.1

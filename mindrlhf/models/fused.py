@@ -34,7 +34,7 @@ import mindspore as ms
 from mindspore import mint, ops
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_ops.cc"
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++14"]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++14", "-pthread"]
 log = logging.getLogger(__name__)
 
 _state: dict = {}  # "ops": {"rms_norm": ..., "rope": ...} Custom ops, or None when unavailable
@@ -138,7 +138,26 @@ def _ops():
         return (swap_back(dout),)  # the swap is its own inverse
 
     swap = swap12(bprop=swap_bprop)
-    _state["ops"] = {"rms_norm": norm, "rope": rope, "swap12": swap}
+    # the eager optimizer step's (optim.FusedUpdate): no gradients, nothing to differentiate
+    adamw = ops.Custom(
+        f"{lib}:AdamWeightDecayInPlace",
+        out_shape=lambda p, m, v, g, h: [1],
+        out_dtype=lambda p, m, v, g, h: ms.float32,
+        func_type="aot",
+    )
+    sum_squares = ops.Custom(
+        f"{lib}:SumSquares",
+        out_shape=lambda g: [1],
+        out_dtype=lambda g: ms.float64,
+        func_type="aot",
+    )
+    _state["ops"] = {
+        "rms_norm": norm,
+        "rope": rope,
+        "swap12": swap,
+        "adamw_in_place": adamw,
+        "sum_squares": sum_squares,
+    }
     return _state["ops"]
 
 

@@ -425,12 +425,14 @@ class Trainer:
         import mindspore as ms
         from mindspore import nn, ops
 
-        from ..optim import make_optimizer
+        from ..optim import fused_update, make_optimizer
 
         self.params = list(params)
         self.cfg = opt_cfg
         self.total_steps = total_steps
         self.opt = make_optimizer(opt_cfg.optimizer, self.params, opt_cfg.lr, opt_cfg.weight_decay)
+        # eager steps: the norm, clipping and update as fused CPU kernels where they run
+        self.fused = None if opt_cfg.compiled else fused_update(self.opt)
         self.grad_fn = ms.value_and_grad(loss_fn, None, self.opt.parameters, has_aux=True)
         self.reducer = (
             nn.DistributedGradReducer(self.opt.parameters, mean=True, degree=dist.size)
@@ -487,15 +489,21 @@ class Trainer:
         else:
             loss, aux, grads = self._grads(*args)
             loss_v = float(loss.asnumpy())
-            gnorm_v = float(
-                np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
-            )
+            if self.fused is not None:
+                gnorm_v = self.fused.grad_norm(grads)
+            else:
+                gnorm_v = float(
+                    np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
+                )
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             raise NumericalError(
                 f"step {self.step_num}: loss={loss_v} grad_norm={gnorm_v}; "
                 "stopping with the last good checkpoint kept"
             )
-        if self.graph is None:
+        if self.graph is None and self.fused is not None:
+            clip = self.cfg.grad_clip
+            self.fused(grads, clip / gnorm_v if clip > 0 and gnorm_v > clip else 1.0)
+        elif self.graph is None:
             clip = self.cfg.grad_clip
             if clip > 0 and gnorm_v > clip:
                 # clip_by_global_norm, one gradient at a time: each clipped copy replaces its
