@@ -89,8 +89,8 @@ class FusedUpdate:
     parameter (models/kernels/cpu_ops.cc ``AdamWeightDecayInPlace``, two threads) with the
     global-norm clipping factor folded in, and the gradient norm the eager Trainer reads as one
     ``SumSquares`` call per gradient (float64 sums): at SmolLM2-135M's 134.5M parameters the
-    update takes ~0.2 s against MindSpore's kernel's ~0.5 s, the norm ~0.03 s against the host's
-    float64 copy's ~0.15 s, and clipping nothing against one multiply per gradient. The same
+    update takes ~0.2 s against MindSpore's kernel's ~0.5 s, the norm ~0.07 s against the host's
+    float64 copy's ~0.14 s, and clipping nothing against one multiply per gradient. The same
     parameters, moments and step counter as ``opt(grads)`` (checkpoints and resume unchanged), the
     same numbers to float rounding (tests/test_optim.py). :func:`fused_update` gives None where
     the kernels do not run (not a CPU, no compiler, ``MINDRLHF_FUSED_KERNELS=0``) or the
@@ -130,7 +130,8 @@ class FusedUpdate:
         for p, m, v, g, decay in zip(
             opt._parameters, opt.moments1, opt.moments2, grads, opt.decay_flags
         ):
-            self.step_op(p, m, v, g.astype(p.dtype), h[bool(decay)])
+            # astype copies even to the same dtype (a 113 MB embedding gradient at SmolLM2)
+            self.step_op(p, m, v, g if g.dtype == p.dtype else g.astype(p.dtype), h[bool(decay)])
 
 
 def fused_update(opt) -> FusedUpdate | None:
