@@ -500,11 +500,10 @@ class Trainer:
                 f"step {self.step_num}: loss={loss_v} grad_norm={gnorm_v}; "
                 "stopping with the last good checkpoint kept"
             )
+        clip = self.cfg.grad_clip
         if self.graph is None and self.fused is not None:
-            clip = self.cfg.grad_clip
             self.fused(grads, clip / gnorm_v if clip > 0 and gnorm_v > clip else 1.0)
         elif self.graph is None:
-            clip = self.cfg.grad_clip
             if clip > 0 and gnorm_v > clip:
                 # clip_by_global_norm, one gradient at a time: each clipped copy replaces its
                 # gradient, which is freed at once (the whole set copied held one more model-size
