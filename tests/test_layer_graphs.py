@@ -35,7 +35,7 @@ def passes(model, ids, mask, segments=None):
         logits, _ = model(ids, mask, segments=segments)
         return (
             ops.log_softmax(logits, -1)[:, :, 3]
-            * Tensor(np.linspace(0.5, 2.0, 11, dtype=np.float32))
+            * Tensor(np.linspace(0.5, 2.0, ids.shape[1], dtype=np.float32))
         ).sum()
 
     logits, presents = model(ids, mask, segments=segments)
@@ -104,6 +104,34 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_decoding_runs_the_layers_as_decode_span_graphs(family):
+    """With layer graphs, compiled decoding (a fixed-size cache) runs each one-token step eagerly,
+    every span of layers one shared decode graph that takes the span's caches and returns new
+    ones, written back into the cache (generation._step_graph), where it compiled a graph of
+    the whole model: the same greedy tokens and the same log-probs of them, with no whole-model
+    step graph compiled. A cache written back to the wrong layer or not at all shows from the
+    second new token on."""
+    cfg = tiny_model_cfg(**FAMILIES[family])
+    model = CausalLM(cfg, seed=3)
+    randomize(model, seed=4, qk_scale=3.0)
+    pid, pmask = left_pad([[5, 9, 2, 7], [3, 8], [4, 4, 6, 1, 2]], 0)
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False)
+
+    def run():
+        return generate(model, pid, pmask, gen, -1, 0, compiled=True, logprobs=True)
+
+    whole = run()
+    model.model.use_layer_graphs(span=2)
+    steps, spans = phases("step"), phases("layer_graph_decode")
+    with_spans = run()
+    assert phases("step") == steps and phases("layer_graph_decode") > spans
+    np.testing.assert_array_equal(with_spans.sequences, whole.sequences)
+    np.testing.assert_allclose(with_spans.logprobs, whole.logprobs, rtol=1e-5, atol=1e-5)
+    model.model.use_layer_graphs(False)
+    np.testing.assert_array_equal(run().sequences, whole.sequences)
+
+
 def test_packed_rows_and_a_scalar_head_the_same_through_layer_graphs():
     cfg = tiny_model_cfg("llama", n_layers=2, qkv_bias=True)
     critic = ScalarHeadModel(cfg, seed=2)
@@ -165,15 +193,67 @@ def test_one_graph_serves_every_layer(monkeypatch):
     for t in (9, 15, 9, 16):
         run(t)
     assert phases("layer_graph") - before == 2  # 16: the training graph
+    run(33)  # 40: no width run yet is as wide
+    assert phases("layer_graph") - before == 3
     pid, pmask = left_pad([[5, 9, 2, 7], [3, 8]], 0)
     gen = GenerationConfig(max_new_tokens=5, do_sample=False)
     past = phases("layer_graph_past")
-    generate(model, pid, pmask, gen, -1, 0, compiled=False)  # a (2, 4 -> 8) prompt pass, then eager
+    # a (2, 4 -> 8) prompt pass at 16, run already one LAYER_PAD step wider; then eager
+    generate(model, pid, pmask, gen, -1, 0, compiled=False)
     assert (phases("layer_graph") - before, phases("layer_graph_past") - past) == (3, 0)
     monkeypatch.setattr(decoder, "LAYER_PAD", 1)
     for t in (10, 11, 10):
         run(t)
     assert phases("layer_graph") - before == 5
+
+
+def test_a_block_takes_a_compiled_width_up_to_an_eighth_wider():
+    """A block runs at a width the layer graphs have already run (same rows, same cache) when
+    it is at most an eighth, and at least one LAYER_PAD step, wider than its own padded length,
+    instead of compiling its own (decoder._graph_width); wider than that, or at another row
+    count, it compiles. At the wider width the logits, cache and gradients are the eager
+    model's, the padding (past LAYER_PAD) unseen by every real position."""
+    from mindrlhf.models import decoder
+
+    cfg = tiny_model_cfg("llama", n_layers=2, d_model=48, n_heads=6, n_kv_heads=3, max_seq_len=160)
+    model = CausalLM(cfg, seed=1)
+    randomize(model, seed=2, qk_scale=3.0)
+    model.set_train(True)
+    decoder.release_layer_graphs()
+    model.model.use_layer_graphs(span=2)
+    r = np.random.default_rng(3)
+
+    def batch(rows, t):
+        ids = r.integers(1, cfg.vocab_size, (rows, t)).astype(np.int32)
+        m = np.ones((rows, t), np.int32)
+        m[0, : t // 3] = 0  # a left-padded row
+        return Tensor(ids), Tensor(m)
+
+    def widths(rows):  # the widths run at, and how many passes (two a call of passes())
+        key = (*model.model._width_key, rows, 0)
+        return decoder.layer_graph_widths().get(key, {})
+
+    before = phases("layer_graph")
+    passes(model, *batch(2, 120))  # 120
+    assert (
+        widths(2) == {120: 2} and phases("layer_graph") - before == 2
+    )  # a forward and one under a gradient
+    ids, mask = batch(2, 105)  # its own 112: 120 is within an eighth (14), runs there
+    graphs = passes(model, ids, mask)
+    assert widths(2) == {120: 4} and phases("layer_graph") - before == 2
+    model.model.use_layer_graphs(False)
+    eager = passes(model, ids, mask)
+    model.model.use_layer_graphs(span=2)
+    np.testing.assert_allclose(graphs[0], eager[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(graphs[1], eager[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(graphs[2], eager[2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-4 * np.abs(b).max(), 1e-6))
+    passes(model, *batch(2, 100))  # its own 104: 120 is 16 wider, more than 13: compiles 104
+    assert widths(2) == {120: 4, 104: 2} and phases("layer_graph") - before == 4
+    passes(model, *batch(3, 105))  # three rows: another shape
+    assert widths(3) == {112: 2} and phases("layer_graph") - before == 6
+    assert decoder.release_layer_graphs() >= 3 and decoder.layer_graph_widths() == {}
 
 
 def test_layer_graphs_read_the_weights_in_place():

@@ -38,6 +38,37 @@ LAYER_PAD = OptimConfig.layer_graph_pad
 # one architecture (a policy and its reference) share them, so a shape compiles once and the
 # memory its graph holds is held once (see Transformer.use_layer_graphs)
 _LAYER_GRAPH_FNS: dict[tuple[str, str], tuple] = {}
+# the widths (padded lengths) each layer-graph shape has run at, per architecture, rows and
+# cached length: width -> calls (see _graph_width; release_layer_graphs clears it)
+_WIDTHS: dict[tuple, dict[int, int]] = {}
+# a block takes an already compiled width up to this fraction (and at least one LAYER_PAD step)
+# wider than its own padded length instead of compiling its own
+LAYER_REUSE = 0.125
+
+
+def _graph_width(key: tuple, t: int, room: int) -> int:
+    """The length a block of ``t`` tokens runs the layer graphs at: its own padded length (a
+    multiple of LAYER_PAD), or the narrowest width already run for this architecture, row count
+    and cache that is at most LAYER_REUSE (at least one LAYER_PAD step) wider -- a compile costs
+    seconds and each shape's graphs keep their buffers (DPO at SmolLM2's shape: 2.4 s and
+    ~0.4 GB for 112 tokens after 120), more than a few more padded positions. ``room``: the
+    positions max_seq_len leaves (more padding than that, none at all). LAYER_PAD 1 pads
+    nothing and reuses nothing."""
+    own = -(-t // LAYER_PAD) * LAYER_PAD
+    if own - t > room:
+        return t
+    seen = _WIDTHS.setdefault(key, {})
+    if LAYER_PAD > 1:
+        limit = min(own + max(LAYER_PAD, int(own * LAYER_REUSE)), t + room)
+        own = min((w for w in seen if own <= w <= limit), default=own)
+    seen[own] = seen.get(own, 0) + 1
+    return own
+
+
+def layer_graph_widths() -> dict[tuple, dict[int, int]]:
+    """What the layer graphs have run since their last release: (block class, model config,
+    rows, cached length) -> {width: calls}."""
+    return {k: dict(v) for k, v in _WIDTHS.items()}
 
 
 def _noop() -> int:
@@ -240,24 +271,33 @@ class Attention(nn.Cell):
         out = self._swap_heads(out).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out, wo), present
 
-    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
+    def decode_static(
+        self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None, w=None, new=False
+    ):
         """One new token against a fixed-size cache held in Parameters and updated in place:
         keys transposed, (B * kv_heads, hd, S), values (B * kv_heads, S, hd). The new key and value
         are scattered into column ``pos`` (``k_idx``/``v_idx`` hold it), then attention runs over
         all S columns with ``bias`` (B * kv_heads, 1, S) hiding the unfilled ones. The query heads
-        sharing a kv head are one batched matmul against it, so no copy of the cache is made."""
+        sharing a kv head are one batched matmul against it, so no copy of the cache is made.
+        ``w``: :meth:`weights` passed in (a decode layer graph); ``new``: the caches are tensors
+        (a graph's inputs), written into new ones, returned with the output."""
         b = x.shape[0]
         rep = self.n_heads // self.n_kv
-        q, k = self._qk(x, b, 1, query)
-        v = self.v_proj(x).reshape(b, self.n_kv, self.hd)
+        wv = wo = None
+        if w is not None:
+            o = self.w_at
+            wv, wo = w[o[2] : o[3]], w[o[3] : o[4]]
+        q, k = self._qk(x, b, 1, query, w)
+        v = self.v_proj(x, wv).reshape(b, self.n_kv, self.hd)
         if self.rope:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        kt_cache = ops.scatter_nd_update(kt_cache, k_idx, k.reshape(-1))
-        v_cache = ops.scatter_nd_update(v_cache, v_idx, v.reshape(b * self.n_kv, self.hd))
+        scatter = ops.tensor_scatter_update if new else ops.scatter_nd_update
+        kt_cache = scatter(kt_cache, k_idx, k.reshape(-1))
+        v_cache = scatter(v_cache, v_idx, v.reshape(b * self.n_kv, self.hd))
         scores = ops.bmm(q.reshape(b * self.n_kv, rep, self.hd), kt_cache) * self.scale + bias
         probs = ops.softmax(scores, -1)
-        out = ops.bmm(probs, v_cache).reshape(b, 1, self.n_heads * self.hd)
-        return self.o_proj(out)
+        out = self.o_proj(ops.bmm(probs, v_cache).reshape(b, 1, self.n_heads * self.hd), wo)
+        return (out, kt_cache, v_cache) if new else out
 
 
 class MLP(nn.Cell):
@@ -322,11 +362,23 @@ class Block(nn.Cell):
         x = x + self.mlp(self.mlp_norm(x, wn2), wm)
         return x, present
 
-    def decode_static(self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None):
-        x = x + self.attn.decode_static(
-            self.attn_norm(x), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query
+    def decode_static(
+        self, x, bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query=None, w=None, new=False
+    ):
+        """``w`` and ``new``: as Attention.decode_static's (with ``new``, returns the output and
+        the two new caches)."""
+        wn1 = wa = wn2 = wm = None
+        if w is not None:
+            o = self.w_at
+            wn1, wa, wn2, wm = w[: o[1]], w[o[1] : o[2]], w[o[2] : o[3]], w[o[3] :]
+        a = self.attn.decode_static(
+            self.attn_norm(x, wn1), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query, wa, new
         )
-        return x + self.mlp(self.mlp_norm(x))
+        if new:
+            a, kt_cache, v_cache = a
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x, wn2), wm)
+        return (x, kt_cache, v_cache) if new else x
 
 
 class Transformer(nn.Cell):
@@ -381,7 +433,12 @@ class Transformer(nn.Cell):
         # length otherwise); no real position sees the padding (it comes after all of them),
         # and the outputs are cut back to the real length below
         t0, s0 = t, s
-        pad = (-t) % LAYER_PAD if graphs else 0
+        if not graphs:
+            pad = 0
+        elif in_graph():  # inside a compiled step: its own padded length
+            pad = (-t) % LAYER_PAD
+        else:
+            pad = _graph_width(self._width_key + (b, p), t, self.cfg.max_seq_len - s) - t
         if pad and s + pad <= self.cfg.max_seq_len:
             input_ids = ops.cat((input_ids, ops.zeros((b, pad), input_ids.dtype)), 1)
             attention_mask = ops.cat((attention_mask, ops.zeros((b, pad), attention_mask.dtype)), 1)
@@ -472,7 +529,8 @@ class Transformer(nn.Cell):
         the policy and the reference shared the functions, _LAYER_GRAPH_FNS, one pair per block
         class and model config). Hence also ``construct`` pads a block to a multiple of
         LAYER_PAD for the graphs (DPO's bench: batches of 59-65 tokens met seven shapes and
-        peaked at 11.8 GB; padded, two and 9.0 GB)."""
+        peaked at 11.8 GB; padded, two and 9.0 GB), or to a width already run up to an eighth
+        wider (``_graph_width``: 112 tokens after 120 run at 120)."""
         span = max(1, LAYER_SPAN if span is None else span)
         n = len(self.layers)
         calls = -(-n // span)
@@ -480,6 +538,7 @@ class Transformer(nn.Cell):
         bounds = np.cumsum([0] + sizes)
         object.__setattr__(self, "_spans", list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
         key = (type(self.layers[0]).__qualname__, repr(self.cfg))
+        object.__setattr__(self, "_width_key", key)
         if on and key not in _LAYER_GRAPH_FNS:  # kept: a new function compiles anew
             # the first model of its architecture lends its first block: the weights are inputs,
             # and a block keeps nothing else that differs between models of one config
@@ -501,9 +560,23 @@ class Transformer(nn.Cell):
                 n_kv = 2 * (len(kv_w) // (nw + 2))  # keys and values, then weights, per layer
                 return run(x, bias, cos, sin, kv_w[:n_kv], kv_w[n_kv:])
 
-            _LAYER_GRAPH_FNS[key] = (ms.jit(layer_graph), ms.jit(layer_graph_past))
-        graph, past = _LAYER_GRAPH_FNS[key] if on else (None, None)
+            def layer_graph_decode(x, bias, cos, sin, k_idx, v_idx, *kv_w):
+                n = len(kv_w) // (nw + 2)  # caches (keys, values), then weights, per layer
+                out = []
+                for j in range(n):
+                    w = kv_w[2 * n + j * nw : 2 * n + (j + 1) * nw]
+                    x, kt, v = template.decode_static(
+                        x, bias, cos, sin, kv_w[2 * j], kv_w[2 * j + 1], k_idx, v_idx, None, w, True
+                    )
+                    out += [kt, v]
+                return (x, *out)
+
+            _LAYER_GRAPH_FNS[key] = tuple(
+                ms.jit(f) for f in (layer_graph, layer_graph_past, layer_graph_decode)
+            )
+        graph, past, decode = _LAYER_GRAPH_FNS[key] if on else (None, None, None)
         object.__setattr__(self, "_layer_graph_past", past)
+        object.__setattr__(self, "_layer_graph_decode", decode)
         object.__setattr__(self, "layer_graphs", graph)
 
     def _embed(self, input_ids, positions):
@@ -529,8 +602,23 @@ class Transformer(nn.Cell):
         k_idx = ops.cat((cache.k_grid, ops.broadcast_to(pos, (cache.k_grid.shape[0], 1))), 1)
         v_idx = ops.cat((cache.v_grid, ops.broadcast_to(pos, (cache.v_grid.shape[0], 1))), 1)
         x, cos, sin = self._embed(input_ids, positions)
-        for i, layer in enumerate(self.layers):
-            x = layer.decode_static(x, bias, cos, sin, cache.kt[i], cache.v[i], k_idx, v_idx)
+        if self.layer_graphs is not None and not in_graph():
+            # eagerly, the spans as decode layer graphs (use_layer_graphs): each takes its
+            # layers' caches as views and returns new ones, written back into the Parameters
+            for start, stop in self._spans:
+                w, kv = [], []
+                for i in range(start, stop):
+                    w += [ops.reshape(p, p.shape) for p in self.layers[i].weights()]
+                    kv += [ops.reshape(c, c.shape) for c in (cache.kt[i], cache.v[i])]
+                out = self._layer_graph_decode(x, bias, cos, sin, k_idx, v_idx, *kv, *w)
+                x = out[0]
+                x.asnumpy()  # read before the next call, as out of training mode
+                for j, i in enumerate(range(start, stop)):
+                    ops.assign(cache.kt[i], out[1 + 2 * j])
+                    ops.assign(cache.v[i], out[2 + 2 * j])
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer.decode_static(x, bias, cos, sin, cache.kt[i], cache.v[i], k_idx, v_idx)
         h = self.norm(x)
         if self.top_query_layer is not None:
             h = self.top_query_layer.decode_static(
@@ -670,9 +758,10 @@ def release_layer_graphs() -> int:
 
     from ..graphs import _release_phases, _trim
 
-    names = (".layer_graph.", ".layer_graph_past.")
+    names = (".layer_graph.", ".layer_graph_past.", ".layer_graph_decode.")
     phases = {p for p in api.ms_compile_cache if any(n in p for n in names)}
     _release_phases(phases)
+    _WIDTHS.clear()
     _trim()
     return len(phases)
 
