@@ -86,12 +86,14 @@ def ours(pairs, args, mode: str) -> dict:
     cfg, tok_name = model_config(args.shape, args.seq, args.layers, args.d, args.heads)
     tok = load_tokenizer(tok_name)
     table = tokenize_pairs(pa.Table.from_pylist(pairs), tok, args.seq // 4, args.seq)
-    policy, ref = CausalLM(cfg, seed=0), CausalLM(cfg, seed=0)
+    policy = CausalLM(cfg, seed=0)
+    # the reference log-probs from the policy at its initial weights, before any step, as TRL's
+    # precompute_ref_log_probs does (the pipeline computes them in their own stage, reflogp): no
+    # second model in memory at all
     rc, rr = pair_logps(
-        ref, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
+        policy, table.slice(0, args.batch * (args.steps + 1)), tok.pad_id, batch=args.batch
     )
-    del ref  # the pipeline computes these in their own stage (reflogp): no reference in memory
-    if layers:  # nor its forward graphs: the DPO stage releases each phase's graphs
+    if layers:  # nor the forward graphs: the DPO stage releases each phase's graphs
         decoder.release_layer_graphs()
     dc = DPOConfig(
         lr=5e-4,
@@ -105,7 +107,7 @@ def ours(pairs, args, mode: str) -> dict:
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
     )
     policy.set_train(True)
-    times, tokens, shapes, rows, scored = [], [], [], [], []
+    times, tokens, shapes, rows, scored, widths = [], [], [], [], [], []
     for s in range(args.steps + 1):
         idx = np.arange(s * args.batch, (s + 1) * args.batch)
         bt = pair_batch(table, idx, tok.pad_id, dc.pad_to)
@@ -118,16 +120,28 @@ def ours(pairs, args, mode: str) -> dict:
         rows.append(ids.shape[0])
         shapes.append(ids.shape[1])
         scored.append(ids.shape[1] if compiled else (rm[:, 1:] > 0).sum() / ids.shape[0])
+        before = decoder.layer_graph_widths()
         t = time.perf_counter()
         trainer.step(
             Tensor(bt["input_ids"]), Tensor(am), Tensor(rm), Tensor(rc[idx]), Tensor(rr[idx])
         )
         times.append(time.perf_counter() - t)
         tokens.append(int(am.sum()))
+        # the length the layers ran at: layer graphs pad it inside the model to a multiple of
+        # LAYER_PAD, or to a width run before up to an eighth wider (decoder._graph_width)
+        widths.append(ids.shape[1])
+        if layers:
+            after = decoder.layer_graph_widths()
+            (width,) = {
+                w
+                for k, seen in after.items()
+                for w, n in seen.items()
+                if n > before.get(k, {}).get(w, 0)
+            }
+            widths[-1] = width
     timed, toks = times[1:], tokens[1:]
     graphs = compiled or layers
-    # the length the layers ran at: layer graphs pad it inside the model (decoder.LAYER_PAD)
-    layer_lens = [-(-x // args.layer_pad) * args.layer_pad if layers else x for x in shapes]
+    layer_lens = widths
     runs = list(zip(rows, layer_lens))
     new_shape = [graphs and x not in runs[:i] for i, x in enumerate(runs)][1:]
     steady = [t for t, new in zip(timed, new_shape) if not new]
