@@ -96,26 +96,30 @@ def test_unknown_optimizer_is_refused_naming_the_key():
         load_config("demo", {"sft": {"optimizer": "sgd"}})
 
 
-def two_params(rng):
-    """A weight large enough for the kernels' two threads (2 x 40,000) and a norm gain, which
-    AdamWeightDecay's default filter keeps out of weight decay."""
+def four_params(rng):
+    """Two weights (one large, 2 x 40,000) and two norm gains, which AdamWeightDecay's default
+    filter keeps out of weight decay: each kernel call (one per decay setting) meets more than
+    one tensor, of different sizes, an odd one among them."""
     w = Parameter(Tensor(rng.standard_normal((2, 40_000)).astype(np.float32)), name="w")
     gamma = Parameter(Tensor(rng.standard_normal(7).astype(np.float32)), name="norm.gamma")
-    return [w, gamma]
+    w2 = Parameter(Tensor(rng.standard_normal((3, 5)).astype(np.float32)), name="w2")
+    gamma2 = Parameter(Tensor(rng.standard_normal(1).astype(np.float32)), name="norm2.gamma")
+    return [w, gamma, w2, gamma2]
 
 
 @pytest.mark.parametrize("kind", ["adamweightdecay", "adamw"])
 def test_fused_eager_update_is_the_optimizers_own(kind, rng):
-    """optim.FusedUpdate (one in-place CPU kernel call a parameter, clipping's factor folded in)
-    against the optimizer's own step on the same gradients: weights, both moments and the step
-    count, over five steps with weight decay on one parameter and off the other."""
+    """optim.FusedUpdate (in-place CPU kernel calls, one over every parameter of a decay
+    setting, clipping's factor folded in) against the optimizer's own step on the same gradients:
+    weights, both moments and the step count, over five steps with weight decay on two
+    parameters and off two others; and the gradient norm over all four."""
     from mindrlhf.optim import fused_update, make_optimizer
 
-    ours, theirs = two_params(np.random.default_rng(3)), two_params(np.random.default_rng(3))
+    ours, theirs = four_params(np.random.default_rng(3)), four_params(np.random.default_rng(3))
     opt_a = make_optimizer(kind, ours, 0.01, 0.1)
     opt_b = make_optimizer(kind, theirs, 0.01, 0.1)
     fused = fused_update(opt_a)
-    assert fused is not None and opt_a.decay_flags == (True, False)
+    assert fused is not None and opt_a.decay_flags == (True, False, True, False)
     for step in range(5):
         grads = [rng.standard_normal(p.shape).astype(np.float32) * 0.1 for p in ours]
         scale = [1.0, 0.37][step % 2]  # clipping on every other step
@@ -126,7 +130,7 @@ def test_fused_eager_update_is_the_optimizers_own(kind, rng):
     ):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=2e-6, atol=1e-7, err_msg=a.name)
     assert (
-        np.abs(ours[0].asnumpy() - two_params(np.random.default_rng(3))[0].asnumpy()).max() > 0.01
+        np.abs(ours[0].asnumpy() - four_params(np.random.default_rng(3))[0].asnumpy()).max() > 0.01
     )
     assert int(opt_a.global_step.asnumpy()[0]) == int(opt_b.global_step.asnumpy()[0]) == 5
     g = [rng.standard_normal(p.shape).astype(np.float32) for p in ours]

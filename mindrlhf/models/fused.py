@@ -138,25 +138,26 @@ def _ops():
         return (swap_back(dout),)  # the swap is its own inverse
 
     swap = swap12(bprop=swap_bprop)
-    # the eager optimizer step's (optim.FusedUpdate): no gradients, nothing to differentiate
-    adamw = ops.Custom(
-        f"{lib}:AdamWeightDecayInPlace",
-        out_shape=lambda p, m, v, g, h: [1],
-        out_dtype=lambda p, m, v, g, h: ms.float32,
+    # the eager optimizer step's (optim.FusedUpdate), every parameter in one call (one per
+    # decay setting): no gradients, nothing to differentiate
+    adamw_many = ops.Custom(
+        f"{lib}:AdamWeightDecayInPlaceMany",
+        out_shape=lambda *a: [1],
+        out_dtype=lambda *a: ms.float32,
         func_type="aot",
     )
-    sum_squares = ops.Custom(
-        f"{lib}:SumSquares",
-        out_shape=lambda g: [1],
-        out_dtype=lambda g: ms.float64,
+    sum_squares_many = ops.Custom(
+        f"{lib}:SumSquaresMany",
+        out_shape=lambda *g: [1],
+        out_dtype=lambda *g: ms.float64,
         func_type="aot",
     )
     _state["ops"] = {
+        "adamw_in_place_many": adamw_many,
+        "sum_squares_many": sum_squares_many,
         "rms_norm": norm,
         "rope": rope,
         "swap12": swap,
-        "adamw_in_place": adamw,
-        "sum_squares": sum_squares,
     }
     return _state["ops"]
 
