@@ -240,34 +240,25 @@ def _step_graph(model, batch: int, length: int):
     closure per call would compile again every time. Parameters, the model's and the cache's, are
     read live (the transposed head copy of the eager path is not used: a tensor attribute would
     be frozen into the graph, and the graph's MatMul(transpose_b) costs no more). When the graph
-    pool releases the graph, its cache goes with it.
+    pool releases the graph, its cache goes with it."""
+    per_model = graph_cache(model, "_decode_graphs")
+    spans = getattr(model.model, "layer_graphs", None) is not None
+    if (batch, length, spans) not in per_model:
+        import mindspore as ms
 
-    With layer graphs (use_layer_graphs) the step runs eagerly instead, its layers as the shared
-    decode span graphs -- one compiled span where the whole model's graph held ~0.45 GB of
-    compiled state and took ~9 s to compile (SmolLM2, 64 rows) -- and the projection eagerly
-    through MatMul(transpose_b) (a transposed copy measured no faster at 64 rows). Nothing of it
-    is kept between generations: the span graphs are the layer graphs' own (release_layer_graphs),
-    and a new cache each call (kept per shape, SmolLM2's at 64 x 72 held 212 MB each)."""
-    from .decoder import StaticCache
+        from .decoder import StaticCache
 
-    body = model.model
+        body, cache = model.model, StaticCache(model.cfg, batch, length)
 
-    def stepper(cache):
         def step(ids, key_mask, pos):
             return model.logits_from_hidden(body.decode_static(ids, key_mask, pos, cache)[:, 0])
 
-        return step
-
-    if getattr(body, "layer_graphs", None) is not None:
-        cache = StaticCache(model.cfg, batch, length)
-        return stepper(cache), cache
-    per_model = graph_cache(model, "_decode_graphs")
-    if (batch, length) not in per_model:
-        import mindspore as ms
-
-        cache = StaticCache(model.cfg, batch, length)
-        per_model[(batch, length)] = (ms.jit(stepper(cache)), cache)
-    return per_model[(batch, length)]
+        # with layer graphs (use_layer_graphs) the step runs eagerly, its layers as the shared
+        # decode span graphs: one compiled span instead of the whole model's graph (SmolLM2, 64
+        # rows: ~0.45 GB of compiled state and ~9 s of compile for the whole one); the
+        # projection eager through MatMul(transpose_b) (a transposed copy: no faster at 64 rows)
+        per_model[(batch, length, spans)] = (step if spans else ms.jit(step), cache)
+    return per_model[(batch, length, spans)]
 
 
 def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng, lp=None) -> int:
@@ -290,7 +281,7 @@ def _decode_static(model, seq, mask, p, n, gen, eos_id, pad_id, rng, lp=None) ->
         if spans:  # eager, its spans compiled (_step_graph): nothing for the graph pool
             return step(*args).asnumpy()
         return POOL.call(
-            "decode", key, step, *args, on_release=lambda: graphs.pop(seq.shape, None)
+            "decode", key, step, *args, on_release=lambda: graphs.pop((*seq.shape, False), None)
         ).asnumpy()
 
     return _fill(seq, mask, p, n, gen, eos_id, pad_id, rng, next_logits, lp)
