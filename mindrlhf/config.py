@@ -335,7 +335,8 @@ class OptimConfig:
     # with layer graphs, a sequence's length is padded inside the model to a multiple of this
     # (masked positions after the real ones, the outputs cut back): a graph compiles and holds
     # its buffers per input shape, and batches of every length from 59 to 65 tokens (DPO's) or
-    # scoring batches of every length otherwise meet a graph each; 1 pads nothing
+    # scoring batches of every length otherwise meet a graph each; a block also takes a width
+    # already run up to an eighth wider (models/decoder.py _graph_width); 1 pads nothing
     layer_graph_pad: int = 8
 
     def validate(self, p: str = ""):

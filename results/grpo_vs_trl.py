@@ -237,7 +237,11 @@ def main() -> None:
         }
     print(json.dumps(out, indent=1))
     (HERE / "grpo_vs_trl.json").write_text(json.dumps(out, indent=1) + "\n")
+    draw(out)
 
+
+def draw(out: dict) -> None:
+    """grpo_vs_trl.png from a run's JSON (``out``, as main writes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +259,7 @@ def main() -> None:
         r = side["reward_per_iteration"]
         a2.plot(range(1, len(r) + 1), r, label=name)
     a1.set_xlabel("wall clock (min), process start to end of training")
-    a1.set_ylabel(f"held-out greedy accuracy (%), {args.heldout} problems")
+    a1.set_ylabel(f"held-out greedy accuracy (%), {out['heldout_problems']} problems")
     a1.set_title("SmolLM2-135M-Instruct, GRPO, basic arithmetic", fontsize=9)
     a1.legend(fontsize=7)
     a1.grid(alpha=0.3)
