@@ -218,6 +218,13 @@ class Attention(nn.Cell):
             w = w + self.q_norm.weights() + self.k_norm.weights()
         return w
 
+    def _vo(self, w):
+        """The v and o projections' slices of :meth:`weights` passed in (None, None without)."""
+        if w is None:
+            return None, None
+        o = self.w_at
+        return w[o[2] : o[3]], w[o[3] : o[4]]
+
     def _qk(self, x, b, t, query=None, w=None):
         wq = wk = wqn = wkn = None
         if w is not None:
@@ -251,10 +258,7 @@ class Attention(nn.Cell):
         Hugging Face's repeat_kv), so keys and values are never copied per query head.
         ``w``: :meth:`weights` passed in (a layer graph) instead of read from the sub-cells."""
         b, t, _ = x.shape
-        wv = wo = None
-        if w is not None:
-            o = self.w_at
-            wv, wo = w[o[2] : o[3]], w[o[3] : o[4]]
+        wv, wo = self._vo(w)
         q, k = self._qk(x, b, t, query, w)
         v = self._swap_heads(self.v_proj(x, wv).reshape(b, t, self.n_kv, self.hd))
         if self.rope:
@@ -283,10 +287,7 @@ class Attention(nn.Cell):
         (a graph's inputs), written into new ones, returned with the output."""
         b = x.shape[0]
         rep = self.n_heads // self.n_kv
-        wv = wo = None
-        if w is not None:
-            o = self.w_at
-            wv, wo = w[o[2] : o[3]], w[o[3] : o[4]]
+        wv, wo = self._vo(w)
         q, k = self._qk(x, b, 1, query, w)
         v = self.v_proj(x, wv).reshape(b, self.n_kv, self.hd)
         if self.rope:
@@ -352,11 +353,16 @@ class Block(nn.Cell):
         w = self.attn_norm.weights() + self.attn.weights() + self.mlp_norm.weights()
         return w + self.mlp.weights()
 
+    def _parts(self, w):
+        """:meth:`weights` passed in, cut into the two norms', attention's and the MLP's (all
+        None without)."""
+        if w is None:
+            return None, None, None, None
+        o = self.w_at
+        return w[: o[1]], w[o[1] : o[2]], w[o[2] : o[3]], w[o[3] :]
+
     def construct(self, x, bias, cos, sin, past=None, query=None, w=None):
-        wn1 = wa = wn2 = wm = None
-        if w is not None:
-            o = self.w_at
-            wn1, wa, wn2, wm = w[: o[1]], w[o[1] : o[2]], w[o[2] : o[3]], w[o[3] :]
+        wn1, wa, wn2, wm = self._parts(w)
         a, present = self.attn(self.attn_norm(x, wn1), bias, cos, sin, past, query, wa)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x, wn2), wm)
@@ -367,10 +373,7 @@ class Block(nn.Cell):
     ):
         """``w`` and ``new``: as Attention.decode_static's (with ``new``, returns the output and
         the two new caches)."""
-        wn1 = wa = wn2 = wm = None
-        if w is not None:
-            o = self.w_at
-            wn1, wa, wn2, wm = w[: o[1]], w[o[1] : o[2]], w[o[2] : o[3]], w[o[3] :]
+        wn1, wa, wn2, wm = self._parts(w)
         a = self.attn.decode_static(
             self.attn_norm(x, wn1), bias, cos, sin, kt_cache, v_cache, k_idx, v_idx, query, wa, new
         )
@@ -472,11 +475,7 @@ class Transformer(nn.Cell):
             for start, stop in self._spans:  # plain loops: a compiled step parses this too
                 w, kv = [], []
                 for i in range(start, stop):
-                    # a view of each weight: a Parameter argument keys the graph by its name
-                    # (every span would compile its own), and Parameter.value() is an Identity
-                    # copy, which the graph then held until its next call (SmolLM2: 425 MB of
-                    # layer weights a forward; a view: the graph's pool peak 489 -> 83 MB)
-                    w += [ops.reshape(p, p.shape) for p in self.layers[i].weights()]
+                    w += self._weight_views(i)
                     if past is not None:
                         kv += [past[i][0], past[i][1]]
                 if past is None:
@@ -503,6 +502,13 @@ class Transformer(nn.Cell):
             )
             presents.append(present)
         return h, presents
+
+    def _weight_views(self, i: int) -> list:
+        """Layer ``i``'s weights as a layer graph takes them: a view of each. A Parameter
+        argument keys the graph by its name (every span would compile its own), and
+        Parameter.value() is an Identity copy, which the graph then held until its next call
+        (SmolLM2: 425 MB of layer weights a forward; a view: the graph's pool peak 489 -> 83 MB)."""
+        return [ops.reshape(p, p.shape) for p in self.layers[i].weights()]
 
     def use_layer_graphs(self, on: bool = True, span: int | None = None) -> None:
         """Eagerly (PyNative), run the decoder layers as compiled graphs -- forward and, under a
@@ -608,7 +614,7 @@ class Transformer(nn.Cell):
             for start, stop in self._spans:
                 w, kv = [], []
                 for i in range(start, stop):
-                    w += [ops.reshape(p, p.shape) for p in self.layers[i].weights()]
+                    w += self._weight_views(i)
                     kv += [ops.reshape(c, c.shape) for c in (cache.kt[i], cache.v[i])]
                 out = self._layer_graph_decode(x, bias, cos, sin, k_idx, v_idx, *kv, *w)
                 x = out[0]
