@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, ParallelConfig
-from .data.store import atomic_write_bytes
+from .data.store import atomic_write_bytes, drop_dir
 
 ENTRY = Path(__file__).parent / "stage_entry.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +292,27 @@ def _run_locked(stage, cfg, inputs, store_root, run_dir: Path, log, env, config_
     result = json.loads(out_path.read_text())
     result["peak_rss_mb"] = round(peak_mb, 1)
     log(f"{stage}: peak RSS {peak_mb / 1024:.2f} GB")
+    dropped = drop_working_checkpoints(run_dir)
+    if dropped:
+        log(f"{stage}: done; dropped {len(dropped)} working checkpoint(s) ({_gb(dropped):.2f} GB)")
     return result
+
+
+def drop_working_checkpoints(run_dir: Path) -> list[tuple[Path, int]]:
+    """A stage that finished has its outputs in the store: its working checkpoints (``ckpt-*``,
+    with optimizer state: 3 GB a run for SmolLM2's GRPO) are only for resuming an attempt that
+    died, so they go. ``(path, bytes)`` of each one dropped."""
+    out = []
+    for p in sorted(Path(run_dir).glob("ckpt-*")) + sorted(Path(run_dir).glob("*/ckpt-*")):
+        if p.is_dir():
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            drop_dir(p)
+            out.append((p, size))
+    return out
+
+
+def _gb(dropped: list[tuple[Path, int]]) -> float:
+    return sum(size for _, size in dropped) / 2**30
 
 
 _watching: list[str] = []

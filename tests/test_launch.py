@@ -201,3 +201,27 @@ def test_stage_start_sweeps_what_a_killed_checkpoint_write_left(tmp_path):
     again = RunCheckpoints(tmp_path, key="k")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-3"]
     assert again.latest() == (3, tmp_path / "ckpt-3")
+
+
+def test_a_finished_run_drops_its_working_checkpoints_and_keeps_the_rest(tmp_path):
+    """Once a stage has finished its outputs are in the store: the launcher drops the run's
+    working checkpoints (the run's own and a nested set such as the hacking watch's best-gold
+    policy), leaving no hidden remnant; the result, spec and rollout index stay."""
+    from mindrlhf.launch import drop_working_checkpoints
+    from mindrlhf.stages.common import RunCheckpoints
+
+    w = {"model": {"w": np.ones(256, np.float32)}}
+    for step in (3, 6):
+        RunCheckpoints(tmp_path, key="k").save(step, w, {})
+    RunCheckpoints(tmp_path / "best-gold", key="k", keep=1).save(3, w, {})
+    for name in ("result.json", "spec.json", "experience.json"):
+        (tmp_path / name).write_text("{}")
+    dropped = drop_working_checkpoints(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p, _ in dropped) == [
+        "best-gold/ckpt-3",
+        "ckpt-3",
+        "ckpt-6",
+    ]
+    assert all(size > 1024 for _, size in dropped)  # each holds its 1 KiB tensor
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == ["best-gold", "experience.json", "result.json", "spec.json"]

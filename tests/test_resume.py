@@ -56,3 +56,9 @@ def test_kill_after_checkpoint_then_resume_gives_identical_ids(chain, tmp_path, 
     resumed = run_stage(stage, cfg, inputs[stage], root, crash, log=lines.append)
     assert any(f"resuming from step {KILL_AT}" in ln for ln in lines), "the rerun did not resume"
     assert resumed["outputs"] == clean["outputs"]
+    # done: the outputs are in the store, the working checkpoints (optimizer state) are not kept
+    for run in (tmp_path / "clean", crash):
+        assert (run / "result.json").exists()
+        left = [p.name for p in run.rglob("*") if "ckpt-" in p.name]
+        assert not left, f"{run} keeps {left} after the stage finished"
+    assert any("dropped" in ln and "working checkpoint" in ln for ln in lines)

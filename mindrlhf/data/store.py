@@ -85,6 +85,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def drop_dir(path: Path) -> None:
+    """Delete a directory so that no half of it is ever seen under its name: rename it to a
+    hidden ``.trash-*`` sibling first (atomic), then delete. A kill during the delete leaves the
+    hidden remnant, which the owner's next sweep removes."""
+    path = Path(path)
+    trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def canonical_json(obj) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, OptimConfig, from_dict
-from ..data.store import ArtifactStore, atomic_write_bytes, fsync_dir
+from ..data.store import ArtifactStore, atomic_write_bytes, drop_dir, fsync_dir
 from ..graphs import POOL
 from ..runtime import Dist, init_runtime
 
@@ -247,22 +247,14 @@ class RunCheckpoints:
             raise
         dest = self.dir / f"ckpt-{step}"
         if dest.exists():
-            self._drop(dest)
+            drop_dir(dest)
         os.rename(tmp, dest)
         fsync_dir(self.dir)
         for old in self.steps()[: -self.keep]:
-            self._drop(self.dir / f"ckpt-{old}")
+            drop_dir(self.dir / f"ckpt-{old}")
         if os.environ.get(KILL_AFTER_CKPT) == str(step):  # fault injection for the resume tests
             os.kill(os.getpid(), signal.SIGKILL)
         return dest
-
-    def _drop(self, path: Path) -> None:
-        """Rename out of the ckpt-* namespace first (atomic), then delete: a kill during the
-        delete leaves a hidden remnant, never a ckpt-<n> directory with files missing."""
-        trash = self.dir / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, trash)
-        fsync_dir(self.dir)
-        shutil.rmtree(trash, ignore_errors=True)
 
     def latest(self) -> tuple[int, Path] | None:
         s = self.steps()
