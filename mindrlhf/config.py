@@ -522,7 +522,8 @@ class GRPOConfig(OptimConfig, WatchConfig, OldLogprobsConfig):
     ckpt_every: int = 5
     eval_prompts: int = 64
     # held-out greedy accuracy on eval_prompts every eval_every iterations (0: before and after
-    # only), in the metrics as heldout_greedy_accuracy: the learning curve
+    # only), in the metrics as heldout_greedy_accuracy: the learning curve; answered in batches of
+    # prompts_per_iter * group_size rows, the rollouts' shape (no second decode graph or cache)
     eval_every: int = 0
     iterations_per_task: int = 0  # as ppo.iterations_per_task
     span: list[int] = field(default_factory=list)  # set by the flow: this task's [start, end)

@@ -83,19 +83,24 @@ def rows_of(table, idx) -> dict[str, list]:
 def accuracy(
     ctx, policy, table, reward_fn, tok, n: int, greedy: bool, seed: int
 ) -> tuple[float, float]:
-    """(mean reward, fraction with reward 1.0) over the first ``n`` rows of ``table``."""
+    """(mean reward, fraction with reward 1.0) over the first ``n`` rows of ``table``, answered in
+    batches of the rollout's row count (prompts_per_iter x group_size; the last one filled up with
+    its last prompt, whose extra answers are not counted): compiled decoding then meets the shape
+    the rollouts already compiled and keeps no graphs or cache of a second one."""
     gc = ctx.cfg.grpo
     gen = (
         greedy_config(ctx.cfg.generation, gc.max_new_tokens)
         if greedy
         else rollout_config(ctx.cfg.generation, max_new_tokens=gc.max_new_tokens)
     )
+    size, n = gc.prompts_per_iter * gc.group_size, min(n, table.num_rows)
     rewards = []
-    for s in range(0, min(n, table.num_rows), 32):
-        idx = list(range(s, min(s + 32, n, table.num_rows)))
-        rows = rows_of(table, idx)
+    for s in range(0, n, size):
+        idx = list(range(s, min(s + size, n)))
+        real = len(idx)
+        rows = rows_of(table, idx + idx[-1:] * (size - real))
         g = sample(policy, rows["prompt_ids"], gen, tok, seed=seed + s)
-        rewards.append(reward_fn(g, rows))
+        rewards.append(reward_fn(g, rows)[:real])
     r = np.concatenate(rewards)
     return float(r.mean()), float((r >= 1.0).mean())
 
