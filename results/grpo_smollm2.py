@@ -54,6 +54,13 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         "(grpo.layer_graphs): compiles in seconds per shape, no whole-step graph memory",
     )
     ap.add_argument(
+        "--layer-span",
+        type=int,
+        default=None,
+        help="with --layer-graphs, the layers one graph call runs (grpo.layer_graph_span; "
+        "default: the config's)",
+    )
+    ap.add_argument(
         "--sampling-logprobs",
         action="store_true",
         help="the old policy's log-probs read off the sampler's logits (grpo.old_logprobs: "
@@ -86,6 +93,7 @@ def run_ours(args) -> dict:
             "reward": f"python:{HERE / 'arith_reward.py'}:first_integer",
             "compiled": args.compiled,
             "layer_graphs": args.layer_graphs,
+            **({"layer_graph_span": args.layer_span} if args.layer_span else {}),
             "old_logprobs": "sampling" if args.sampling_logprobs else "recompute",
             "iterations": args.iterations,
             "prompts_per_iter": args.prompts_per_iter,
