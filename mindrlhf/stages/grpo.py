@@ -85,8 +85,8 @@ def accuracy(
 ) -> tuple[float, float]:
     """(mean reward, fraction with reward 1.0) over the first ``n`` rows of ``table``, answered in
     batches of the rollout's row count (prompts_per_iter x group_size; the last one filled up with
-    its last prompt, whose extra answers are not counted): compiled decoding then meets the shape
-    the rollouts already compiled and keeps no graphs or cache of a second one."""
+    its last prompt, whose extra answers are not counted): compiled decoding then steps at the
+    rollouts' shape, with their decode cache and graphs, and keeps none of a second shape."""
     gc = ctx.cfg.grpo
     gen = (
         greedy_config(ctx.cfg.generation, gc.max_new_tokens)
