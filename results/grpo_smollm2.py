@@ -23,10 +23,15 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "bench"))
+
+from benchlib import add_layer_graph_args  # noqa: E402
+
 BARE_INT = re.compile(r"^-?\d+\.?$")
 
 
@@ -53,13 +58,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         help="eager GRPO steps and scoring with each decoder layer one shared compiled graph "
         "(grpo.layer_graphs): compiles in seconds per shape, no whole-step graph memory",
     )
-    ap.add_argument(
-        "--layer-span",
-        type=int,
-        default=None,
-        help="with --layer-graphs, the layers one graph call runs (grpo.layer_graph_span; "
-        "default: the config's)",
-    )
+    add_layer_graph_args(ap)  # --layer-span, --layer-pad: with --layer-graphs
     ap.add_argument(
         "--sampling-logprobs",
         action="store_true",
@@ -93,7 +92,8 @@ def run_ours(args) -> dict:
             "reward": f"python:{HERE / 'arith_reward.py'}:first_integer",
             "compiled": args.compiled,
             "layer_graphs": args.layer_graphs,
-            **({"layer_graph_span": args.layer_span} if args.layer_span else {}),
+            "layer_graph_span": args.layer_span,
+            "layer_graph_pad": args.layer_pad,
             "old_logprobs": "sampling" if args.sampling_logprobs else "recompute",
             "iterations": args.iterations,
             "prompts_per_iter": args.prompts_per_iter,
