@@ -51,7 +51,9 @@ def grads(norm, x, g, compiled: bool):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("shape", [(3, 5, 64), (2, 7, 4, 16)])
+@pytest.mark.parametrize(
+    "shape", [(3, 5, 64), (2, 7, 4, 16), (64, 9, 64)]
+)  # the last on two threads
 def test_fused_rmsnorm_equals_float64_reference(shape, compiled, monkeypatch):
     r = np.random.default_rng(sum(shape))
     x = r.normal(size=shape).astype(np.float32)
@@ -142,6 +144,105 @@ def test_fused_head_swap_is_numpys_swapaxes_both_ways(compiled, monkeypatch):
     _, dx = fn(Tensor(x))
     np.testing.assert_array_equal(attn._swap_heads(Tensor(x)).asnumpy(), x.swapaxes(1, 2))
     np.testing.assert_array_equal(dx.asnumpy(), g.swapaxes(1, 2))
+
+
+def swiglu_reference(g, u):
+    """silu(g) * u and, for the loss sum(h * dh), dL/dg and dL/du: float64 NumPy, with sigmoid's
+    derivative written out as s (1 - s)."""
+    g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
+    s = 1.0 / (1.0 + np.exp(-g))
+    return g * s * u, lambda dh: (dh * u * (s + g * s * (1.0 - s)), dh * g * s)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 24), (96, 4, 100)])  # one thread; two (with a tail)
+def test_fused_swiglu_equals_float64_reference(shape, compiled, monkeypatch):
+    """The MLP's silu(gate) * up, forward and both gradients, at gates from -30 to +30 (where
+    sigmoid saturates) and at sizes that run on one thread and on two."""
+    from mindrlhf.models.decoder import MLP
+
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1")
+    mlp = MLP(tiny_model_cfg("llama"), np.random.default_rng(0))
+    assert mlp.swiglu is not None
+    r = np.random.default_rng(sum(shape))
+    g = (r.normal(size=shape) * 3).astype(np.float32)
+    g.reshape(-1)[:4] = [-30.0, 30.0, 0.0, -1e-3]
+    u, dh = (r.normal(size=shape).astype(np.float32) for _ in range(2))
+    want, back = swiglu_reference(g, u)
+
+    def loss(g, u):
+        return (mlp.swiglu(g, u) * Tensor(dh)).sum()
+
+    fn = ms.grad(loss, (0, 1))
+    if compiled:
+        fn = ms.jit(fn)
+    dg, du = fn(Tensor(g), Tensor(u))
+    dg_ref, du_ref = back(dh)
+    np.testing.assert_allclose(
+        mlp.swiglu(Tensor(g), Tensor(u)).asnumpy(), want, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(dg.asnumpy(), dg_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(du.asnumpy(), du_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 7), (4, 9, 40, 37)])  # one thread; two
+def test_fused_softmax_equals_float64_reference(shape, compiled, monkeypatch):
+    """Attention's softmax, forward and the gradient, against float64 NumPy (the Jacobian-vector
+    product with diag(y) - y y^T written out), with a masked (NEG_INF) column and a fully masked
+    row as attention meets them, inside a span of two layers too (its own test below)."""
+    from mindrlhf.models.decoder import NEG_INF, Attention
+
+    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1")
+    attn = Attention(tiny_model_cfg("llama", d_model=48, n_heads=3), np.random.default_rng(0))
+    assert attn.fused_softmax is not None
+    r = np.random.default_rng(len(shape))
+    x = (r.normal(size=shape) * 4).astype(np.float32)
+    x[..., -1] = NEG_INF
+    x[0, 0] = NEG_INF
+    dy = r.normal(size=shape).astype(np.float32)
+    x64 = x.astype(np.float64)
+    y = np.exp(x64 - x64.max(-1, keepdims=True))
+    y /= y.sum(-1, keepdims=True)
+    jac = y[..., :, None] * (np.eye(shape[-1]) - y[..., None, :])  # dy_i / dx_j
+    want = np.einsum("...i,...ij->...j", dy.astype(np.float64), jac)
+
+    def loss(x):
+        return (attn._softmax(x) * Tensor(dy)).sum()
+
+    fn = ms.grad(loss)
+    if compiled:
+        fn = ms.jit(fn)
+    np.testing.assert_allclose(attn._softmax(Tensor(x)).asnumpy(), y, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fn(Tensor(x)).asnumpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,vocab", [(5, 300), (70, 1000)])  # one thread; two
+def test_fused_token_logprobs_equal_float64_reference(rows, vocab):
+    """The loss head's log p(label) (eager, as models/head.py runs it): forward and the logits'
+    gradient against float64 NumPy, at logits of very different scales (one row at +-1e4, one
+    constant), labels at both ends."""
+    from mindrlhf.models.head import _token_logprobs
+
+    r = np.random.default_rng(rows)
+    x = (r.normal(size=(rows, vocab)) * 5).astype(np.float32)
+    x[1] *= 2000.0
+    x[2] = 7.0
+    labels = r.integers(0, vocab, rows).astype(np.int32)
+    labels[:2] = [0, vocab - 1]
+    w = r.normal(size=rows).astype(np.float32)
+    x64 = x.astype(np.float64)
+    lse = x64.max(-1) + np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1))
+    want = x64[np.arange(rows), labels] - lse
+    onehot = np.eye(vocab)[labels]
+    dwant = w[:, None] * (onehot - np.exp(x64 - lse[:, None]))
+
+    def loss(x):
+        return (_token_logprobs(x, Tensor(labels)) * Tensor(w)).sum()
+
+    got = _token_logprobs(Tensor(x), Tensor(labels)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=2e-5)
+    np.testing.assert_allclose(ms.grad(loss)(Tensor(x)).asnumpy(), dwant, rtol=1e-5, atol=1e-6)
 
 
 def test_switched_off_it_is_the_composed_norm(monkeypatch):

@@ -9,11 +9,17 @@ At SmolLM2's shape (32 x 24 x 576) that is ~11 ms forward and ~30 ms forward + b
 double, every row computed the same way whatever the batch around it); ``ops.Custom`` runs it
 eagerly and inside ``mindspore.jit`` graphs, its ``bprop`` the backward kernel. RoPE likewise:
 ``x * cos + rotate_half(x) * sin`` (two broadcasting muls, a permutation matmul and an add, on q
-and on k in every layer) as one pass, its backward another.
+and on k in every layer) as one pass, its backward another. SwiGLU's ``silu(gate) * up``,
+attention's softmax and the loss head's log p(token) (``models/head.py``) likewise: one pass each
+way, and no (rows, width) intermediates kept for the backward but the inputs -- where the composed
+SwiGLU keeps its sigmoid and products, and the head its (rows, vocabulary) log-softmax. Rows are
+split over two threads when a call has 2^15 elements or more; a row is computed the same way
+either side.
 
 The source is compiled with the system C++ compiler on first use into the cache directory
-(``$MINDRLHF_CACHE/kernels``, named by the source's sha256 and the machine, written to a temp
-file and renamed, so concurrent stage processes agree). Where it cannot be used -- not a CPU, no
+(``$MINDRLHF_CACHE/kernels``, named by the source's sha256, the flags and this CPU's model and
+features -- ``-march=native`` -- written to a temp file and renamed, so concurrent stage processes
+agree). Where it cannot be used -- not a CPU, no
 compiler, a dtype other than float32, or ``MINDRLHF_FUSED_KERNELS=0`` -- the decoder runs the
 composed expressions (:func:`composed`, ``Attention._rope``), which the kernels equal to float
 rounding (tests/test_fused.py).
@@ -34,7 +40,19 @@ import mindspore as ms
 from mindspore import mint, ops
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_ops.cc"
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++14", "-pthread"]
+# -march=native: this CPU's vector units (the library is built per machine, see library());
+# -ffp-contract=off: no fused multiply-adds, so every element rounds as the source says;
+# -fno-math-errno: lets the compiler call glibc's vector expf (SwiGLU)
+FLAGS = [
+    "-O3",
+    "-shared",
+    "-fPIC",
+    "-std=c++14",
+    "-pthread",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+]
 log = logging.getLogger(__name__)
 
 _state: dict = {}  # "ops": {"rms_norm": ..., "rope": ...} Custom ops, or None when unavailable
@@ -44,10 +62,24 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MINDRLHF_CACHE", Path.cwd() / ".cache")) / "kernels"
 
 
+def _cpu_identity() -> bytes:
+    """What -march=native compiles for: the architecture and, on Linux, the CPU's model and
+    feature flags, so a cache directory shared by different machines keeps one build each."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += "".join(
+                sorted({ln for ln in f if ln.startswith(("model name", "flags", "Features"))})
+            )
+    except OSError:
+        pass
+    return ident.encode()
+
+
 def library() -> Path:
     """The compiled kernel library, built on first use (see the module docstring)."""
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join(FLAGS).encode() + platform.machine().encode())
+    tag = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_identity())
     out = _cache_dir() / f"cpu_ops-{tag.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -138,6 +170,40 @@ def _ops():
         return (swap_back(dout),)  # the swap is its own inverse
 
     swap = swap12(bprop=swap_bprop)
+    swiglu_backward = ops.Custom(
+        f"{lib}:SwigluBackward",
+        out_shape=lambda g, u, dh: (g, u),
+        out_dtype=lambda g, u, dh: (g, u),
+        func_type="aot",
+    )
+
+    def swiglu_bprop(g, u, out, dout):
+        return swiglu_backward(g, u, dout)
+
+    swiglu = ops.Custom(
+        f"{lib}:SwigluForward",
+        out_shape=lambda g, u: g,
+        out_dtype=lambda g, u: g,
+        func_type="aot",
+        bprop=swiglu_bprop,
+    )
+    softmax_backward = ops.Custom(
+        f"{lib}:SoftmaxBackward",
+        out_shape=lambda y, dy: y,
+        out_dtype=lambda y, dy: y,
+        func_type="aot",
+    )
+
+    def softmax_bprop(x, out, dout):
+        return (softmax_backward(out, dout),)
+
+    softmax = ops.Custom(
+        f"{lib}:SoftmaxForward",
+        out_shape=lambda x: x,
+        out_dtype=lambda x: x,
+        func_type="aot",
+        bprop=softmax_bprop,
+    )
     # the eager optimizer step's (optim.FusedUpdate), every parameter in one call (one per
     # decay setting): no gradients, nothing to differentiate
     adamw_many = ops.Custom(
@@ -152,22 +218,44 @@ def _ops():
         out_dtype=lambda *g: ms.float64,
         func_type="aot",
     )
+    token_logprob_backward = ops.Custom(
+        f"{lib}:TokenLogprobBackward",
+        out_shape=lambda x, labels, lse, dlp: x,
+        out_dtype=lambda x, labels, lse, dlp: x,
+        func_type="aot",
+    )
+
+    def token_logprob_bprop(x, labels, out, dout):
+        return token_logprob_backward(x, labels, out[1], dout[0]), ops.zeros_like(labels)
+
+    token_logprob = ops.Custom(
+        f"{lib}:TokenLogprobForward",
+        out_shape=lambda x, labels: (labels, labels),
+        out_dtype=lambda x, labels: (x, x),
+        func_type="aot",
+        bprop=token_logprob_bprop,
+    )
     _state["ops"] = {
         "adamw_in_place_many": adamw_many,
         "sum_squares_many": sum_squares_many,
         "rms_norm": norm,
         "rope": rope,
         "swap12": swap,
+        "swiglu": swiglu,
+        "softmax": softmax,
+        "token_logprob": token_logprob,
     }
     return _state["ops"]
 
 
 def forward_op(name: str = "rms_norm"):
     """The fused forward ``name`` -- ``rms_norm`` (x, weight, eps as a (1,) float32 Tensor ->
-    (y, rstd)), ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y) or ``swap12`` (x (A, B, C,
-    D) -> (A, C, B, D), float32) -- or None where it
-    cannot run here or is switched off. Resolved when a model is built, so a compiled graph sees
-    a constant choice."""
+    (y, rstd)), ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y), ``swap12`` (x (A, B, C,
+    D) -> (A, C, B, D)), ``swiglu`` (g, u of one shape -> silu(g) * u), ``softmax`` (over the
+    last axis) or ``token_logprob``
+    (logits (..., V), int32 labels (...) -> (log p(labels), logsumexp)), float32 -- or None
+    where it cannot run here or is switched off. Resolved when a model is built, so a compiled
+    graph sees a constant choice."""
     if not enabled():
         return None
     fused = _ops()

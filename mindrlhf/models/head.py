@@ -24,6 +24,7 @@ needs our decoder (the MindFormers backend takes no ``segments``).
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
@@ -31,6 +32,7 @@ from ..algos.common import token_logprobs
 from ..algos.dpo import sequence_logps as logits_sequence_logps
 from ..algos.preference import sequence_mean_logps as logits_sequence_mean_logps
 from ..data.packing import balance_rows
+from . import fused
 from .decoder import CausalLM, in_graph
 
 
@@ -56,7 +58,7 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, per_row: int
     if not len(at):  # no response token anywhere: every sum is 0, through the graph
         return ops.zeros((len(ids),), h.dtype) + h.sum() * 0.0
     hs = ops.gather(h.reshape(-1, h.shape[-1]), Tensor(at.astype(np.int32)), 0)
-    lp = token_logprobs(model.logits_from_hidden(hs), Tensor(labels.astype(np.int32)))
+    lp = _token_logprobs(model.logits_from_hidden(hs), Tensor(labels.astype(np.int32)))
     lp = lp * Tensor(weight.astype(np.float32))
     return ops.unsorted_segment_sum(lp, Tensor(owner.astype(np.int32)), len(ids))
 
@@ -69,6 +71,15 @@ def sequence_mean_logps(model, input_ids, attention_mask, response_mask, per_row
         return logits_sequence_mean_logps(logits, input_ids, response_mask)
     n = ops.maximum(response_mask[:, 1:].sum(-1), 1.0)
     return sequence_logps(model, input_ids, attention_mask, response_mask, per_row) / n
+
+
+def _token_logprobs(logits, labels):
+    """log p(labels) under (M, V) logits: one fused pass each way on the CPU in float32 (no (M, V)
+    log-softmax kept for the backward, models/fused.py), else algos.common's."""
+    op = fused.forward_op("token_logprob")
+    if op is not None and logits.dtype == ms.float32:
+        return op(logits, labels)[0]
+    return token_logprobs(logits, labels)
 
 
 def _logits_path(model) -> bool:

@@ -14,6 +14,11 @@
 #include <thread>
 #include <vector>
 
+// glibc's vector expf (libmvec), which the compiler calls in vectorised loops (-fno-math-errno)
+#if defined(__GLIBC__) && defined(__x86_64__)
+extern "C" float expf(float) throw() __attribute__((__simd__("notinbranch")));
+#endif
+
 namespace {
 bool all_float32(int n, const char **dtypes) {
   for (int i = 0; i < n; ++i)
@@ -24,6 +29,70 @@ int64_t rows_of(int ndim, const int64_t *shape) {
   int64_t rows = 1;
   for (int i = 0; i < ndim - 1; ++i) rows *= shape[i];
   return rows;
+}
+
+// work(side, r0, r1) over rows [0, rows): the first half on a second thread, the rest here, when
+// there are at least 2^15 elements (a thread's start costs ~30 us; a decode step's rows stay on
+// one). A row is computed the same way on either side.
+template <typename F>
+void rows_on_two_threads(int64_t rows, int64_t width, F work) {
+  if (rows < 2 || rows * width < (int64_t{1} << 15)) {
+    work(0, int64_t{0}, rows);
+    return;
+  }
+  const int64_t half = rows / 2;
+  std::thread other(work, 1, int64_t{0}, half);
+  work(0, half, rows);
+  other.join();
+}
+
+// sum of a[j] * b[j] * c[j] (c null: of a[j] * b[j]) over j < n in double, in 8 interleaved
+// partial sums added in a fixed order: the compiler vectorises it, where one running sum is a
+// chain of n dependent adds (~0.7 ms for a 960 x 576 norm). Same order for every row.
+inline double dot(const float *a, const float *b, const float *c, int64_t n) {
+  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k)
+      p[k] += static_cast<double>(a[j + k]) * b[j + k] * (c ? c[j + k] : 1.0f);
+  for (; j < n; ++j) p[j % 8] += static_cast<double>(a[j]) * b[j] * (c ? c[j] : 1.0f);
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+float row_max(const float *x, int64_t n) {
+  float p[16];
+  for (int k = 0; k < 16; ++k) p[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int k = 0; k < 16; ++k) p[k] = x[j + k] > p[k] ? x[j + k] : p[k];
+  for (; j < n; ++j) p[j % 16] = x[j] > p[j % 16] ? x[j] : p[j % 16];
+  float m = p[0];
+  for (int k = 1; k < 16; ++k) m = p[k] > m ? p[k] : m;
+  return m;
+}
+
+// sum of x[j] in double, in 8 interleaved partial sums as dot()'s
+double sum_of(const float *x, int64_t n) {
+  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k) p[k] += x[j + k];
+  for (; j < n; ++j) p[j % 8] += x[j];
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// sum of exp(x[j] - m) in double: blocks of exps (vectorised expf) summed as sum_of's; the exps
+// written to out[0 .. n) when out is not null
+double sum_exp(const float *x, float m, int64_t n, float *out) {
+  float buf[256];
+  double s = 0.0;
+  for (int64_t j = 0; j < n; j += 256) {
+    const int64_t c = n - j < 256 ? n - j : 256;
+    float *e = out ? out + j : buf;
+    for (int64_t i = 0; i < c; ++i) e[i] = expf(x[j + i] - m);
+    s += sum_of(e, c);
+  }
+  return s;
 }
 }  // namespace
 
@@ -38,15 +107,15 @@ extern "C" int RmsNormForward(int nparam, void **params, int *ndims, int64_t **s
   float *rstd = static_cast<float *>(params[4]);
   const int64_t d = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
   if (shapes[1][0] != d) return 2;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * d;
-    float *yr = y + r * d;
-    double ss = 0.0;
-    for (int64_t j = 0; j < d; ++j) ss += static_cast<double>(xr[j]) * xr[j];
-    const float s = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
-    rstd[r] = s;
-    for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * s * w[j];
-  }
+  rows_on_two_threads(rows, d, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *xr = x + r * d;
+      float *yr = y + r * d;
+      const float s = static_cast<float>(1.0 / std::sqrt(dot(xr, xr, nullptr, d) / d + eps));
+      rstd[r] = s;
+      for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * s * w[j];
+    }
+  });
   return 0;
 }
 
@@ -61,20 +130,20 @@ extern "C" int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **
   float *dx = static_cast<float *>(params[4]);
   float *dw = static_cast<float *>(params[5]);
   const int64_t d = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
-  std::vector<double> acc(d, 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * d, *gr = dy + r * d;
-    float *dxr = dx + r * d;
-    const float s = rstd[r];
-    double dot = 0.0;
-    for (int64_t j = 0; j < d; ++j) {
-      dot += static_cast<double>(gr[j]) * w[j] * xr[j];
-      acc[j] += static_cast<double>(gr[j]) * xr[j] * s;
+  // dw: each side sums its rows into its own accumulator, the two added in a fixed order
+  std::vector<double> acc[2] = {std::vector<double>(d, 0.0), std::vector<double>(d, 0.0)};
+  rows_on_two_threads(rows, d, [&](int side, int64_t r0, int64_t r1) {
+    double *a = acc[side].data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *xr = x + r * d, *gr = dy + r * d;
+      float *dxr = dx + r * d;
+      const float s = rstd[r];
+      for (int64_t j = 0; j < d; ++j) a[j] += static_cast<double>(gr[j]) * xr[j] * s;
+      const float c = static_cast<float>(dot(gr, w, xr, d) / d) * s * s * s;
+      for (int64_t j = 0; j < d; ++j) dxr[j] = gr[j] * w[j] * s - xr[j] * c;
     }
-    const float c = static_cast<float>(dot / d) * s * s * s;
-    for (int64_t j = 0; j < d; ++j) dxr[j] = gr[j] * w[j] * s - xr[j] * c;
-  }
-  for (int64_t j = 0; j < d; ++j) dw[j] = static_cast<float>(acc[j]);
+  });
+  for (int64_t j = 0; j < d; ++j) dw[j] = static_cast<float>(acc[1][j] + acc[0][j]);
   return 0;
 }
 
@@ -143,6 +212,91 @@ extern "C" int SwapAxes12(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
+// SwiGLU's gate, h = silu(g) * u = g * u * sigmoid(g), on g, u (rows, f) alike. MindSpore composes
+// it of a sigmoid and two multiplies forward and about a dozen elementwise kernels backward, and
+// keeps the intermediates (rows, f) each for the backward; here one pass each way, and only g and
+// u kept (DPO at SmolLM2's shape: peak 4.31 GB against 4.70). With s = sigmoid(g):
+// du = dh * g * s, dg = dh * u * s * (1 + g * (1 - s)). expf: glibc's vector variant (top).
+namespace {
+int swiglu(void **params, int *ndims, int64_t **shapes, bool backward) {
+  for (int j = 0; j < ndims[0]; ++j)
+    if (ndims[1] != ndims[0] || shapes[1][j] != shapes[0][j]) return 2;
+  const int64_t f = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  const float *dh = backward ? static_cast<const float *>(params[2]) : nullptr;
+  float *out = static_cast<float *>(params[backward ? 3 : 2]);  // h, or dg
+  float *du = backward ? static_cast<float *>(params[4]) : nullptr;
+  rows_on_two_threads(rows, f, [&](int, int64_t r0, int64_t r1) {
+    const int64_t a = r0 * f, b = r1 * f;
+    if (!backward) {
+      for (int64_t i = a; i < b; ++i) out[i] = g[i] * u[i] / (1.0f + expf(-g[i]));
+      return;
+    }
+    for (int64_t i = a; i < b; ++i) {
+      const float s = 1.0f / (1.0f + expf(-g[i]));
+      du[i] = dh[i] * g[i] * s;
+      out[i] = dh[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+    }
+  });
+  return 0;
+}
+}  // namespace
+
+// inputs g, u; output h
+extern "C" int SwigluForward(int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes, void *stream, void *extra) {
+  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
+  return swiglu(params, ndims, shapes, false);
+}
+
+// inputs g, u, dh; outputs dg, du
+extern "C" int SwigluBackward(int nparam, void **params, int *ndims, int64_t **shapes,
+                              const char **dtypes, void *stream, void *extra) {
+  if (nparam != 5 || !all_float32(nparam, dtypes)) return 1;
+  return swiglu(params, ndims, shapes, true);
+}
+
+// Softmax over the last axis, y = exp(x - max(x)) / sum(exp(x - max(x))), and its backward from y,
+// dx = y * (dy - sum(dy * y)). MindSpore runs the backward as a multiply, a ReduceSum (~3 ms for
+// attention's 8 x 9 x 120 x 120 probabilities), a subtract and a multiply; here one pass over each
+// row each way (the exps and sums: sum_exp, top).
+// inputs x; output y
+extern "C" int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **shapes,
+                              const char **dtypes, void *stream, void *extra) {
+  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t n = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  rows_on_two_threads(rows, n, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float *yr = y + r * n;
+      const float inv = static_cast<float>(1.0 / sum_exp(x + r * n, row_max(x + r * n, n), n, yr));
+      for (int64_t j = 0; j < n; ++j) yr[j] *= inv;
+    }
+  });
+  return 0;
+}
+
+// inputs y, dy; output dx
+extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes,
+                               const char **dtypes, void *stream, void *extra) {
+  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t n = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
+  const float *y = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  rows_on_two_threads(rows, n, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *yr = y + r * n, *gr = dy + r * n;
+      float *xr = dx + r * n;
+      const float c = static_cast<float>(dot(gr, yr, nullptr, n));
+      for (int64_t j = 0; j < n; ++j) xr[j] = yr[j] * (gr[j] - c);
+    }
+  });
+  return 0;
+}
+
 // ---- the eager optimizer step (mindrlhf/optim.py FusedUpdate) ----------------------------------
 // MindSpore's AdamWeightDecay CPU kernel updates SmolLM2-135M's 134.5M parameters in ~0.52 s, and
 // the eager Trainer reads the gradient norm on the host in float64 (~0.15 s) and clips with one
@@ -183,10 +337,8 @@ extern "C" int SumSquaresMany(int nparam, void **params, int *ndims, int64_t **s
   for (int j = 0; j < k; ++j) sizes[j] = numel(ndims[j], shapes[j]);
   double part[2] = {0.0, 0.0};
   halves_on_two_threads(k, sizes.data(), [&](int side, int j, int64_t a, int64_t b) {
-    const float *g = static_cast<const float *>(params[j]);
-    double s = 0.0;
-    for (int64_t i = a; i < b; ++i) s += static_cast<double>(g[i]) * g[i];
-    part[side] += s;  // each thread its own slot
+    const float *g = static_cast<const float *>(params[j]) + a;
+    part[side] += dot(g, g, nullptr, b - a);  // each thread its own slot
   });
   static_cast<double *>(params[k])[0] = part[0] + part[1];
   return 0;
@@ -226,5 +378,72 @@ extern "C" int AdamWeightDecayInPlaceMany(int nparam, void **params, int *ndims,
     }
   });
   static_cast<float *>(params[nparam - 1])[0] = 1.0f;
+  return 0;
+}
+
+// Log-probabilities of given tokens from logits (the loss head: DPO's response tokens, GRPO's and
+// PPO's sampled ones): lp[r] = x[r, label[r]] - logsumexp(x[r]), with logsumexp(x) = m + log(sum
+// exp(x - m)), m the row's max, as MindSpore's LogSoftmax computes it. MindSpore writes the whole
+// (rows, V) log-softmax (157 MB at 800 x 49,152) and gathers from it; backward, a dense scatter of
+// the gathered gradient and LogSoftmaxGrad over both. Here the forward reads the logits twice and
+// writes two numbers a row; the backward, dx[r, j] = dlp[r] * ([j == label[r]] - exp(x[r, j] -
+// lse[r])), reads them once and writes dx.
+namespace {
+// x (float32), labels (int32), then n more float32
+bool token_logprob_types(const char **dtypes, int n) {
+  return all_float32(1, dtypes) && std::strcmp(dtypes[1], "int32") == 0 &&
+         all_float32(n, dtypes + 2);
+}
+
+}  // namespace
+
+// inputs x (..., V), labels (...) int32; outputs lp (...), lse (...)
+extern "C" int TokenLogprobForward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                   const char **dtypes, void *stream, void *extra) {
+  if (nparam != 4 || !token_logprob_types(dtypes, 2)) return 1;
+  const int64_t v = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
+  if (numel(ndims[1], shapes[1]) != rows) return 2;
+  const float *x = static_cast<const float *>(params[0]);
+  const int32_t *label = static_cast<const int32_t *>(params[1]);
+  float *lp = static_cast<float *>(params[2]);
+  float *lse = static_cast<float *>(params[3]);
+  bool bad[2] = {false, false};
+  rows_on_two_threads(rows, v, [&](int side, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *xr = x + r * v;
+      const float m = row_max(xr, v);
+      const float ls = static_cast<float>(std::log(sum_exp(xr, m, v, nullptr)));
+      const int32_t l = label[r];
+      if (l < 0 || l >= v) {
+        bad[side] = true;
+        continue;
+      }
+      lse[r] = m + ls;
+      lp[r] = (xr[l] - m) - ls;
+    }
+  });
+  return bad[0] || bad[1] ? 3 : 0;
+}
+
+// inputs x (..., V), labels (...) int32, lse (...), dlp (...); output dx (..., V)
+extern "C" int TokenLogprobBackward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                    const char **dtypes, void *stream, void *extra) {
+  if (nparam != 5 || !token_logprob_types(dtypes, 3)) return 1;
+  const int64_t v = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
+  const float *x = static_cast<const float *>(params[0]);
+  const int32_t *label = static_cast<const int32_t *>(params[1]);
+  const float *lse = static_cast<const float *>(params[2]);
+  const float *dlp = static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  rows_on_two_threads(rows, v, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *xr = x + r * v;
+      float *dr = dx + r * v;
+      const float g = dlp[r], c = lse[r];
+      for (int64_t j = 0; j < v; ++j) dr[j] = -g * expf(xr[j] - c);
+      const int32_t l = label[r];
+      if (l >= 0 && l < v) dr[l] += g;
+    }
+  });
   return 0;
 }
