@@ -185,38 +185,6 @@ def test_fused_swiglu_equals_float64_reference(shape, compiled, monkeypatch):
     np.testing.assert_allclose(du.asnumpy(), du_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 7), (4, 9, 40, 37)])  # one thread; two
-def test_fused_softmax_equals_float64_reference(shape, compiled, monkeypatch):
-    """Attention's softmax, forward and the gradient, against float64 NumPy (the Jacobian-vector
-    product with diag(y) - y y^T written out), with a masked (NEG_INF) column and a fully masked
-    row as attention meets them, inside a span of two layers too (its own test below)."""
-    from mindrlhf.models.decoder import NEG_INF, Attention
-
-    monkeypatch.setenv("MINDRLHF_FUSED_KERNELS", "1")
-    attn = Attention(tiny_model_cfg("llama", d_model=48, n_heads=3), np.random.default_rng(0))
-    assert attn.fused_softmax is not None
-    r = np.random.default_rng(len(shape))
-    x = (r.normal(size=shape) * 4).astype(np.float32)
-    x[..., -1] = NEG_INF
-    x[0, 0] = NEG_INF
-    dy = r.normal(size=shape).astype(np.float32)
-    x64 = x.astype(np.float64)
-    y = np.exp(x64 - x64.max(-1, keepdims=True))
-    y /= y.sum(-1, keepdims=True)
-    jac = y[..., :, None] * (np.eye(shape[-1]) - y[..., None, :])  # dy_i / dx_j
-    want = np.einsum("...i,...ij->...j", dy.astype(np.float64), jac)
-
-    def loss(x):
-        return (attn._softmax(x) * Tensor(dy)).sum()
-
-    fn = ms.grad(loss)
-    if compiled:
-        fn = ms.jit(fn)
-    np.testing.assert_allclose(attn._softmax(Tensor(x)).asnumpy(), y, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(fn(Tensor(x)).asnumpy(), want, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("rows,vocab", [(5, 300), (70, 1000)])  # one thread; two
 def test_fused_token_logprobs_equal_float64_reference(rows, vocab):
     """The loss head's log p(label) (eager, as models/head.py runs it): forward and the logits'

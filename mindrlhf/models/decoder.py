@@ -203,7 +203,6 @@ class Attention(nn.Cell):
         self.swap = half_swap(self.hd) if self.rope else None
         self.fused_rope = fused.forward_op("rope") if self.rope else None
         self.fused_swap = fused.forward_op("swap12")
-        self.fused_softmax = fused.forward_op("softmax")
         self.bmm_nt = ops.BatchMatMul(transpose_b=True)
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
@@ -252,12 +251,6 @@ class Attention(nn.Cell):
             return self.fused_rope(x, cos, sin)
         return x * cos + ops.matmul(x, self.swap) * sin
 
-    def _softmax(self, scores):
-        """Over the last axis: one fused kernel each way on the CPU in float32 (models/fused.py)."""
-        if self.fused_softmax is not None and scores.dtype == ms.float32:
-            return self.fused_softmax(scores)
-        return ops.softmax(scores, -1)
-
     def construct(self, x, bias, cos, sin, past=None, query=None, w=None):
         """``query``: the input of the query projection when it is not ``x`` (Pangu-alpha's top
         query layer); keys and values always come from ``x``. The query heads that share a kv
@@ -277,7 +270,7 @@ class Attention(nn.Cell):
         s, rep = k.shape[2], self.n_heads // self.n_kv
         scores = self.bmm_nt(q.reshape(b, self.n_kv, rep * t, self.hd), k) * self.scale
         scores = scores.reshape(b, self.n_kv, rep, t, s) + bias[:, :, None]
-        probs = self._softmax(scores).reshape(b, self.n_kv, rep * t, s)
+        probs = ops.softmax(scores, -1).reshape(b, self.n_kv, rep * t, s)
         out = ops.matmul(probs, v).reshape(b, self.n_heads, t, self.hd)
         out = self._swap_heads(out).reshape(b, t, self.n_heads * self.hd)
         return self.o_proj(out, wo), present

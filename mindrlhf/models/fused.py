@@ -9,20 +9,20 @@ At SmolLM2's shape (32 x 24 x 576) that is ~11 ms forward and ~30 ms forward + b
 double, every row computed the same way whatever the batch around it); ``ops.Custom`` runs it
 eagerly and inside ``mindspore.jit`` graphs, its ``bprop`` the backward kernel. RoPE likewise:
 ``x * cos + rotate_half(x) * sin`` (two broadcasting muls, a permutation matmul and an add, on q
-and on k in every layer) as one pass, its backward another. SwiGLU's ``silu(gate) * up``,
-attention's softmax and the loss head's log p(token) (``models/head.py``) likewise: one pass each
-way, and no (rows, width) intermediates kept for the backward but the inputs -- where the composed
-SwiGLU keeps its sigmoid and products, and the head its (rows, vocabulary) log-softmax. Rows are
-split over two threads when a call has 2^15 elements or more; a row is computed the same way
-either side.
+and on k in every layer) as one pass, its backward another. SwiGLU's ``silu(gate) * up`` and
+the loss head's log p(token) (``models/head.py``) likewise: one pass each way, and no (rows,
+width) intermediates kept for the backward but the inputs -- where the composed SwiGLU keeps its
+sigmoid and products, and the head its (rows, vocabulary) log-softmax. (A fused attention softmax
+was measured and dropped: no faster, and eagerly a custom operator's backward holds its input too,
+the (B, heads, T, T) scores: +0.6 GB at 4 x 320 tokens.) Rows are split over two threads when a
+call has 2^15 elements or more; a row is computed the same way either side.
 
 The source is compiled with the system C++ compiler on first use into the cache directory
 (``$MINDRLHF_CACHE/kernels``, named by the source's sha256, the flags and this CPU's model and
 features -- ``-march=native`` -- written to a temp file and renamed, so concurrent stage processes
-agree). Where it cannot be used -- not a CPU, no
-compiler, a dtype other than float32, or ``MINDRLHF_FUSED_KERNELS=0`` -- the decoder runs the
-composed expressions (:func:`composed`, ``Attention._rope``), which the kernels equal to float
-rounding (tests/test_fused.py).
+agree). Where it cannot be used -- not a CPU, no compiler, a dtype other than float32, or
+``MINDRLHF_FUSED_KERNELS=0`` -- the decoder runs the composed expressions (:func:`composed`,
+``Attention._rope``), which the kernels equal to float rounding (tests/test_fused.py).
 """
 
 from __future__ import annotations
@@ -187,23 +187,6 @@ def _ops():
         func_type="aot",
         bprop=swiglu_bprop,
     )
-    softmax_backward = ops.Custom(
-        f"{lib}:SoftmaxBackward",
-        out_shape=lambda y, dy: y,
-        out_dtype=lambda y, dy: y,
-        func_type="aot",
-    )
-
-    def softmax_bprop(x, out, dout):
-        return (softmax_backward(out, dout),)
-
-    softmax = ops.Custom(
-        f"{lib}:SoftmaxForward",
-        out_shape=lambda x: x,
-        out_dtype=lambda x: x,
-        func_type="aot",
-        bprop=softmax_bprop,
-    )
     # the eager optimizer step's (optim.FusedUpdate), every parameter in one call (one per
     # decay setting): no gradients, nothing to differentiate
     adamw_many = ops.Custom(
@@ -242,7 +225,6 @@ def _ops():
         "rope": rope,
         "swap12": swap,
         "swiglu": swiglu,
-        "softmax": softmax,
         "token_logprob": token_logprob,
     }
     return _state["ops"]
@@ -251,8 +233,7 @@ def _ops():
 def forward_op(name: str = "rms_norm"):
     """The fused forward ``name`` -- ``rms_norm`` (x, weight, eps as a (1,) float32 Tensor ->
     (y, rstd)), ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y), ``swap12`` (x (A, B, C,
-    D) -> (A, C, B, D)), ``swiglu`` (g, u of one shape -> silu(g) * u), ``softmax`` (over the
-    last axis) or ``token_logprob``
+    D) -> (A, C, B, D)), ``swiglu`` (g, u of one shape -> silu(g) * u) or ``token_logprob``
     (logits (..., V), int32 labels (...) -> (log p(labels), logsumexp)), float32 -- or None
     where it cannot run here or is switched off. Resolved when a model is built, so a compiled
     graph sees a constant choice."""

@@ -81,14 +81,12 @@ double sum_of(const float *x, int64_t n) {
   return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-// sum of exp(x[j] - m) in double: blocks of exps (vectorised expf) summed as sum_of's; the exps
-// written to out[0 .. n) when out is not null
-double sum_exp(const float *x, float m, int64_t n, float *out) {
-  float buf[256];
+// sum of exp(x[j] - m) in double: blocks of exps (vectorised expf) summed as sum_of's
+double sum_exp(const float *x, float m, int64_t n) {
+  float e[256];
   double s = 0.0;
   for (int64_t j = 0; j < n; j += 256) {
     const int64_t c = n - j < 256 ? n - j : 256;
-    float *e = out ? out + j : buf;
     for (int64_t i = 0; i < c; ++i) e[i] = expf(x[j + i] - m);
     s += sum_of(e, c);
   }
@@ -257,46 +255,6 @@ extern "C" int SwigluBackward(int nparam, void **params, int *ndims, int64_t **s
   return swiglu(params, ndims, shapes, true);
 }
 
-// Softmax over the last axis, y = exp(x - max(x)) / sum(exp(x - max(x))), and its backward from y,
-// dx = y * (dy - sum(dy * y)). MindSpore runs the backward as a multiply, a ReduceSum (~3 ms for
-// attention's 8 x 9 x 120 x 120 probabilities), a subtract and a multiply; here one pass over each
-// row each way (the exps and sums: sum_exp, top).
-// inputs x; output y
-extern "C" int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **shapes,
-                              const char **dtypes, void *stream, void *extra) {
-  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
-  const int64_t n = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  rows_on_two_threads(rows, n, [&](int, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float *yr = y + r * n;
-      const float inv = static_cast<float>(1.0 / sum_exp(x + r * n, row_max(x + r * n, n), n, yr));
-      for (int64_t j = 0; j < n; ++j) yr[j] *= inv;
-    }
-  });
-  return 0;
-}
-
-// inputs y, dy; output dx
-extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes,
-                               const char **dtypes, void *stream, void *extra) {
-  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
-  const int64_t n = shapes[0][ndims[0] - 1], rows = rows_of(ndims[0], shapes[0]);
-  const float *y = static_cast<const float *>(params[0]);
-  const float *dy = static_cast<const float *>(params[1]);
-  float *dx = static_cast<float *>(params[2]);
-  rows_on_two_threads(rows, n, [&](int, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float *yr = y + r * n, *gr = dy + r * n;
-      float *xr = dx + r * n;
-      const float c = static_cast<float>(dot(gr, yr, nullptr, n));
-      for (int64_t j = 0; j < n; ++j) xr[j] = yr[j] * (gr[j] - c);
-    }
-  });
-  return 0;
-}
-
 // ---- the eager optimizer step (mindrlhf/optim.py FusedUpdate) ----------------------------------
 // MindSpore's AdamWeightDecay CPU kernel updates SmolLM2-135M's 134.5M parameters in ~0.52 s, and
 // the eager Trainer reads the gradient norm on the host in float64 (~0.15 s) and clips with one
@@ -412,7 +370,7 @@ extern "C" int TokenLogprobForward(int nparam, void **params, int *ndims, int64_
     for (int64_t r = r0; r < r1; ++r) {
       const float *xr = x + r * v;
       const float m = row_max(xr, v);
-      const float ls = static_cast<float>(std::log(sum_exp(xr, m, v, nullptr)));
+      const float ls = static_cast<float>(std::log(sum_exp(xr, m, v)));
       const int32_t l = label[r];
       if (l < 0 || l >= v) {
         bad[side] = true;
