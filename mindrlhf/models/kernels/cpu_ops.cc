@@ -46,17 +46,22 @@ void rows_on_two_threads(int64_t rows, int64_t width, F work) {
   other.join();
 }
 
-// sum of a[j] * b[j] * c[j] (c null: of a[j] * b[j]) over j < n in double, in 8 interleaved
-// partial sums added in a fixed order: the compiler vectorises it, where one running sum is a
-// chain of n dependent adds (~0.7 ms for a 960 x 576 norm). Same order for every row.
-inline double dot(const float *a, const float *b, const float *c, int64_t n) {
+// sum over j < n of term(j) (a double) in 8 interleaved partial sums added in a fixed order: the
+// compiler vectorises it, where one running sum is a chain of n dependent adds (~0.7 ms for a
+// 960 x 576 norm). Same order for every row.
+template <typename T>
+double sum8(int64_t n, T term) {
   double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
-    for (int k = 0; k < 8; ++k)
-      p[k] += static_cast<double>(a[j + k]) * b[j + k] * (c ? c[j + k] : 1.0f);
-  for (; j < n; ++j) p[j % 8] += static_cast<double>(a[j]) * b[j] * (c ? c[j] : 1.0f);
+    for (int k = 0; k < 8; ++k) p[k] += term(j + k);
+  for (; j < n; ++j) p[j % 8] += term(j);
   return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// sum of a[j] * b[j] * c[j] (c null: of a[j] * b[j]) in double
+inline double dot(const float *a, const float *b, const float *c, int64_t n) {
+  return sum8(n, [&](int64_t j) { return static_cast<double>(a[j]) * b[j] * (c ? c[j] : 1.0f); });
 }
 
 float row_max(const float *x, int64_t n) {
@@ -71,24 +76,14 @@ float row_max(const float *x, int64_t n) {
   return m;
 }
 
-// sum of x[j] in double, in 8 interleaved partial sums as dot()'s
-double sum_of(const float *x, int64_t n) {
-  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int k = 0; k < 8; ++k) p[k] += x[j + k];
-  for (; j < n; ++j) p[j % 8] += x[j];
-  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-}
-
-// sum of exp(x[j] - m) in double: blocks of exps (vectorised expf) summed as sum_of's
+// sum of exp(x[j] - m) in double: blocks of exps (vectorised expf), each summed by sum8
 double sum_exp(const float *x, float m, int64_t n) {
   float e[256];
   double s = 0.0;
   for (int64_t j = 0; j < n; j += 256) {
     const int64_t c = n - j < 256 ? n - j : 256;
     for (int64_t i = 0; i < c; ++i) e[i] = expf(x[j + i] - m);
-    s += sum_of(e, c);
+    s += sum8(c, [&](int64_t i) { return static_cast<double>(e[i]); });
   }
   return s;
 }
@@ -340,8 +335,8 @@ extern "C" int AdamWeightDecayInPlaceMany(int nparam, void **params, int *ndims,
   return 0;
 }
 
-// Log-probabilities of given tokens from logits (the loss head: DPO's response tokens, GRPO's and
-// PPO's sampled ones): lp[r] = x[r, label[r]] - logsumexp(x[r]), with logsumexp(x) = m + log(sum
+// Log-probabilities of given tokens from logits (the DPO family's loss head, models/head.py):
+// lp[r] = x[r, label[r]] - logsumexp(x[r]), with logsumexp(x) = m + log(sum
 // exp(x - m)), m the row's max, as MindSpore's LogSoftmax computes it. MindSpore writes the whole
 // (rows, V) log-softmax (157 MB at 800 x 49,152) and gathers from it; backward, a dense scatter of
 // the gathered gradient and LogSoftmaxGrad over both. Here the forward reads the logits twice and
@@ -353,7 +348,6 @@ bool token_logprob_types(const char **dtypes, int n) {
   return all_float32(1, dtypes) && std::strcmp(dtypes[1], "int32") == 0 &&
          all_float32(n, dtypes + 2);
 }
-
 }  // namespace
 
 // inputs x (..., V), labels (...) int32; outputs lp (...), lse (...)
