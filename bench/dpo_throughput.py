@@ -116,7 +116,7 @@ def ours(pairs, args, mode: str) -> dict:
         # positions that predict a response token, compiled at every position
         ids, am, rm = bt["input_ids"], bt["attention_mask"], bt["response_mask"]
         if not compiled and dc.pack_per_row > 1:
-            ids = packed_layout(ids, am, rm, dc.pack_per_row, cfg.max_seq_len)[0]
+            ids = packed_layout(ids, am, rm, dc.pack_per_row, dc.pack_per_row * cfg.max_seq_len)[0]
         rows.append(ids.shape[0])
         shapes.append(ids.shape[1])
         scored.append(ids.shape[1] if compiled else (rm[:, 1:] > 0).sum() / ids.shape[0])
@@ -172,6 +172,8 @@ def ours(pairs, args, mode: str) -> dict:
 
 
 def main() -> None:
+    from mindrlhf.config import DPOConfig
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
         "--shape",
@@ -197,11 +199,14 @@ def main() -> None:
     ap.add_argument(
         "--pack-per-row",
         type=int,
-        default=2,
-        help="eager modes: sequences a row (dpo.pack_per_row; 1: one sequence a row, padded)",
+        default=None,
+        help="eager modes: sequences a row (default: dpo.pack_per_row's; 1: one sequence a row, "
+        "padded)",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one of our modes, in its own process
     args = ap.parse_args()
+    if args.pack_per_row is None:
+        args.pack_per_row = DPOConfig.pack_per_row
     pairs = make_pairs(args.batch * (args.steps + 2), target_tokens=args.seq // 2 - 8)
     if args.child:
         from mindrlhf.runtime import init_runtime

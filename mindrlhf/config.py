@@ -634,8 +634,11 @@ class DPOConfig(OptimConfig):
     # eager training steps (compiled: false) lay a batch's sequences this many to a row, padding
     # dropped, and project the vocabulary only where a response token is predicted
     # (models/head.py): the same loss and gradients to float rounding, fewer positions (SmolLM2's
-    # DPO bench: 8 x 106-113 tokens against 16 x 64-72). 1: one sequence a row
-    pack_per_row: int = 2
+    # DPO bench, 16 sequences of 26-65 tokens: 4 rows of 205-215 against 16 x 64-72 padded; two a
+    # row padded 8 x 106-113 to a 120-wide layer graph). A row may be wider than max_seq_len
+    # (positions restart at each sequence), and attention reads each sequence's own keys only
+    # (models/fused.py). 1: one sequence a row
+    pack_per_row: int = 4
     batch_size: int = 16
     steps: int = 150
     ckpt_every: int = 50

@@ -213,6 +213,118 @@ def test_fused_token_logprobs_equal_float64_reference(rows, vocab):
     np.testing.assert_allclose(ms.grad(loss)(Tensor(x)).asnumpy(), dwant, rtol=1e-5, atol=1e-6)
 
 
+def attention_reference(q, k, v, allowed, dout):
+    """softmax(q k^T / sqrt(D) over the allowed keys) v as (B, T, H, D), and for the loss
+    sum(out * dout) the gradients of q, k, v: float64 NumPy, the textbook backward (dV = P^T dO,
+    dS = P (dO V^T - rowsum(P dO V^T)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D)), kv head j
+    serving query heads j * rep .. j * rep + rep - 1, its gradients summed over them."""
+    q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+    rep, d = q.shape[1] // k.shape[1], q.shape[-1]
+    kk, vv = np.repeat(k, rep, 1), np.repeat(v, rep, 1)
+    s = np.einsum("bhtd,bhsd->bhts", q, kk) / np.sqrt(d)
+    s = np.where(allowed[:, None] > 0, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    do = dout.transpose(0, 2, 1, 3)
+    dp = np.einsum("bhtd,bhsd->bhts", do, vv)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bhts,bhsd->bhtd", ds, kk) / np.sqrt(d)
+    fold = lambda x: x.reshape(x.shape[0], -1, rep, *x.shape[2:]).sum(2)  # noqa: E731
+    dk = fold(np.einsum("bhts,bhtd->bhsd", ds, q) / np.sqrt(d))
+    dv = fold(np.einsum("bhts,bhtd->bhsd", p, do))
+    return np.einsum("bhts,bhsd->bthd", p, vv), dq, dk, dv
+
+
+def attention_masks(b, t, s, r):
+    """(B, T, S) allowed keys: row 0 causal after s - t cached keys, row 1 left-padded by 3, the
+    others packed: consecutive examples of random lengths, each causal within itself, a padded
+    tail."""
+    allowed = np.tril(np.ones((t, s)), s - t)[None].repeat(b, 0)
+    allowed[1, :, :3] = 0
+    allowed[1, :, :3][np.arange(min(3, t)), np.arange(min(3, t))] = 0
+    allowed[1, : max(0, 3 - (s - t)), :] = 0
+    for row in range(2, b):
+        seg, start, n = np.zeros(t, int), 0, 1
+        while start < t - 2:
+            length = int(r.integers(1, max(2, t // 2)))
+            seg[start : start + length], start, n = n, start + length, n + 1
+        same = (seg[:, None] == seg[None, :]) & (seg[None, :] > 0)
+        allowed[row] = 0
+        allowed[row, :, :t] = np.tril(same)
+    return allowed
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(
+    "b,h,kv,t,s,d",
+    [
+        (3, 6, 2, 7, 9, 16),  # GQA, two cached keys, one thread
+        (3, 4, 4, 5, 5, 8),  # one query head a kv head; head_dim padded to 16 inside
+        (4, 9, 3, 70, 70, 64),  # SmolLM2's heads, 16-key tiles crossed: on two threads
+    ],
+)
+def test_fused_attention_equals_float64_reference(b, h, kv, t, s, d, compiled):
+    """Attention (decoder.Attention's fused path, as models/fused.py registers it): the output and
+    the gradients of q, k and v against float64 NumPy, under a causal mask after cached keys, left
+    padding and packed rows of examples (the queries of a padded tail read no key: left out)."""
+    op = fused.forward_op("attention")
+    r = np.random.default_rng(t * 7 + d)
+    q = (r.normal(size=(b, h, t, d)) * 2).astype(np.float32)
+    k = (r.normal(size=(b, kv, s, d)) * 2).astype(np.float32)
+    v = r.normal(size=(b, kv, s, d)).astype(np.float32)
+    allowed = attention_masks(b, t, s, r)
+    sees = allowed.sum(-1) > 0  # (B, T): queries with at least one key
+    dout = r.normal(size=(b, t, h, d)).astype(np.float32) * sees[:, :, None, None]
+    bias = ((1.0 - allowed) * -1e9).astype(np.float32)[:, None]
+    want = attention_reference(q, k, v, np.where(sees[..., None], allowed, 1), dout)
+
+    def loss(q, k, v, bias):
+        return (op(q, k, v, bias)[0] * Tensor(dout)).sum()
+
+    fn = ms.value_and_grad(loss, (0, 1, 2))
+    if compiled:
+        fn = ms.jit(fn)
+    _, grads = fn(Tensor(q), Tensor(k), Tensor(v), Tensor(bias))
+    out = op(Tensor(q), Tensor(k), Tensor(v), Tensor(bias))[0].asnumpy()
+    np.testing.assert_allclose(out[sees], want[0][sees], rtol=1e-5, atol=1e-5)
+    for name, g, w in zip("qkv", grads, want[1:]):
+        np.testing.assert_allclose(g.asnumpy(), w, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_fused_attention_equals_composed_where_a_query_sees_nothing():
+    """A query whose every key is masked averages all of them, as the composed softmax does in
+    float32 (every score -1e9): output and gradients equal decoder.Attention's composed path."""
+    from mindrlhf.models.decoder import Attention
+
+    cfg = tiny_model_cfg("llama")
+    attn = Attention(cfg, np.random.default_rng(0))
+    assert attn.fused_attention is not None
+    r = np.random.default_rng(1)
+    b, t, d = 2, 6, cfg.d_model
+    x = r.normal(size=(b, t, d)).astype(np.float32)
+    allowed = np.tril(np.ones((t, t)))[None].repeat(b, 0)
+    allowed[1, :2] = 0  # two queries of row 1 see nothing
+    bias = Tensor(((1.0 - allowed) * -1e9).astype(np.float32)[:, None])
+    hd = attn.hd
+    pos = np.arange(t, dtype=np.float32)[:, None] / 10.0 ** (np.arange(hd) / hd)
+    cos, sin = (
+        Tensor(f(pos)[None, None].repeat(b, 0).astype(np.float32)) for f in (np.cos, np.sin)
+    )
+    g = Tensor(r.normal(size=(b, t, d)).astype(np.float32))
+    out = []
+    for use in (attn.fused_attention, None):
+        attn.fused_attention = use
+
+        def loss(x):
+            return (attn(x, bias, cos, sin)[0] * g).sum()
+
+        val, grads = ms.value_and_grad(loss, 0, attn.trainable_params())(Tensor(x))
+        out.append((attn(Tensor(x), bias, cos, sin)[0].asnumpy(), grads))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, c in zip([out[0][1][0], *out[0][1][1]], [out[1][1][0], *out[1][1][1]]):
+        np.testing.assert_allclose(a.asnumpy(), c.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_switched_off_it_is_the_composed_norm(monkeypatch):
     r = np.random.default_rng(4)
     x = r.normal(size=(2, 3, 32)).astype(np.float32)

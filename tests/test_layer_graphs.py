@@ -74,8 +74,13 @@ def test_layer_graphs_give_the_eager_model_exactly(family):
     assert len(graphs[1]) == len(eager[1]) == 2 * cfg.n_layers
     for a, b in zip(graphs[1], eager[1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    scale = max(np.abs(g).max() for g in eager[2])
     for (name, _), a, b in zip(model.parameters_and_names(), graphs[2], eager[2]):
-        # a key bias's gradient is zero but for rounding (softmax ignores a per-query shift)
+        if name.endswith("k_proj.bias") and not cfg.qk_norm:
+            # zero but for rounding (softmax ignores a per-query shift): both runs' rounding
+            # noise, small against the other gradients
+            assert max(np.abs(a).max(), np.abs(b).max()) < 1e-5 * scale, name
+            continue
         tol = max(1e-4 * np.abs(b).max(), 1e-6)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=tol, err_msg=name)
     # out of training mode the same spans, each output read before the next: the same logits and

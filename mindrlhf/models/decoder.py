@@ -203,6 +203,9 @@ class Attention(nn.Cell):
         self.swap = half_swap(self.hd) if self.rope else None
         self.fused_rope = fused.forward_op("rope") if self.rope else None
         self.fused_swap = fused.forward_op("swap12")
+        # softmax(q k^T / sqrt(D) + bias) v as one kernel each way, reading only each query's
+        # allowed span of keys (models/fused.py); head_dim up to 128
+        self.fused_attention = fused.forward_op("attention") if self.hd <= 128 else None
         self.bmm_nt = ops.BatchMatMul(transpose_b=True)
         # Qwen3: each head's query and key RMS-normalised (over head_dim) before RoPE
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
@@ -267,6 +270,9 @@ class Attention(nn.Cell):
             k = ops.cat((past[0], k), 2)
             v = ops.cat((past[1], v), 2)
         present = (k, v)
+        if self.fused_attention is not None and q.dtype == ms.float32:
+            out = self.fused_attention(q, k, v, bias)[0]  # (B, T, heads, D): no swap back
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.hd), wo), present
         s, rep = k.shape[2], self.n_heads // self.n_kv
         scores = self.bmm_nt(q.reshape(b, self.n_kv, rep * t, self.hd), k) * self.scale
         scores = scores.reshape(b, self.n_kv, rep, t, s) + bias[:, :, None]
@@ -425,12 +431,15 @@ class Transformer(nn.Cell):
         """``segments`` (B, T) for packed rows (mindrlhf/data/packing.py): the example each token
         belongs to (1, 2, ...; 0 padding). A token then attends only to earlier tokens of its own
         example and positions restart at each example's first token; ``attention_mask`` is not
-        read (no cache with packed rows)."""
+        read (no cache with packed rows). A packed row may be wider than max_seq_len: its
+        positions restart at each example, and no example is longer than the batch it came from."""
         b, t = input_ids.shape
         s = attention_mask.shape[1]  # keys: cached + current
         p = s - t
-        if s > self.cfg.max_seq_len:
+        if s > self.cfg.max_seq_len and segments is None:
             raise ValueError(f"sequence of {s} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        # the positions padding may take: up to max_seq_len, or any number in a packed row
+        room = self.cfg.max_seq_len - s if segments is None else 1 << 30
         # layer graphs (see use_layer_graphs): training runs spans, a forward out of training
         # mode one graph over every layer; after a cache, only a block of tokens (share_prompts)
         # takes one: one-token decode steps stay eager, their key length grows every step and
@@ -445,8 +454,8 @@ class Transformer(nn.Cell):
         elif in_graph():  # inside a compiled step: its own padded length
             pad = (-t) % LAYER_PAD
         else:
-            pad = _graph_width(self._width_key + (b, p), t, self.cfg.max_seq_len - s) - t
-        if pad and s + pad <= self.cfg.max_seq_len:
+            pad = _graph_width(self._width_key + (b, p), t, room) - t
+        if 0 < pad <= room:
             input_ids = ops.cat((input_ids, ops.zeros((b, pad), input_ids.dtype)), 1)
             attention_mask = ops.cat((attention_mask, ops.zeros((b, pad), attention_mask.dtype)), 1)
             if segments is not None:
@@ -461,7 +470,9 @@ class Transformer(nn.Cell):
         else:
             seg = segments.astype(ms.int32)
             same = ops.equal(seg[:, :, None], seg[:, None, :]).astype(ms.float32)
-            allowed = self.causal[:t, :t][None] * same * (seg > 0).astype(ms.float32)[:, None, :]
+            idx = ops.arange(t)
+            causal = ops.less_equal(idx[None, :], idx[:, None]).astype(ms.float32)
+            allowed = causal[None] * same * (seg > 0).astype(ms.float32)[:, None, :]
             # a token's position in its example: the keys it may see, itself included, minus one
             positions = ops.clamp(allowed.sum(-1).astype(ms.int32) - 1, min=0)
         bias = ((1.0 - allowed) * NEG_INF)[:, None]

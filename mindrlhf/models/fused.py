@@ -12,10 +12,13 @@ eagerly and inside ``mindspore.jit`` graphs, its ``bprop`` the backward kernel. 
 and on k in every layer) as one pass, its backward another. SwiGLU's ``silu(gate) * up`` and
 the loss head's log p(token) (``models/head.py``) likewise: one pass each way, and no (rows,
 width) intermediates kept for the backward but the inputs -- where the composed SwiGLU keeps its
-sigmoid and products, and the head its (rows, vocabulary) log-softmax. (A fused attention softmax
-was measured and dropped: no faster, and eagerly a custom operator's backward holds its input too,
-the (B, heads, T, T) scores: +0.6 GB at 4 x 320 tokens.) Rows are split over two threads when a
-call has 2^15 elements or more; a row is computed the same way either side.
+sigmoid and products, and the head its (rows, vocabulary) log-softmax. Attention,
+``softmax(q k^T / sqrt(D) + bias) v``, is one kernel each way too: each query reads only the
+keys from its first allowed one to its last (16-key tiles), so a packed row's example reads its
+own keys and not the row's, and the backward recomputes the weights from each query's max and
+sum, so no (B, heads, T, S) scores or probabilities are kept (a fused softmax alone was dropped
+before: eagerly a custom operator's backward holds its input, those scores). Rows are split over
+two threads when a call has 2^15 elements or more; a row is computed the same way either side.
 
 The source is compiled with the system C++ compiler on first use into the cache directory
 (``$MINDRLHF_CACHE/kernels``, named by the source's sha256, the flags and this CPU's model and
@@ -218,8 +221,27 @@ def _ops():
         func_type="aot",
         bprop=token_logprob_bprop,
     )
+    attention_backward = ops.Custom(
+        f"{lib}:AttentionBackward",
+        out_shape=lambda q, k, v, bias, out, stats, dout: (q, k, v),
+        out_dtype=lambda q, k, v, bias, out, stats, dout: (q, k, v),
+        func_type="aot",
+    )
+
+    def attention_bprop(q, k, v, bias, out, dout):
+        dq, dk, dv = attention_backward(q, k, v, bias, out[0], out[1], dout[0])
+        return dq, dk, dv, ops.zeros_like(bias)
+
+    attention = ops.Custom(
+        f"{lib}:AttentionForward",
+        out_shape=lambda q, k, v, bias: ([q[0], q[2], q[1], q[3]], q[:3] + [2]),
+        out_dtype=lambda q, k, v, bias: (q, q),
+        func_type="aot",
+        bprop=attention_bprop,
+    )
     _state["ops"] = {
         "adamw_in_place_many": adamw_many,
+        "attention": attention,
         "sum_squares_many": sum_squares_many,
         "rms_norm": norm,
         "rope": rope,
@@ -233,8 +255,10 @@ def _ops():
 def forward_op(name: str = "rms_norm"):
     """The fused forward ``name`` -- ``rms_norm`` (x, weight, eps as a (1,) float32 Tensor ->
     (y, rstd)), ``rope`` (x (B, H, T, D), cos, sin (B, 1, T, D) -> y), ``swap12`` (x (A, B, C,
-    D) -> (A, C, B, D)), ``swiglu`` (g, u of one shape -> silu(g) * u) or ``token_logprob``
-    (logits (..., V), int32 labels (...) -> (log p(labels), logsumexp)), float32 -- or None
+    D) -> (A, C, B, D)), ``swiglu`` (g, u of one shape -> silu(g) * u), ``token_logprob``
+    (logits (..., V), int32 labels (...) -> (log p(labels), logsumexp)) or ``attention`` (q (B,
+    H, T, D), k, v (B, KV, S, D), bias (B, 1, T, S) -> (out (B, T, H, D), per-query max and
+    1 / sum (B, H, T, 2))), float32 -- or None
     where it cannot run here or is switched off. Resolved when a model is built, so a compiled
     graph sees a constant choice."""
     if not enabled():

@@ -44,7 +44,8 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, per_row: int
         return logits_sequence_logps(logits, input_ids, response_mask)
     ids, am, rm = input_ids.asnumpy(), attention_mask.asnumpy(), response_mask.asnumpy()
     if per_row > 1 and isinstance(model, CausalLM):
-        layout = packed_layout(ids, am, rm, per_row, model.cfg.max_seq_len)
+        # a row may be wider than max_seq_len: positions restart at each sequence
+        layout = packed_layout(ids, am, rm, per_row, per_row * model.cfg.max_seq_len)
     else:
         layout = _padded(ids, rm)
     tokens, segments, at, labels, weight, owner = layout
