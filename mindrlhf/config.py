@@ -633,12 +633,14 @@ class DPOConfig(OptimConfig):
     simpo_gamma: float = 0.5  # simpo: the target reward margin gamma
     # eager training steps (compiled: false) lay a batch's sequences this many to a row, padding
     # dropped, and project the vocabulary only where a response token is predicted
-    # (models/head.py): the same loss and gradients to float rounding, fewer positions (SmolLM2's
-    # DPO bench, 16 sequences of 26-65 tokens: 4 rows of 205-215 against 16 x 64-72 padded; two a
-    # row padded 8 x 106-113 to a 120-wide layer graph). A row may be wider than max_seq_len
-    # (positions restart at each sequence), and attention reads each sequence's own keys only
-    # (models/fused.py). 1: one sequence a row
-    pack_per_row: int = 4
+    # (models/head.py): the same loss and gradients to float rounding, fewer positions. A row may
+    # be wider than max_seq_len (positions restart at each sequence), and the CPU's fused attention
+    # reads each sequence's own keys only (models/fused.py), so wide rows cost no more attention:
+    # SmolLM2's DPO bench (16 sequences, 845 tokens a batch) runs 2 x 440 positions at 8 a row,
+    # 4 x 224 at 4 and 8 x 120 at 2, and a step alternated in one process took 5.17 s at 8 against
+    # 5.29 s at 4. With the kernels off (MINDRLHF_FUSED_KERNELS=0) attention is (rows, heads,
+    # width, width) and wide rows cost more. 1: one sequence a row
+    pack_per_row: int = 8
     batch_size: int = 16
     steps: int = 150
     ckpt_every: int = 50

@@ -580,6 +580,15 @@ void load_queries(const Attn &a, const float *x, int64_t b, int64_t g, bool bthd
     }
 }
 
+// row b and kv head g's keys, values and queries into u; returns where its keys start in k, v
+int64_t load_unit(const Attn &a, int64_t b, int64_t g, Unit &u) {
+  const int64_t kvo = (b * a.kv + g) * a.s * a.d;
+  load_kv(a, a.k + kvo, u.kr.data(), u.kt.data());
+  load_kv(a, a.v + kvo, u.vr.data(), u.vt.data());
+  load_queries(a, a.q, b, g, false, u.q.data());
+  return kvo;
+}
+
 // the keys [lo, hi) a group of queries from qi reads: the union of their positions' ranges
 void group_range(const Attn &a, int64_t b, int64_t qi, int64_t &lo, int64_t &hi) {
   lo = a.s16, hi = 0;
@@ -645,10 +654,7 @@ extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t *
   float *out = static_cast<float *>(params[4]);
   float *stats = static_cast<float *>(params[5]);
   attn_units(a, false, [&](int64_t b, int64_t g, Unit &u) {
-    const int64_t kvo = (b * a.kv + g) * a.s * a.d;
-    load_kv(a, a.k + kvo, u.kr.data(), u.kt.data());
-    load_kv(a, a.v + kvo, u.vr.data(), u.vt.data());
-    load_queries(a, a.q, b, g, false, u.q.data());
+    load_unit(a, b, g, u);
     float o[kG * 128];
     for (int64_t qi = 0; qi < a.rep * a.t; qi += kG) {
       int64_t lo, hi;
@@ -689,10 +695,7 @@ extern "C" int AttentionBackward(int nparam, void **params, int *ndims, int64_t 
   float *dk = static_cast<float *>(params[8]);
   float *dv = static_cast<float *>(params[9]);
   attn_units(a, true, [&](int64_t b, int64_t g, Unit &u) {
-    const int64_t kvo = (b * a.kv + g) * a.s * a.d;
-    load_kv(a, a.k + kvo, u.kr.data(), u.kt.data());
-    load_kv(a, a.v + kvo, u.vr.data(), u.vt.data());
-    load_queries(a, a.q, b, g, false, u.q.data());
+    const int64_t kvo = load_unit(a, b, g, u);
     load_queries(a, dout, b, g, true, u.dout.data());
     float *dor = u.dout.data(), *dkr = u.dk.data(), *dvr = u.dv.data();
     std::fill(dkr, dkr + a.s16 * a.dp, 0.0f), std::fill(dvr, dvr + a.s16 * a.dp, 0.0f);
