@@ -259,6 +259,7 @@ def attention_masks(b, t, s, r):
     "b,h,kv,t,s,d",
     [
         (3, 6, 2, 7, 9, 16),  # GQA, two cached keys, one thread
+        (2, 6, 2, 30, 32, 16),  # a 16-key tile boundary inside a group of four queries
         (3, 4, 4, 5, 5, 8),  # one query head a kv head; head_dim padded to 16 inside
         (4, 9, 3, 70, 70, 64),  # SmolLM2's heads, 16-key tiles crossed: on two threads
     ],
