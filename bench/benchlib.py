@@ -168,29 +168,33 @@ def train_flops(
     length: int,
     logit_positions: float | None = None,
     layer_length: int | None = None,
+    attention_pairs: float | None = None,
 ) -> float:
     """Floating-point operations one training step (forward + backward) of a decoder of ``cfg``
     (a ModelConfig) executes on ``rows`` sequences padded to ``length``: every matmul that runs,
     counted on the padded shapes -- the q/k/v/o projections (k and v at the kv-head width), the
-    attention scores and their weighted sum over all keys (computed dense, the causal mask
-    applied after), the MLP (three matrices for a gated LLaMA MLP, two for GPT-2) -- at
-    ``layer_length`` positions (default ``length``; layer graphs pad it further inside the
-    model) and the vocabulary projection on ``logit_positions`` positions per row (default: all
-    ``length``). The embedding lookup is not a matmul. Backward costs two forwards (input and
-    weight gradients)."""
+    attention scores and their weighted sum, the MLP (three matrices for a gated LLaMA MLP, two
+    for GPT-2) -- at ``layer_length`` positions (default ``length``; layer graphs pad it further
+    inside the model) and the vocabulary projection on ``logit_positions`` positions per row
+    (default: all ``length``). Attention over every key of the row (computed dense, the mask
+    applied after), or over ``attention_pairs`` (query, key) pairs in all (the fused CPU kernel:
+    only the keys a query may see, counted without its 16-key tiles' extra). The embedding lookup
+    is not a matmul. Backward costs two forwards (input and weight gradients)."""
     d, h = cfg.d_model, cfg.n_heads
     dh = cfg.attn_head_dim or d // h
     kv = cfg.n_kv_heads or h
     d_ff = cfg.d_ff or (4 * d if cfg.family == "gpt2" else int(8 * d / 3))
     n = length if layer_length is None else layer_length
     proj = 2 * d * (h * dh) + 2 * 2 * d * (kv * dh) + 2 * (h * dh) * d
-    scores = 2 * 2 * n * h * dh  # q k^T and the weighted sum of v, per query position
     mlp = (3 if cfg.family == "llama" else 2) * 2 * d * d_ff
-    per_token = cfg.n_layers * (proj + scores + mlp)
+    per_token = cfg.n_layers * (proj + mlp)
+    # q k^T and the weighted sum of v, per (query, key) pair
+    pairs = rows * n * n if attention_pairs is None else attention_pairs
+    attention = cfg.n_layers * 2 * 2 * h * dh * pairs
     head = (
         2 * d * cfg.vocab_size * (length if logit_positions is None else logit_positions)
     )  # per row, mean
-    return 3.0 * rows * (n * per_token + head)
+    return 3.0 * (rows * (n * per_token + head) + attention)
 
 
 def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 4) -> dict:

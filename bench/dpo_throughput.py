@@ -107,7 +107,10 @@ def ours(pairs, args, mode: str) -> dict:
         policy.trainable_params(), make_dpo_loss(policy, dc), dc, Dist(), args.steps + 1
     )
     policy.set_train(True)
-    times, tokens, shapes, rows, scored, widths = [], [], [], [], [], []
+    # with the fused attention a query reads only the keys it may see: its own sequence's, up to
+    # itself (counted so, for MFU; without it every key of the row)
+    fused_attention = policy.model.layers[0].attn.fused_attention is not None
+    times, tokens, shapes, rows, scored, widths, pairs_run = [], [], [], [], [], [], []
     for s in range(args.steps + 1):
         idx = np.arange(s * args.batch, (s + 1) * args.batch)
         bt = pair_batch(table, idx, tok.pad_id, dc.pad_to)
@@ -127,6 +130,8 @@ def ours(pairs, args, mode: str) -> dict:
         )
         times.append(time.perf_counter() - t)
         tokens.append(int(am.sum()))
+        lens = am.sum(-1).astype(np.float64)
+        pairs_run.append(float((lens * (lens + 1) / 2).sum()) if fused_attention else None)
         # the length the layers ran at: layer graphs pad it inside the model to a multiple of
         # LAYER_PAD, or to a width run before up to an eighth wider (decoder._graph_width)
         widths.append(ids.shape[1])
@@ -149,8 +154,10 @@ def ours(pairs, args, mode: str) -> dict:
     # what the steady steps executed: chosen and rejected rows, the layers at their padded
     # length, the vocabulary projection where it ran (eagerly: at the scored positions only)
     flops = sum(
-        train_flops(cfg, r, n, logit_positions=k, layer_length=ln)
-        for r, n, k, ln, new in zip(rows[1:], shapes[1:], scored[1:], layer_lens[1:], new_shape)
+        train_flops(cfg, r, n, logit_positions=k, layer_length=ln, attention_pairs=ap)
+        for r, n, k, ln, ap, new in zip(
+            rows[1:], shapes[1:], scored[1:], layer_lens[1:], pairs_run[1:], new_shape
+        )
         if not new
     )
     return {

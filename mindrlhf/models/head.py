@@ -13,7 +13,9 @@ With ``per_row`` > 1 the batch's sequences (their real tokens only) are laid out
 row, rows balanced (:func:`data.packing.balance_rows`), and the decoder runs them as packed rows
 (``segments``: a token attends only to earlier tokens of its own sequence, positions restart at
 each sequence's first token), so the layers skip the padding too: a DPO batch of 8 movie-review
-pairs of 59-65 tokens is 16 x 64-72 positions padded, 8 x 106-113 packed.
+pairs (16 sequences of 46-65 tokens) is 16 x 64-72 positions padded, 2 x 416-439 packed eight
+to a row. Rows may be wider than max_seq_len, and the CPU's fused attention reads each
+sequence's own keys only, so a wide row costs no more attention than a narrow one.
 
 Both give the numbers of ``algos.dpo.sequence_logps`` on the full logits to float rounding (the
 sums' order differs), and the same gradients (tests/test_head.py). Eagerly only: which positions
