@@ -53,14 +53,18 @@ def test_sums_are_numpys_log_softmax_at_the_scored_positions(model, rng):
 
 
 @pytest.mark.parametrize(
-    "family,per_row,graphs",
-    [("llama", 1, False), ("llama", 2, False), ("llama", 3, False), ("llama", 2, True)]
-    + [(f, 2, False) for f in FAMILIES if f != "llama"],
+    "family,per_row,graphs,max_len",
+    [("llama", 1, False, None), ("llama", 2, False, None), ("llama", 3, False, None)]
+    + [("llama", 2, True, None), ("llama", 4, True, 12), ("gpt2", 4, False, 12)]
+    + [(f, 2, False, None) for f in FAMILIES if f != "llama"],
 )
-def test_gradients_are_the_full_logits_paths(family, per_row, graphs, rng):
+def test_gradients_are_the_full_logits_paths(family, per_row, graphs, max_len, rng):
     """Packed (per_row > 1: segments, positions restarting) and not, eagerly and through layer
-    graphs, for every decoder family (learned positions, an untied head, a top query layer)."""
-    model = CausalLM(tiny_model_cfg(**FAMILIES[family]), seed=1)
+    graphs, for every decoder family (learned positions, an untied head, a top query layer);
+    ``max_len`` 12: the four sequences (8, 8, 6 and 2 tokens) packed into one row of 24, wider
+    than max_seq_len, each within it."""
+    kwargs = dict(FAMILIES[family], **({} if max_len is None else {"max_seq_len": max_len}))
+    model = CausalLM(tiny_model_cfg(**kwargs), seed=1)
     randomize(model, seed=2, qk_scale=3.0)
     model.model.use_layer_graphs(graphs, span=2)
     model.set_train(True)
