@@ -562,11 +562,19 @@ struct Unit {
         dv(backward ? a.s16 * a.dp : 0) {}
 };
 
+// x (S, D) as rows (s16, dp) and/or transposed (dp, s16), zero-padded; either may be null (the
+// forward reads keys transposed and values as rows, the backward keys both ways and values
+// transposed)
 void load_kv(const Attn &a, const float *x, float *rows, float *cols) {
-  std::fill(rows, rows + a.s16 * a.dp, 0.0f);
-  std::fill(cols, cols + a.s16 * a.dp, 0.0f);
-  for (int64_t j = 0; j < a.s; ++j)
-    for (int64_t e = 0; e < a.d; ++e) rows[j * a.dp + e] = cols[e * a.s16 + j] = x[j * a.d + e];
+  if (rows) {
+    std::fill(rows, rows + a.s16 * a.dp, 0.0f);
+    for (int64_t j = 0; j < a.s; ++j) std::memcpy(rows + j * a.dp, x + j * a.d, sizeof(float) * a.d);
+  }
+  if (cols) {
+    std::fill(cols, cols + a.s16 * a.dp, 0.0f);
+    for (int64_t j = 0; j < a.s; ++j)
+      for (int64_t e = 0; e < a.d; ++e) cols[e * a.s16 + j] = x[j * a.d + e];
+  }
 }
 
 // queries of (row b, kv head g) from a (B, H, T, D) tensor (bthd false) or (B, T, H, D) (true)
@@ -580,13 +588,19 @@ void load_queries(const Attn &a, const float *x, int64_t b, int64_t g, bool bthd
     }
 }
 
-// row b and kv head g's keys, values and queries into u; returns where its keys start in k, v
-int64_t load_unit(const Attn &a, int64_t b, int64_t g, Unit &u) {
+// row b and kv head g's keys, values and queries into u, in the layouts the direction reads;
+// returns where its keys start in k, v
+int64_t load_unit(const Attn &a, int64_t b, int64_t g, Unit &u, bool backward) {
   const int64_t kvo = (b * a.kv + g) * a.s * a.d;
-  load_kv(a, a.k + kvo, u.kr.data(), u.kt.data());
-  load_kv(a, a.v + kvo, u.vr.data(), u.vt.data());
+  load_kv(a, a.k + kvo, backward ? u.kr.data() : nullptr, u.kt.data());
+  load_kv(a, a.v + kvo, backward ? nullptr : u.vr.data(), backward ? u.vt.data() : nullptr);
   load_queries(a, a.q, b, g, false, u.q.data());
   return kvo;
+}
+
+// query qi of a (row, kv head g) unit: its position i and head h
+inline void query_at(const Attn &a, int64_t g, int64_t qi, int64_t &i, int64_t &h) {
+  i = qi / a.rep, h = g * a.rep + qi % a.rep;
 }
 
 // the keys [lo, hi) a group of queries from qi reads: the union of their positions' ranges
@@ -654,7 +668,7 @@ extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t *
   float *out = static_cast<float *>(params[4]);
   float *stats = static_cast<float *>(params[5]);
   attn_units(a, false, [&](int64_t b, int64_t g, Unit &u) {
-    load_unit(a, b, g, u);
+    load_unit(a, b, g, u, false);
     float o[kG * 128];
     for (int64_t qi = 0; qi < a.rep * a.t; qi += kG) {
       int64_t lo, hi;
@@ -672,7 +686,8 @@ extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t *
       }
       rows_product(a.dp, u.w.data(), a.s16, u.vr.data(), lo, hi, o, false);
       for (int64_t x = 0; x < kG && qi + x < a.rep * a.t; ++x) {
-        const int64_t i = (qi + x) / a.rep, h = g * a.rep + (qi + x) % a.rep;
+        int64_t i, h;
+        query_at(a, g, qi + x, i, h);
         std::memcpy(out + ((b * a.t + i) * a.h + h) * a.d, o + x * a.dp, sizeof(float) * a.d);
         float *st_i = stats + ((b * a.h + h) * a.t + i) * 2;
         st_i[0] = stats_g[x][0], st_i[1] = stats_g[x][1];
@@ -695,7 +710,7 @@ extern "C" int AttentionBackward(int nparam, void **params, int *ndims, int64_t 
   float *dk = static_cast<float *>(params[8]);
   float *dv = static_cast<float *>(params[9]);
   attn_units(a, true, [&](int64_t b, int64_t g, Unit &u) {
-    const int64_t kvo = load_unit(a, b, g, u);
+    const int64_t kvo = load_unit(a, b, g, u, true);
     load_queries(a, dout, b, g, true, u.dout.data());
     float *dor = u.dout.data(), *dkr = u.dk.data(), *dvr = u.dv.data();
     std::fill(dkr, dkr + a.s16 * a.dp, 0.0f), std::fill(dvr, dvr + a.s16 * a.dp, 0.0f);
@@ -705,13 +720,11 @@ extern "C" int AttentionBackward(int nparam, void **params, int *ndims, int64_t 
       group_range(a, b, qi, lo, hi);
       group_scores(a, u, b, qi, lo, hi, p);
       scores(dor + qi * a.dp, u.vt.data(), a.dp, a.s16, lo, hi, ds);  // dout . v_j
-      for (int64_t x = 0; x < kG; ++x) {
+      // past the last query: p is 0 (group_scores) and so is dout . v (zero dout rows)
+      for (int64_t x = 0; x < kG && qi + x < a.rep * a.t; ++x) {
         float *px = p + x * a.s16, *dx = ds + x * a.s16;
-        if (qi + x >= a.rep * a.t) {
-          std::fill(px + lo, px + hi, 0.0f), std::fill(dx + lo, dx + hi, 0.0f);
-          continue;
-        }
-        const int64_t i = (qi + x) / a.rep, h = g * a.rep + (qi + x) % a.rep;
+        int64_t i, h;
+        query_at(a, g, qi + x, i, h);
         const float *st_i = stats + ((b * a.h + h) * a.t + i) * 2;
         const float *oi = out + ((b * a.t + i) * a.h + h) * a.d;
         const float di = static_cast<float>(dot(dor + (qi + x) * a.dp, oi, nullptr, a.d));
@@ -723,7 +736,8 @@ extern "C" int AttentionBackward(int nparam, void **params, int *ndims, int64_t 
       rows_product(a.dp, ds, a.s16, u.q.data() + qi * a.dp, lo, hi, dkr, true);
       rows_product(a.dp, p, a.s16, dor + qi * a.dp, lo, hi, dvr, true);
       for (int64_t x = 0; x < kG && qi + x < a.rep * a.t; ++x) {
-        const int64_t i = (qi + x) / a.rep, h = g * a.rep + (qi + x) % a.rep;
+        int64_t i, h;
+        query_at(a, g, qi + x, i, h);
         float *dst = dq + ((b * a.h + h) * a.t + i) * a.d;
         for (int64_t e = 0; e < a.d; ++e) dst[e] = dqg[x * a.dp + e] * a.scale;
       }
